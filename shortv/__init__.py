@@ -1,0 +1,42 @@
+"""shortv: LLaVA-1.5 / LLaVA-NeXT in plain PyTorch, with ShortV built in.
+
+    import shortv
+    model = shortv.load("llava-v1.6-vicuna-13b", n_frozen=24)
+    print(model.chat("What is unusual about this image?", images=["photo.jpg"]))
+"""
+
+from .config import LlavaConfig, TextConfig, VisionConfig
+from .conversation import Template, get_template
+from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, ShortVError
+from .llava import Encoded, LLaVA
+from .loading import load
+from .methods import VTW, FastV, Method, ShortV, Vanilla
+from .token_types import TokenType
+from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "IMAGE_TOKEN",
+    "VTW",
+    "CheckpointError",
+    "ConfigError",
+    "Encoded",
+    "FastV",
+    "InputError",
+    "LLaVA",
+    "LlavaConfig",
+    "Method",
+    "ModelNotFoundError",
+    "ShortV",
+    "ShortVError",
+    "Template",
+    "TextConfig",
+    "TokenType",
+    "Tokenizer",
+    "Vanilla",
+    "VisionConfig",
+    "get_template",
+    "load",
+]

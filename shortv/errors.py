@@ -1,0 +1,27 @@
+"""One exception family for everything shortv raises on purpose.
+
+Every message says what was wrong and what to do about it; the CLI prints the
+message on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class ShortVError(Exception):
+    """Base class of all errors raised by shortv."""
+
+
+class ConfigError(ShortVError, ValueError):
+    """A config.json, zoo card or argument value that cannot be used."""
+
+
+class CheckpointError(ShortVError):
+    """Weights that are missing, unreadable, or do not match the model."""
+
+
+class ModelNotFoundError(ShortVError, FileNotFoundError):
+    """A model name or path that resolves to nothing loadable."""
+
+
+class InputError(ShortVError, ValueError):
+    """A prompt, image or data file that the model cannot take."""

@@ -1,0 +1,428 @@
+"""Llama / Vicuna decoder in plain torch, with token-type-aware layers.
+
+Every layer computes keys and values for all tokens, but queries, the output projection
+and the MLP only for its *rows*: all positions in a vanilla layer, a gathered subset in a
+frozen one (ShortV, DESIGN §6) or when only the last position is needed. Token types and
+positions travel as explicit tensors; what the layers of one pass share (RoPE tables, key
+validity, attention masks) lives in a `Segment`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import TextConfig
+from .methods import VANILLA, Method
+from .token_types import TokenType
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and cast back before the weight, as Llama does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin, [B, T, head_dim], for integer positions [B, T] (computed in fp32)."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    )
+    freqs = positions.float()[..., None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate [B, H, T, D] by tables [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer. Layers may hold different tokens (FastV and VTW
+    drop visual tokens from some layer on), so each layer keeps its own length and its
+    own key-validity mask (False for padding)."""
+
+    def __init__(self, num_layers: int, capacity: int = 0) -> None:
+        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+class LayerCache:
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.k: Tensor | None = None  # [B, H_kv, capacity, D]
+        self.v: Tensor | None = None
+        self.valid: Tensor | None = None  # [B, capacity]
+        self.length = 0
+        self.has_pad = False
+
+    def past_valid(self) -> Tensor | None:
+        return None if self.valid is None else self.valid[:, : self.length]
+
+    def append(self, k: Tensor, v: Tensor, valid: Tensor, has_pad: bool) -> tuple[Tensor, Tensor]:
+        """Store new keys/values; return all keys/values so far."""
+        new = k.shape[2]
+        end = self.length + new
+        if self.k is None or end > self.k.shape[2]:
+            self._grow(k, v, max(end, self.capacity, 2 * (self.k.shape[2] if self.k is not None else 0)))
+        assert self.k is not None and self.v is not None and self.valid is not None
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.valid[:, self.length : end] = valid
+        self.length = end
+        self.has_pad = self.has_pad or has_pad
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _grow(self, k: Tensor, v: Tensor, size: int) -> None:
+        b, h, _, d = k.shape
+        old = self.length
+        new_k = k.new_empty(b, h, size, d)
+        new_v = v.new_empty(b, h, size, d)
+        new_valid = torch.zeros(b, size, dtype=torch.bool, device=k.device)
+        if self.k is not None and old:
+            assert self.v is not None and self.valid is not None
+            new_k[:, :, :old] = self.k[:, :, :old]
+            new_v[:, :, :old] = self.v[:, :, :old]
+            new_valid[:, :old] = self.valid[:, :old]
+        self.k, self.v, self.valid = new_k, new_v, new_valid
+
+
+@dataclass
+class Rows:
+    """The query rows one layer computes, with their RoPE tables and attention mask.
+
+    `index` is None when every position is a row. Otherwise it is [B, Q]: for each sequence
+    the positions computed, padded to the longest sequence with filler slots (`fill`
+    False) that are computed but never written back.
+    """
+
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None  # [B, 1, Q, S] bool, True = may attend; None = `causal` or all keys
+    causal: bool
+    index: Tensor | None = None
+    dst: Tensor | None = None  # flat [B*T] destinations of the real (non-filler) slots
+    src: Tensor | None = None  # flat [B*Q] sources of the same slots; None = all slots
+
+    @property
+    def count(self) -> int:
+        return -1 if self.index is None else self.index.numel()
+
+
+@dataclass
+class Segment:
+    """The tokens one forward pass feeds through a run of layers and what those layers
+    share. A new segment starts where FastV/VTW drop tokens, since from there on the
+    layers see other tokens and other cache contents."""
+
+    types: Tensor  # [B, T] TokenType values
+    positions: Tensor  # [B, T] RoPE positions
+    cos: Tensor
+    sin: Tensor
+    past_valid: Tensor | None  # [B, P] validity of the cached keys before this pass
+    has_pad: bool
+    kinds: frozenset[TokenType]
+    _rows: dict[object, Rows] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        types: Tensor,
+        positions: Tensor,
+        config: TextConfig,
+        dtype: torch.dtype,
+        past: LayerCache | None = None,
+    ) -> Segment:
+        cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, dtype)
+        kinds = frozenset(TokenType(int(t)) for t in torch.unique(types).tolist())
+        past_valid = past.past_valid() if past is not None and past.length else None
+        has_pad = TokenType.PAD in kinds or bool(past is not None and past.has_pad)
+        return cls(types, positions, cos, sin, past_valid, has_pad, kinds)
+
+    @property
+    def past_length(self) -> int:
+        return 0 if self.past_valid is None else self.past_valid.shape[1]
+
+    @property
+    def key_valid(self) -> Tensor:
+        """[B, P + T]: which keys exist (False for padding)."""
+        new = self.types != TokenType.PAD
+        return new if self.past_valid is None else torch.cat((self.past_valid, new), dim=1)
+
+    def all_rows(self) -> Rows:
+        if "all" not in self._rows:
+            b, t = self.types.shape
+            p = self.past_length
+            if not self.has_pad and (p == 0 or t == 1):
+                # No padding: plain causal attention (or a single new query seeing all keys),
+                # which lets SDPA pick its fastest kernels.
+                rows = Rows(self.cos, self.sin, None, causal=p == 0 and t > 1)
+            else:
+                query_at = p + torch.arange(t, device=self.types.device).expand(b, t)
+                rows = Rows(self.cos, self.sin, self._mask(query_at), causal=False)
+            self._rows["all"] = rows
+        return self._rows["all"]
+
+    def rows_where(self, active: Tensor, key: object) -> Rows:
+        """Rows for the positions where `active` [B, T] is True (memoised under `key`)."""
+        if key not in self._rows:
+            self._rows[key] = self._gathered_rows(active)
+        return self._rows[key]
+
+    def _gathered_rows(self, active: Tensor) -> Rows:
+        b, t = active.shape
+        counts = active.sum(dim=1)
+        q = int(counts.max()) if b else 0
+        # Sort active positions first (stable keeps their order); slots past a row's count
+        # are fillers that repeat a real position of that row so their math stays finite.
+        order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :q]
+        slot = torch.arange(q, device=active.device).expand(b, q)
+        fill = slot < counts[:, None]
+        index = torch.where(fill, order, order[:, :1])
+        cos = _take(self.cos, index)
+        sin = _take(self.sin, index)
+        mask = self._mask(self.past_length + index)
+        base = (torch.arange(b, device=active.device) * t)[:, None]
+        all_real = bool(fill.all())
+        dst = (index + base)[fill] if not all_real else (index + base).reshape(-1)
+        src = None if all_real else torch.nonzero(fill.reshape(-1)).squeeze(1)
+        return Rows(cos, sin, mask, causal=False, index=index, dst=dst, src=src)
+
+    def _mask(self, query_at: Tensor) -> Tensor:
+        """[B, 1, Q, S]: causal over sequence order, no padding keys, and each query may
+        always see itself so that padding rows stay finite."""
+        keys = torch.arange(self.past_length + self.types.shape[1], device=query_at.device)
+        causal = keys <= query_at[..., None]
+        mask = (causal & self.key_valid[:, None, :]) | (keys == query_at[..., None])
+        return mask[:, None]
+
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, q]] for x [B, T, ...]."""
+    return torch.gather(x, 1, index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(
+        *index.shape, *x.shape[2:]))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: TextConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def _split(self, x: Tensor, heads: int) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, heads, self.head_dim).transpose(1, 2)
+
+    def queries(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return apply_rope(self._split(self.q_proj(h), self.heads), cos, sin)
+
+    def keys_values(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        k = apply_rope(self._split(self.k_proj(h), self.kv_heads), cos, sin)
+        return k, self._split(self.v_proj(h), self.kv_heads)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, rows: Rows) -> Tensor:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=rows.mask, is_causal=rows.causal,
+            enable_gqa=self.heads != self.kv_heads,
+        )
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def last_query_scores(self, q: Tensor, k: Tensor, rows: Rows) -> Tensor:
+        """Attention probabilities of the last query over all keys, mean over heads: [B, S]."""
+        k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        logits = (q[:, :, -1:].float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if rows.mask is not None:
+            logits = logits.masked_fill(~rows.mask[:, :, -1:], float("-inf"))
+        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+class MLP(nn.Module):
+    def __init__(self, c: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: TextConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(
+        self,
+        x: Tensor,
+        seg: Segment,
+        rows: Rows,
+        cache: LayerCache | None = None,
+        want_scores: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """One layer. Keys and values come from every token; queries, the output projection
+        and the MLP only from `rows`; other positions pass through unchanged."""
+        if rows.count == 0:
+            return x, None
+        h = self.attn_norm(x)
+        k, v = self.attn.keys_values(h, seg.cos, seg.sin)
+        if cache is not None:
+            k, v = cache.append(k, v, seg.types != TokenType.PAD, TokenType.PAD in seg.kinds)
+        if rows.index is not None:
+            x_rows, h_rows = _take(x, rows.index), _take(h, rows.index)
+        else:
+            x_rows, h_rows = x, h
+        q = self.attn.queries(h_rows, rows.cos, rows.sin)
+        out = x_rows + self.attn.attend(q, k, v, rows)
+        out = out + self.mlp(self.mlp_norm(out))
+        scores = self.attn.last_query_scores(q, k, rows) if want_scores else None
+        if rows.index is None:
+            return out, scores
+        return _write_rows(x, out, rows), scores
+
+
+def _write_rows(x: Tensor, out: Tensor, rows: Rows) -> Tensor:
+    d = x.shape[-1]
+    flat_out = out.reshape(-1, d)
+    if rows.src is not None:
+        flat_out = flat_out.index_select(0, rows.src)
+    return x.reshape(-1, d).index_copy(0, rows.dst, flat_out).view_as(x)
+
+
+class Decoder(nn.Module):
+    """The language model: embeddings, decoder layers, final norm and LM head."""
+
+    def __init__(self, c: TextConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits from final hidden states."""
+        return self.lm_head(self.norm(hidden))
+
+    def segment(self, types: Tensor, positions: Tensor, dtype: torch.dtype,
+                past: LayerCache | None = None) -> Segment:
+        return Segment.build(types, positions, self.config, dtype, past)
+
+    def forward(
+        self,
+        x: Tensor,
+        types: Tensor,
+        positions: Tensor,
+        *,
+        cache: KVCache | None = None,
+        method: Method = VANILLA,
+        layers: Iterable[int] | None = None,
+        last_only: bool = False,
+        capture: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Run hidden states x [B, T, D] through `layers` (all by default, in order).
+
+        types/positions [B, T] describe the tokens; `method` decides, per layer, which
+        token types are frozen and where tokens are dropped; with `last_only` the last
+        layer computes the last position only (all that next-token logits need);
+        `capture` receives the input of every layer run. Returns the last hidden states;
+        after a drop (FastV/VTW) they cover the kept tokens only.
+        """
+        ids = list(range(len(self.layers)) if layers is None else layers)
+        if not ids:
+            return x
+        cache_of = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
+        seg = self.segment(types, positions, x.dtype, cache_of(ids[0]))
+        scores: Tensor | None = None
+        drops: list[tuple[Tensor, Compaction]] = []
+        for i in ids:
+            if method.drops_at(i):
+                if TokenType.VISUAL in seg.kinds:
+                    kept = Compaction.of(method.keep(seg.types, scores))
+                    drops.append((x, kept))
+                    x, types, positions = kept.take(x), kept.types(seg.types), kept.take(seg.positions)
+                seg = self.segment(types, positions, x.dtype, cache_of(i))
+            rows = self._rows(seg, method.frozen_type(i), last_only and i == ids[-1])
+            want = method.needs_scores_at(i) and TokenType.VISUAL in seg.kinds
+            if capture is not None:
+                capture.append(x)
+            x, layer_scores = self.layers[i](x, seg, rows, cache_of(i), want)
+            if layer_scores is not None:
+                scores = layer_scores[:, seg.past_length:]
+        # Dropped tokens keep the hidden state they had when they were dropped.
+        for full, kept in reversed(drops):
+            x = kept.put_back(full, x)
+        return x
+
+    @staticmethod
+    def _rows(seg: Segment, frozen: TokenType | None, last_only: bool) -> Rows:
+        frozen = frozen if frozen in seg.kinds else None
+        if frozen is None and not last_only:
+            return seg.all_rows()
+        active = seg.types != TokenType.PAD
+        if frozen is not None:
+            active = active & (seg.types != frozen)
+        if last_only:
+            last = torch.zeros_like(active)
+            last[:, -1] = True
+            active = active & last
+        return seg.rows_where(active, (frozen, last_only))
+
+
+@dataclass
+class Compaction:
+    """The tokens that survive a drop: for each sequence the kept positions in order,
+    left-padded to the longest sequence (filler slots are padding)."""
+
+    order: Tensor  # [B, N] positions in the uncompacted sequence
+    real: Tensor  # [B, N] False for filler slots
+
+    @classmethod
+    def of(cls, keep: Tensor) -> Compaction:
+        b, t = keep.shape
+        counts = keep.sum(dim=1)
+        n = int(counts.max())
+        # Kept tokens last (stable sort keeps their order), then the last n of each row:
+        # a shorter row starts with some dropped tokens, which become its padding.
+        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, t - n:]
+        real = torch.arange(n, device=keep.device).expand(b, n) >= (n - counts)[:, None]
+        return cls(order, real)
+
+    def take(self, x: Tensor) -> Tensor:
+        return _take(x, self.order)
+
+    def types(self, types: Tensor) -> Tensor:
+        return torch.where(self.real, types.gather(1, self.order), int(TokenType.PAD)).to(types.dtype)
+
+    def put_back(self, full: Tensor, x: Tensor) -> Tensor:
+        """`full` [B, T, D] with the kept tokens' rows replaced by x [B, N, D]."""
+        b, t, d = full.shape
+        dst = (self.order + torch.arange(b, device=x.device)[:, None] * t)[self.real]
+        return full.reshape(-1, d).index_copy(0, dst, x[self.real]).view_as(full)

@@ -1,0 +1,222 @@
+"""`shortv.load`: from a zoo name, a directory or a Hub repo id to a ready `LLaVA`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import zoo
+from .checkpoint import (
+    CLIP_TOWER_LAYOUT,
+    ORIGINAL_LAYOUT,
+    TRANSFORMERS_LAYOUT,
+    Filler,
+    KeyMap,
+    tensor_keys,
+    weight_files,
+)
+from .config import (
+    KNOWN_TOWERS,
+    LlavaConfig,
+    VisionConfig,
+    detect_layout,
+    from_original,
+    from_transformers,
+)
+from .errors import CheckpointError, ConfigError, ShortVError
+from .frozen import RankingLike, resolve_frozen_layers
+from .llava import LLaVA
+from .methods import Method, ShortV
+from .tokenizer import Tokenizer
+
+TOWER_PREFIX = "model.vision_tower."
+
+
+def load(
+    source: str | Path,
+    *,
+    n_frozen: int | None = None,
+    frozen_layers: Sequence[int] | None = None,
+    ranking: RankingLike | None = None,
+    method: Method | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LLaVA:
+    """Load a LLaVA model.
+
+    source: a zoo name (`shortv zoo`), a local checkpoint directory, or a Hub repo id.
+    n_frozen: freeze visual tokens in the first N layers of the ranking (the card's, or
+        `ranking`: an LC report file or a list of layer ids); frozen_layers: exact ids.
+    method: instead, any of shortv.Vanilla(), ShortV(...), FastV(k, r), VTW(k).
+    device: default "cuda" when available, else "cpu"; dtype: default bfloat16 on CUDA,
+        float32 on CPU. Weights are cast to dtype while loading.
+    """
+    source = str(source)
+    card = zoo.card(source)
+    directory = zoo.locate(source)
+    model = load_directory(directory, device=device, dtype=dtype)
+    if card is not None:
+        model.name = card.name
+        model.template = _template(card.template)
+        default_ranking: tuple[int, ...] = card.ranking
+    else:
+        model.name = source
+        default_ranking = ()
+    layers = resolve_frozen_layers(
+        model.num_layers, n_frozen=n_frozen, frozen_layers=frozen_layers, ranking=ranking,
+        default_ranking=default_ranking,
+    )
+    if method is not None and layers is not None:
+        raise ConfigError("give either method= or n_frozen/frozen_layers, not both")
+    model.default_ranking = default_ranking
+    if layers is not None:
+        model.set_method(ShortV(layers))
+    elif method is not None:
+        model.set_method(method)
+    return model
+
+
+def _template(name: str):
+    from .conversation import get_template
+
+    return get_template(name)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float64": torch.float64, "fp64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype {dtype} is not a floating-point type")
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; is it a model checkpoint directory?")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a {type(config).__name__}, not a JSON object")
+    return config
+
+
+def load_directory(
+    directory: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LLaVA:
+    """Build a model from a checkpoint directory in either published layout (DESIGN §4)."""
+    directory = Path(directory)
+    target = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target)
+    raw = read_config(directory)
+    files = weight_files(directory)
+    config, layout, tower_dir = _parse(directory, raw, files)
+
+    with torch.device("meta"):
+        model = LLaVA(config)
+    filler = Filler(model, target, target_dtype, ignore=_unused(config))
+    if config.text.tie_word_embeddings:
+        filler.params.pop("decoder.lm_head.weight", None)
+    filler.fill_from(files, KeyMap(ORIGINAL_LAYOUT if layout == "original" else TRANSFORMERS_LAYOUT))
+    if tower_dir is not None:
+        filler.fill_from(weight_files(tower_dir), KeyMap(CLIP_TOWER_LAYOUT))
+    filler.finish(str(directory) + (f" + tower {tower_dir}" if tower_dir else ""))
+    if config.text.tie_word_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    try:
+        model.tokenizer = Tokenizer.from_directory(directory)
+    except CheckpointError as e:
+        if "no tokenizer" not in str(e):
+            raise
+        model.tokenizer = None  # the model still runs on token ids; encode() says why not
+    model.name = directory.name
+    model.checkpoint_dir = directory
+    return model
+
+
+def config_of_directory(directory: str | Path) -> LlavaConfig:
+    """A checkpoint directory's LlavaConfig, without reading its weights."""
+    directory = Path(directory)
+    return _parse(directory, read_config(directory), None)[0]
+
+
+def _parse(directory: Path, raw: dict[str, Any], files: list[Path] | None
+           ) -> tuple[LlavaConfig, str, Path | None]:
+    """(config, layout, directory of a separate vision tower to load, if any). Without
+    `files` the tower's location is not needed, only its shape."""
+    try:
+        layout = detect_layout(raw)
+        if layout == "transformers":
+            return from_transformers(raw), layout, None
+        tower_source = raw.get("mm_vision_tower")
+        if not tower_source:
+            raise ConfigError(f"{directory}/config.json has no mm_vision_tower")
+        tower_dir = None
+        if files is not None and not any(k.startswith(TOWER_PREFIX) for k in _keys(directory, files)):
+            tower_dir = zoo.locate(tower_source, relative_to=directory)
+        vision = _tower_config(tower_source, tower_dir, directory)
+        return from_original(raw, vision), layout, tower_dir
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{directory}/config.json is malformed: {e!r}") from None
+
+
+def _keys(directory: Path, files: list[Path]) -> list[str]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            return list(json.loads((directory / index).read_text())["weight_map"])
+    return [k for f in files for k in tensor_keys(f)]
+
+
+def _tower_config(source: str, tower_dir: Path | None, directory: Path) -> VisionConfig:
+    """The tower's shape: from its own directory, a known tower, or its config.json."""
+    if tower_dir is None and source in KNOWN_TOWERS:
+        return KNOWN_TOWERS[source]
+    if tower_dir is None:
+        tower_dir = zoo.locate(source, relative_to=directory)
+    return VisionConfig.from_hf(read_config(tower_dir))
+
+
+def _unused(config: LlavaConfig):
+    """Tower layers after the deepest selected hidden state exist in checkpoints but are
+    never run, so they are neither built nor loaded."""
+    depth, total = config.vision_depth, config.vision.layers
+
+    def unused(name: str) -> bool:
+        parts = name.split(".")
+        return (len(parts) > 3 and parts[:2] == ["vision", "layers"] and parts[2].isdigit()
+                and depth <= int(parts[2]) < total)
+
+    return unused
+
+
+__all__ = ["ShortVError", "load", "load_directory"]
