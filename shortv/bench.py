@@ -1,0 +1,115 @@
+"""Decoder prefill latency, vanilla vs a method, measured in one process.
+
+The two variants run interleaved (A, B, A, B, ...) after warm-up, and the medians are
+compared, so that drift in machine load affects both alike. `random_decoder` builds a zoo
+model's decoder shapes with random weights (optionally only its first L layers), so the
+benchmark runs anywhere without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import TextConfig
+from .errors import ConfigError
+from .flops import sequence_flops
+from .llama import Decoder
+from .methods import VANILLA, Method
+from .token_types import TYPE_DTYPE, TokenType
+
+# Text tokens before the image in LLaVA's vicuna_v1 prompt (system prompt + "USER: ").
+PREFIX_TEXT = 35
+
+
+def random_decoder(config: TextConfig, device: torch.device, dtype: torch.dtype,
+                   seed: int = 0) -> Decoder:
+    """A decoder with the given shapes and random weights, built directly on `device`."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        decoder = Decoder(config)
+    decoder = decoder.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return decoder.eval().requires_grad_(False)
+
+
+def layout(n_text: int, n_visual: int, device: torch.device) -> Tensor:
+    """Token types [1, T] shaped like a LLaVA prompt: prefix text, the image, the rest."""
+    if n_text < 1 or n_visual < 0:
+        raise ConfigError(f"need n_text >= 1 and n_visual >= 0, got {n_text} and {n_visual}")
+    before = min(PREFIX_TEXT, n_text - 1)
+    kinds = [TokenType.TEXT] * before + [TokenType.VISUAL] * n_visual
+    kinds += [TokenType.TEXT] * (n_text - before)
+    return torch.tensor([kinds], dtype=TYPE_DTYPE, device=device)
+
+
+@dataclass
+class BenchResult:
+    vanilla_ms: float
+    method_ms: float
+    vanilla_runs: list[float]
+    method_runs: list[float]
+    flops_speedup: float
+    vanilla_tflops: float
+    method_tflops: float
+
+    @property
+    def speedup(self) -> float:
+        return self.vanilla_ms / self.method_ms
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def run(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    return run
+
+
+@torch.inference_mode()
+def bench_prefill(decoder: Decoder, method: Method, types: Tensor, *, repeats: int = 5,
+                  warmup: int = 1, seed: int = 0) -> BenchResult:
+    """Median prefill milliseconds of `decoder` on random hidden states with token types
+    `types` [1, T], vanilla vs `method`, interleaved."""
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    method.validate(len(decoder.layers))
+    weight = decoder.embed_tokens.weight
+    g = torch.Generator(device=weight.device).manual_seed(seed)
+    x = torch.randn(*types.shape, decoder.config.hidden_size, generator=g,
+                    device=weight.device).to(weight.dtype)
+    positions = torch.arange(types.shape[1], device=weight.device)[None]
+    runs = {"vanilla": [], "method": []}
+    timed = _timer(weight.device)
+    variants = (("vanilla", VANILLA), ("method", method))
+    for i in range(warmup + repeats):
+        for key, m in variants if i % 2 == 0 else variants[::-1]:
+            ms = timed(lambda m=m: decoder(x, types, positions, method=m))
+            if i >= warmup:
+                runs[key].append(ms)
+    vanilla_flops = sequence_flops(decoder.config, VANILLA, types[0])
+    method_flops = sequence_flops(decoder.config, method, types[0])
+    return BenchResult(
+        vanilla_ms=statistics.median(runs["vanilla"]),
+        method_ms=statistics.median(runs["method"]),
+        vanilla_runs=runs["vanilla"],
+        method_runs=runs["method"],
+        flops_speedup=vanilla_flops / method_flops,
+        vanilla_tflops=vanilla_flops / 1e12,
+        method_tflops=method_flops / 1e12,
+    )

@@ -1,0 +1,177 @@
+"""Analytic prefill FLOPs of the LLaVA decoder (the language model) under each method.
+
+Convention (the one that reproduces every number of the ShortV paper's table, DESIGN §8):
+
+- Counted: the matrix multiplications of the decoder layers, at 2 FLOPs per multiply-add
+  (the convention of `torch.utils.flop_counter.FlopCounterMode`):
+    * Q and O projections for each *query* token: 2 · d · (heads · head_dim) MACs,
+    * K and V projections for each *key* token: 2 · d · (kv_heads · head_dim) MACs,
+    * attention scores Q·Kᵀ and the weighted sum of values: 2 · heads · head_dim MACs
+      per (query, key) pair, over the *full* query × key rectangle (no causal halving),
+    * the gated MLP, gate, up and down projections: 3 · d · m MACs per query token.
+  With Vicuna's shapes (kv_heads = heads, heads · head_dim = d) one layer with n tokens
+  costs 2 · (4·n·d² + 2·n²·d + 3·n·d·m) FLOPs: FastV's formula 4nd² + 2n²d + 2ndm with the
+  MLP term counting all three SwiGLU matrices, doubled.
+- Not counted: the LM head (2 · d · vocab per position it is applied to), embeddings,
+  RMSNorm, RoPE, softmax, SiLU and the residual additions, biases, the vision tower and the
+  projector. FastV's ranking (the last query's attention in layer K − 1) is part of the
+  normal attention already.
+- Causal masking is not accounted for: every query is charged for every key of its
+  sequence, so the count depends only on *how many* tokens of each type a sequence has,
+  not on where the visual block sits. (A causal kernel skips about half of the attention
+  term; that term is ~4 % of vanilla LLaVA-1.5 and ~11 % of vanilla LLaVA-NeXT prefill.)
+- Per layer, "queries" are the tokens whose hidden states the layer updates (attention
+  query rows, Q/O projections, MLP) and "keys" are the tokens whose K and V the layer
+  computes and attends to:
+    * vanilla: queries = keys = all tokens;
+    * ShortV, frozen layer: queries = non-visual tokens, keys = all tokens (visual tokens
+      still compute K and V, nothing else), so the saving is the same for any N layers;
+    * FastV(k, r): layers ≥ k see the text tokens plus round((1 − r) · n_visual) visual ones;
+    * VTW(k): layers ≥ k see the text tokens only.
+  The per-layer counts are derived from the `Method` interface itself (`frozen_type`,
+  `drops_at`, `keep`), so any method built on it is counted the same way.
+- TFLOPs are 10¹² FLOPs. With n_text = 64 and n_visual = 576 (LLaVA-1.5) or 2880
+  (LLaVA-NeXT) this gives every printed TFLOPs value of the table rounded to one decimal
+  (largest deviation 0.047 TFLOPs: LLaVA-NeXT-7B VTW, 21.753 vs 21.8).
+- Ratios: the paper's percentages are the ratio of the *printed* (one-decimal) TFLOPs,
+  rounded to a whole percent (`printed_percent`): all 12 agree. The unrounded ratio agrees
+  for 11 of 12; LLaVA-1.5-7B FastV is 4.867 / 8.504 = 57.2 % while the paper prints 58 %
+  = 4.9 / 8.5. `flops_report` gives both.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import TextConfig
+from .errors import ConfigError
+from .methods import Method, Vanilla
+from .token_types import TokenType
+
+TERA = 1e12
+
+# The paper's decoders (Vicuna-7B / -13B v1.5) and prompt sizes (DESIGN §8).
+VICUNA_7B = TextConfig()
+VICUNA_13B = TextConfig(
+    hidden_size=5120, intermediate_size=13824, layers=40, heads=40, kv_heads=40, head_dim=128
+)
+PAPER_N_TEXT = 64
+PAPER_N_VISUAL = {"llava-1.5": 576, "llava-next": 2880}
+
+
+@dataclass(frozen=True)
+class LayerTokens:
+    """Token counts one decoder layer works on."""
+
+    queries: int  # tokens the layer updates: Q/O projections, attention rows, MLP
+    keys: int  # tokens whose K/V the layer computes and attends to
+
+
+def layer_flops(config: TextConfig, queries: int, keys: int) -> int:
+    """FLOPs (2 per multiply-add) of one decoder layer for `queries` queries over `keys` keys."""
+    d = config.hidden_size
+    q_dim = config.heads * config.head_dim
+    kv_dim = config.kv_heads * config.head_dim
+    projections = 2 * queries * d * q_dim + 2 * keys * d * kv_dim  # Q, O | K, V
+    attention = 2 * queries * keys * q_dim  # Q·Kᵀ and softmax(Q·Kᵀ)·V, all heads
+    mlp = 3 * queries * d * config.intermediate_size  # gate, up, down
+    return 2 * (projections + attention + mlp)
+
+
+def layer_tokens(config: TextConfig, method: Method, types: torch.Tensor) -> list[LayerTokens]:
+    """Per-layer (queries, keys) for one sequence of token types (1-D; PAD is ignored).
+
+    Drops are simulated with `method.keep` on placeholder (all-zero) scores: which tokens
+    survive does not change the FLOPs, only how many of each type.
+    """
+    method.validate(config.layers)
+    types = _row(types)
+    types = types[types != TokenType.PAD]
+    out = []
+    for layer in range(config.layers):
+        if method.drops_at(layer):
+            keep = method.keep(types[None], torch.zeros(1, types.numel()))[0]
+            types = types[keep]
+        keys = types.numel()
+        frozen = method.frozen_type(layer)
+        queries = keys - (int((types == frozen).sum()) if frozen is not None else 0)
+        out.append(LayerTokens(queries=queries, keys=keys))
+    return out
+
+
+def decoder_flops(config: TextConfig, method: Method, n_text: int, n_visual: int) -> float:
+    """Prefill FLOPs of the decoder for one sequence of n_text text + n_visual visual tokens."""
+    for name, value in (("n_text", n_text), ("n_visual", n_visual)):
+        if isinstance(value, bool) or not hasattr(value, "__index__") or value < 0:
+            raise ConfigError(f"{name}={value!r} must be a non-negative integer token count")
+    n_text, n_visual = operator.index(n_text), operator.index(n_visual)
+    types = torch.cat([
+        torch.full((n_text,), int(TokenType.TEXT), dtype=torch.int8),
+        torch.full((n_visual,), int(TokenType.VISUAL), dtype=torch.int8),
+    ])
+    return float(_flops(config, method, types))
+
+
+def sequence_flops(config: TextConfig, method: Method, types: torch.Tensor) -> float:
+    """Prefill FLOPs of the decoder for concrete token types.
+
+    types: 1-D tensor of `TokenType` values (TEXT=0, VISUAL=1, PAD=2 ignored), or a 2-D
+    batch [B, T] whose rows are separate sequences (their FLOPs add up). Equals
+    `decoder_flops(config, method, #TEXT, #VISUAL)` per row wherever the visual tokens sit.
+    """
+    types = torch.as_tensor(types).detach().cpu()
+    if types.dim() == 1:
+        return float(_flops(config, method, types))
+    if types.dim() == 2:
+        return float(sum(_flops(config, method, row) for row in types))
+    raise ConfigError(f"token types must be 1-D [T] or 2-D [B, T], got shape {tuple(types.shape)}")
+
+
+def flops_report(config: TextConfig, method: Method, n_text: int, n_visual: int) -> dict[str, Any]:
+    """The method's prefill TFLOPs next to vanilla's, for one sequence.
+
+    Keys: tflops, vanilla_tflops, ratio (tflops / vanilla, unrounded), percent
+    (round(100 · ratio)), printed_percent (the paper's convention, `printed_percent`),
+    method, n_text, n_visual, layers.
+    """
+    tflops = decoder_flops(config, method, n_text, n_visual) / TERA
+    vanilla = decoder_flops(config, Vanilla(), n_text, n_visual) / TERA
+    ratio = tflops / vanilla if vanilla else 1.0
+    return {
+        "tflops": tflops,
+        "vanilla_tflops": vanilla,
+        "ratio": ratio,
+        "percent": round(100 * ratio),
+        "printed_percent": printed_percent(tflops, vanilla),
+        "method": method.describe(),
+        "n_text": n_text,
+        "n_visual": n_visual,
+        "layers": config.layers,
+    }
+
+
+def printed_percent(tflops: float, vanilla_tflops: float) -> int | None:
+    """Whole-percent ratio of the TFLOPs rounded to one decimal, as the paper prints it.
+
+    None when vanilla rounds to 0.0 TFLOPs (small models / prompts).
+    """
+    vanilla = round(vanilla_tflops, 1)
+    if vanilla == 0:
+        return None
+    return round(100 * round(tflops, 1) / vanilla)
+
+
+def _flops(config: TextConfig, method: Method, types: torch.Tensor) -> int:
+    return sum(layer_flops(config, t.queries, t.keys) for t in layer_tokens(config, method, types))
+
+
+def _row(types: torch.Tensor) -> torch.Tensor:
+    types = torch.as_tensor(types).detach().cpu()
+    if types.dim() != 1:
+        raise ConfigError(f"expected 1-D token types [T], got shape {tuple(types.shape)}")
+    return types
+
