@@ -1,0 +1,290 @@
+"""Layer Contribution (LC): how much each layer's updates of one token type matter.
+
+For layer i and token type τ (DESIGN §7): run the model normally (P) and with layer i's
+attention and MLP updates removed for tokens of type τ (Q); at the last prompt position
+LC = KL(Q ‖ P) = Σ Q (log Q − log P), averaged over samples. The ShortV ranking is the
+layer ids by ascending visual LC.
+
+The naive algorithm runs L + 1 full passes per type. Here the counterfactual for layer i
+starts from the normal pass: layers before i are identical in both runs, and in layer i
+itself only the τ tokens change (the others attend to keys and values computed from
+unchanged inputs), so its output is the normal output with the τ rows reset to the
+layer's input. Only layers i+1.. run again, once for both types together (a batch of
+two), and the last layer computes only the last position. That is L² layer evaluations
+per sample instead of L(2L + 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, InputError
+from .llava import Encoded, LLaVA, Prepared
+from .methods import VANILLA, Method
+from .token_types import TokenType
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One calibration sample: images (paths) and a prompt, with where it came from."""
+
+    prompt: str
+    images: tuple[Path, ...] = ()
+    where: str = ""
+
+
+@dataclass
+class LCReport:
+    """Per-layer LC for each measured token type, and the ranking it implies."""
+
+    model: str
+    samples: int
+    visual: list[float] | None = None
+    text: list[float] | None = None
+    data: str | None = None
+    layer_evaluations: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ranking(self) -> list[int]:
+        """Layer ids by ascending visual LC (ties by id): the order to freeze them in."""
+        if self.visual is None:
+            raise ConfigError("this LC report has no visual LC, so it implies no ranking")
+        return sorted(range(len(self.visual)), key=lambda i: (self.visual[i], i))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"model": self.model, "samples": self.samples, "data": self.data}
+        if self.visual is not None:
+            d["visual"] = self.visual
+        if self.text is not None:
+            d["text"] = self.text
+        if self.visual is not None:
+            d["ranking"] = self.ranking
+            d["ranking_str"] = ",".join(map(str, self.ranking))
+        d["layer_evaluations"] = self.layer_evaluations
+        return {**d, **self.extra}
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LCReport:
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(model=d["model"], samples=d["samples"], visual=d.get("visual"),
+                       text=d.get("text"), data=d.get("data"),
+                       layer_evaluations=d.get("layer_evaluations", 0))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"cannot read LC report {path}: {e!r}") from None
+
+
+def read_samples(path: str | os.PathLike, limit: int | None = None) -> list[Sample]:
+    """Samples from a JSONL file of {"image": path or [paths], "prompt": text} lines.
+    Relative image paths are taken relative to the file's directory."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"calibration file not found: {path}") from None
+    except OSError as e:
+        raise InputError(f"cannot read calibration file {path}: {e}") from None
+    samples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise InputError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise InputError(f'{where}: expected an object with a "prompt" string')
+        images = record.get("image", [])
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise InputError(f'{where}: "image" must be a path or a list of paths')
+        resolved = []
+        for image in images:
+            p = Path(image).expanduser()
+            p = p if p.is_absolute() else path.parent / p
+            if not p.is_file():
+                raise InputError(f"{where}: image not found: {image} (looked at {p})")
+            resolved.append(p)
+        samples.append(Sample(record["prompt"], tuple(resolved), where))
+        if limit is not None and len(samples) >= limit:
+            break
+    if not samples:
+        raise InputError(f"{path} holds no samples; expected JSON lines like "
+                         '{"image": "cat.jpg", "prompt": "Describe the image."}')
+    return samples
+
+
+def encode_sample(model: LLaVA, sample: Sample) -> Encoded:
+    """A sample encoded with the model's conversation template, exactly as chat does."""
+    try:
+        return model.encode(sample.prompt, list(sample.images))
+    except InputError as e:
+        raise InputError(f"{sample.where}: {e}") from None
+
+
+def kl(q_logits: Tensor, p_logits: Tensor) -> Tensor:
+    """KL(Q ‖ P) over the last dim, from logits (computed in float64)."""
+    log_q = torch.log_softmax(q_logits.double(), dim=-1)
+    log_p = torch.log_softmax(p_logits.double(), dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+
+
+TYPES = {"visual": TokenType.VISUAL, "text": TokenType.TEXT}
+
+
+@torch.inference_mode()
+def layer_contribution(
+    model: LLaVA,
+    samples: Sequence[Sample | Encoded],
+    tokens: Sequence[str] = ("visual", "text"),
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    data: str | None = None,
+) -> LCReport:
+    """LC of every layer for each token type in `tokens`, averaged over `samples`
+    (Sample objects or already encoded inputs). `batch_size` samples run together
+    (left-padded) when memory allows."""
+    kinds = [TYPES[t] if t in TYPES else _bad_type(t) for t in tokens]
+    if not kinds:
+        raise ConfigError("tokens must name at least one of 'visual', 'text'")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if not samples:
+        raise InputError("layer_contribution needs at least one sample")
+    n_layers = model.num_layers
+    totals = torch.zeros(len(kinds), n_layers, dtype=torch.float64)
+    evaluations = 0
+    chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    bar = _progress(len(samples), progress)
+    for chunk in chunks:
+        encoded = [s if isinstance(s, Encoded) else encode_sample(model, s) for s in chunk]
+        lc, runs = _chunk_lc(model, model.prepare(encoded), kinds)
+        totals += lc.sum(dim=1).cpu()
+        evaluations += runs
+        bar.update(len(chunk))
+    bar.close()
+    mean = (totals / len(samples)).tolist()
+    by_type = dict(zip([k.name.lower() for k in kinds], mean, strict=True))
+    return LCReport(model=model.name, samples=len(samples), visual=by_type.get("visual"),
+                    text=by_type.get("text"), data=data, layer_evaluations=evaluations)
+
+
+def _bad_type(name: str) -> TokenType:
+    raise ConfigError(f"unknown token type {name!r}; use 'visual' and/or 'text'")
+
+
+def _chunk_lc(model: LLaVA, prepared: Prepared, kinds: list[TokenType]) -> tuple[Tensor, int]:
+    """LC [types, batch, layers] for one batch, and the layer evaluations spent
+    (one per layer per sequence)."""
+    decoder = model.decoder
+    x, types, positions = prepared.embeds, prepared.types, prepared.positions
+    b, n_layers, k = x.shape[0], len(decoder.layers), len(kinds)
+    inputs: list[Tensor] = []
+    out = decoder(x, types, positions, method=VANILLA, last_only=True, capture=inputs)
+    p_logits = decoder.head(out[:, -1])
+    evaluations = b * n_layers
+    lc = torch.zeros(k, b, n_layers, dtype=torch.float64, device=x.device)
+    for i in range(n_layers):
+        # Layer i's output with the τ rows reset to its input, for every τ at once.
+        after = inputs[i + 1] if i + 1 < n_layers else out
+        start = torch.cat([torch.where((types == kind)[..., None], inputs[i], after)
+                           for kind in kinds])
+        if i + 1 < n_layers:
+            rerun = decoder(start, types.repeat(k, 1), positions.repeat(k, 1),
+                            method=VANILLA, layers=range(i + 1, n_layers), last_only=True)
+            evaluations += k * b * (n_layers - i - 1)
+        else:
+            rerun = start
+        q_logits = decoder.head(rerun[:, -1]).view(k, b, -1)
+        lc[:, :, i] = kl(q_logits, p_logits[None])
+    return lc, evaluations
+
+
+def _progress(total: int, enabled: bool):
+    from huggingface_hub.utils import tqdm
+
+    return tqdm(total=total, desc="LC samples", unit="sample", disable=not enabled)
+
+
+@dataclass(frozen=True)
+class FreezeOne(Method):
+    """Layer `layer` skips the updates of `kind` tokens; every other layer is vanilla."""
+
+    layer: int = 0
+    kind: TokenType = TokenType.VISUAL
+    name = "freeze-one"
+
+    def frozen_type(self, layer: int) -> TokenType | None:
+        return self.kind if layer == self.layer else None
+
+
+def naive_layer_contribution(
+    model: LLaVA, samples: Sequence[Encoded], tokens: Sequence[str] = ("visual", "text")
+) -> LCReport:
+    """The paper's algorithm, for checking and benchmarking: one full forward pass per
+    (layer, type), with that layer's updates of that type removed by a ShortV-style
+    freeze, plus one normal pass."""
+    kinds = [TYPES[t] for t in tokens]
+    n_layers = model.num_layers
+    totals = torch.zeros(len(kinds), n_layers, dtype=torch.float64)
+    evaluations = 0
+    with torch.inference_mode():
+        for enc in samples:
+            prepared = model.prepare([enc])
+            p = model.decoder.head(model.hidden_states(prepared, method=VANILLA)[:, -1])
+            evaluations += n_layers
+            for j, kind in enumerate(kinds):
+                for i in range(n_layers):
+                    hidden = model.hidden_states(prepared, method=FreezeOne(i, kind))
+                    q = model.decoder.head(hidden[:, -1])
+                    totals[j, i] += float(kl(q, p)[0])
+                    evaluations += n_layers
+    mean = (totals / len(samples)).tolist()
+    by_type = dict(zip([k.name.lower() for k in kinds], mean, strict=True))
+    return LCReport(model=model.name, samples=len(samples), visual=by_type.get("visual"),
+                    text=by_type.get("text"), layer_evaluations=evaluations)
+
+
+def plot(report: LCReport, path: str | os.PathLike) -> None:
+    """A PNG bar chart of visual and text LC per layer (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(
+            "--plot needs matplotlib: pip install 'shortv[plot]' (or pip install matplotlib)"
+        ) from None
+    series = [(name, values) for name, values in (("visual", report.visual), ("text", report.text))
+              if values is not None]
+    n_layers = len(series[0][1])
+    fig, ax = plt.subplots(figsize=(max(6, n_layers * 0.3), 3.5))
+    width = 0.8 / len(series)
+    for j, (name, values) in enumerate(series):
+        ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(n_layers)], values,
+               width=width, label=f"{name} tokens")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("LC = KL(Q ‖ P)")
+    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_title(f"Layer Contribution, {report.model} ({report.samples} samples)")
+    ax.set_xticks(range(n_layers))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
