@@ -30,8 +30,10 @@ PREFIX_TEXT = 35
 def random_decoder(config: TextConfig, device: torch.device, dtype: torch.dtype,
                    seed: int = 0) -> Decoder:
     """A decoder with the given shapes and random weights, built directly on `device`."""
+    from .loading import meta_device
+
     torch.manual_seed(seed)
-    with torch.device("meta"):
+    with meta_device():
         decoder = Decoder(config)
     decoder = decoder.to_empty(device=device).to(dtype)
     with torch.no_grad():

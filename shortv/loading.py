@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import zoo
 from .checkpoint import (
@@ -142,8 +144,7 @@ def load_directory(
     files = weight_files(directory)
     config, layout, tower_dir = _parse(directory, raw, files)
 
-    with torch.device("meta"):
-        model = LLaVA(config)
+    model = build_empty(config)
     filler = Filler(model, target, target_dtype, ignore=_unused(config))
     if config.text.tie_word_embeddings:
         filler.params.pop("decoder.lm_head.weight", None)
@@ -162,6 +163,32 @@ def load_directory(
     model.name = directory.name
     model.checkpoint_dir = directory
     return model
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Skips the in-place random initialisers modules run in their constructors."""
+
+    SKIPPED = frozenset({"uniform_", "normal_", "trunc_normal_", "kaiming_uniform_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SKIPPED:
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules on the meta device (no memory, no values) without running their
+    random initialisers: the values come from a checkpoint anyway, and the first random
+    op on the meta device imports ~900 Python modules (~150 MB, seconds) for nothing."""
+    with torch.device("meta"), _SkipRandomInit():
+        yield
+
+
+def build_empty(config: LlavaConfig) -> LLaVA:
+    """The model's modules on the meta device, ready to be filled from a checkpoint."""
+    with meta_device():
+        return LLaVA(config)
 
 
 def config_of_directory(directory: str | Path) -> LlavaConfig:
