@@ -8,6 +8,7 @@
 from .config import LlavaConfig, TextConfig, VisionConfig
 from .conversation import Template, get_template
 from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, ShortVError
+from .lc import LCReport, layer_contribution
 from .llava import Encoded, LLaVA
 from .loading import load
 from .methods import VTW, FastV, Method, ShortV, Vanilla
@@ -25,6 +26,7 @@ __all__ = [
     "Encoded",
     "FastV",
     "InputError",
+    "LCReport",
     "LLaVA",
     "LlavaConfig",
     "Method",
@@ -38,5 +40,6 @@ __all__ = [
     "Vanilla",
     "VisionConfig",
     "get_template",
+    "layer_contribution",
     "load",
 ]

@@ -27,17 +27,18 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, InputError
-from .llava import Encoded, LLaVA, Prepared
+from .llava import Encoded, ImageLike, LLaVA, Prepared
 from .methods import VANILLA, Method
 from .token_types import TokenType
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One calibration sample: images (paths) and a prompt, with where it came from."""
+    """One calibration sample: images (paths or PIL images), a prompt, and where it came
+    from (for error messages)."""
 
     prompt: str
-    images: tuple[Path, ...] = ()
+    images: tuple[ImageLike, ...] = ()
     where: str = ""
 
 
@@ -148,16 +149,21 @@ TYPES = {"visual": TokenType.VISUAL, "text": TokenType.TEXT}
 @torch.inference_mode()
 def layer_contribution(
     model: LLaVA,
-    samples: Sequence[Sample | Encoded],
+    samples: Sequence[Sample | Encoded | dict] | str | os.PathLike,
     tokens: Sequence[str] = ("visual", "text"),
     *,
     batch_size: int = 1,
     progress: bool = True,
     data: str | None = None,
 ) -> LCReport:
-    """LC of every layer for each token type in `tokens`, averaged over `samples`
-    (Sample objects or already encoded inputs). `batch_size` samples run together
-    (left-padded) when memory allows."""
+    """LC of every layer for each token type in `tokens`, averaged over `samples`: a
+    JSONL file (see `read_samples`), or a list of Sample objects, {"image", "prompt"}
+    dicts or already encoded inputs. `batch_size` samples run together (left-padded)
+    when memory allows."""
+    if isinstance(samples, (str, os.PathLike)):
+        data = data or str(samples)
+        samples = read_samples(samples)
+    samples = [_as_sample(s) for s in samples]
     kinds = [TYPES[t] if t in TYPES else _bad_type(t) for t in tokens]
     if not kinds:
         raise ConfigError("tokens must name at least one of 'visual', 'text'")
@@ -181,6 +187,16 @@ def layer_contribution(
     by_type = dict(zip([k.name.lower() for k in kinds], mean, strict=True))
     return LCReport(model=model.name, samples=len(samples), visual=by_type.get("visual"),
                     text=by_type.get("text"), data=data, layer_evaluations=evaluations)
+
+
+def _as_sample(s: Sample | Encoded | dict) -> Sample | Encoded:
+    if isinstance(s, (Sample, Encoded)):
+        return s
+    if isinstance(s, dict) and isinstance(s.get("prompt"), str):
+        images = s.get("image", [])
+        images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+        return Sample(s["prompt"], tuple(images), "sample")
+    raise InputError(f'a sample must be a Sample, an Encoded or {{"image", "prompt"}}, got {s!r}')
 
 
 def _bad_type(name: str) -> TokenType:
