@@ -84,9 +84,10 @@ def random_tensor(g: torch.Generator, *shape: int, std: float = 0.02) -> torch.T
     return torch.randn(shape, generator=g) * std
 
 
-def clip_state(g: torch.Generator) -> dict[str, torch.Tensor]:
-    d, m, s = VISION["hidden_size"], VISION["intermediate_size"], VISION["image_size"]
-    p = VISION["patch_size"]
+def clip_state(g: torch.Generator, vision: dict = VISION) -> dict[str, torch.Tensor]:
+    """Random CLIP vision weights under HF CLIPModel names (vision_model.*)."""
+    d, m, s = vision["hidden_size"], vision["intermediate_size"], vision["image_size"]
+    p = vision["patch_size"]
     state = {
         "vision_model.embeddings.class_embedding": random_tensor(g, d),
         "vision_model.embeddings.patch_embedding.weight": random_tensor(g, d, 3, p, p),
@@ -96,7 +97,7 @@ def clip_state(g: torch.Generator) -> dict[str, torch.Tensor]:
         "vision_model.post_layernorm.weight": torch.ones(d),
         "vision_model.post_layernorm.bias": torch.zeros(d),
     }
-    for i in range(VISION["num_hidden_layers"]):
+    for i in range(vision["num_hidden_layers"]):
         pre = f"vision_model.encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             state[pre + f"self_attn.{proj}.weight"] = random_tensor(g, d, d)
@@ -111,9 +112,11 @@ def clip_state(g: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
-def llava_state(g: torch.Generator, vocab: int) -> dict[str, torch.Tensor]:
-    d, m = TEXT["hidden_size"], TEXT["intermediate_size"]
-    v = VISION["hidden_size"]
+def llava_state(g: torch.Generator, vocab: int, text: dict = TEXT, vision: dict = VISION
+                ) -> dict[str, torch.Tensor]:
+    """Random LLaVA-1.5 weights under original LLaVA names (no tower)."""
+    d, m = text["hidden_size"], text["intermediate_size"]
+    v = vision["hidden_size"]
     state = {
         "model.embed_tokens.weight": random_tensor(g, vocab, d),
         "model.norm.weight": torch.ones(d),
@@ -123,7 +126,7 @@ def llava_state(g: torch.Generator, vocab: int) -> dict[str, torch.Tensor]:
         "model.mm_projector.2.weight": random_tensor(g, d, d),
         "model.mm_projector.2.bias": torch.zeros(d),
     }
-    for i in range(TEXT["num_hidden_layers"]):
+    for i in range(text["num_hidden_layers"]):
         pre = f"model.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             state[pre + f"self_attn.{proj}.weight"] = random_tensor(g, d, d)
