@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import re
@@ -86,12 +87,29 @@ CLIP_TOWER_LAYOUT = [
 ]
 
 
+# An open_clip (OpenAI-style) VisionTransformer: other names, and q/k/v packed in one
+# `in_proj` tensor (target "qkv", split by `open_clip_tower_state`). The pooling head is
+# not part of LLaVA's tower.
+OPEN_CLIP_KEYS: list[tuple[str, str | None]] = [
+    (r"conv1\.weight", "patch_embed.weight"),
+    (r"class_embedding", "class_embedding"),
+    (r"positional_embedding", "position_embedding"),
+    (r"ln_pre\.(weight|bias)", r"pre_norm.\1"),
+    (r"ln_post\.(?:weight|bias)|proj", None),
+    (r"transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"layers.\1.norm\2.\3"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"layers.\1.attn.qkv.\2"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"layers.\1.attn.out_proj.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"layers.\1.mlp.fc1.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"layers.\1.mlp.fc2.\2"),
+]
+
+
 class KeyMap:
     """Maps checkpoint keys to parameter names of our modules."""
 
     def __init__(self, layout: list) -> None:
         self.rules = [
-            (re.compile(prefix + pattern + r"\Z"), target_prefix, replacement)
+            (re.compile(f"{prefix}(?:{pattern})\\Z"), target_prefix, replacement)
             for prefix, target_prefix, rules in layout
             for pattern, replacement in rules
         ]
@@ -107,6 +125,33 @@ class KeyMap:
             tail = replacement(m) if callable(replacement) else m.expand(replacement)
             return target_prefix + tail
         return False
+
+
+def open_clip_tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameters of our CLIPVisionTower (names without the `vision.` prefix) from an
+    open_clip VisionTransformer's state dict, or a whole open_clip CLIP model's
+    (`visual.*`; its text tower is ignored). Packed q/k/v projections are split. Tensors
+    that have no place in a CLIP ViT tower (LayerScale, attentional pooling, ...) raise
+    CheckpointError naming them. The tower's shape (heads in particular) is not in the
+    state dict: take it from the open_clip model config."""
+    prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
+    key_map = KeyMap([(re.escape(prefix), "", OPEN_CLIP_KEYS)])
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key_map(key)
+        if name is False:
+            unknown.append(key)
+        elif name is not None and ".attn.qkv." in name:
+            for proj, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):
+                out[name.replace(".qkv.", f".{proj}_proj.")] = chunk
+        elif name is not None:
+            out[name] = value
+    if unknown:
+        raise CheckpointError(f"open_clip tensors with no place in a CLIP ViT tower: {unknown}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,16 +217,36 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable safetensors file: its header is not an object")
     header.pop("__metadata__", None)
     data_start = 8 + n
     for key, info in header.items():
-        begin, end = info["data_offsets"]
-        if data_start + end > size or info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(
-                f"{path} is truncated or corrupt: tensor {key!r} "
-                f"({info.get('dtype')}, bytes {begin}..{end}) does not fit the file of {size} bytes"
-            )
+        problem = _header_problem(info, data_start, size)
+        if problem:
+            raise CheckpointError(f"{path} is truncated or corrupt: tensor {key!r} {problem}")
     return header, data_start
+
+
+def _header_problem(info: object, data_start: int, size: int) -> str | None:
+    """What is wrong with one safetensors header entry, or None."""
+    if not isinstance(info, dict):
+        return "has no description"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        return f"has unknown dtype {dtype!r}"
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        return f"has an invalid shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        return f"has invalid data_offsets {offsets!r}"
+    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+    begin, end = offsets
+    if end - begin != math.prod(shape) * itemsize:
+        return f"({dtype}, shape {shape}) does not match its {end - begin} bytes"
+    if data_start + end > size:
+        return f"(bytes {begin}..{end}) does not fit the file of {size} bytes"
+    return None
 
 
 def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -209,10 +274,9 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             _release_pages(tensor)
             del tensor
     finally:
-        try:
-            mm.close()
-        except BufferError:  # a caller kept a view; the map goes when that view does
-            pass
+        # Not mm.close(): torch's views keep the map alive through a reference, and a
+        # caller still holding one must not be left pointing at unmapped memory.
+        del mm
 
 
 def _read_bin(path: Path, release: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -225,7 +289,9 @@ def _read_bin(path: Path, release: bool = True) -> Iterator[tuple[str, torch.Ten
             # Pre-zip (legacy) files cannot be mapped; they are small in practice.
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for broken pickles / zips
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+        # torch's message goes on to suggest weights_only=False: wrong and unsafe here.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     state = state.get("state_dict", state) if "state_dict" in state else state

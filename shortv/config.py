@@ -6,6 +6,10 @@ Two layouts exist (DESIGN §4):
 - *transformers* (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`):
   nested `text_config` / `vision_config`, which transformers may save sparsely (only
   non-default values), so the defaults below are transformers' defaults.
+
+Grid pinpoints are read as (width, height) and searched in list order in both layouts, as
+original LLaVA-NeXT does (transformers reads its copy as (height, width), which only
+changes tie-breaks for the symmetric lists published checkpoints use).
 """
 
 from __future__ import annotations
@@ -59,15 +63,15 @@ class VisionConfig:
         if "vision_config" in d:
             d = d["vision_config"] or {}
         return cls(
-            image_size=int(d.get("image_size", 224)),
-            patch_size=int(d.get("patch_size", 32)),
-            width=int(d.get("hidden_size", 768)),
-            layers=int(d.get("num_hidden_layers", 12)),
-            heads=int(d.get("num_attention_heads", 12)),
-            mlp_dim=int(d.get("intermediate_size", 3072)),
+            image_size=_int(d, "image_size", 224),
+            patch_size=_int(d, "patch_size", 32),
+            width=_int(d, "hidden_size", 768),
+            layers=_int(d, "num_hidden_layers", 12),
+            heads=_int(d, "num_attention_heads", 12),
+            mlp_dim=_int(d, "intermediate_size", 3072),
             act=str(d.get("hidden_act", "quick_gelu")),
-            norm_eps=float(d.get("layer_norm_eps", 1e-5)),
-            channels=int(d.get("num_channels", 3)),
+            norm_eps=_float(d, "layer_norm_eps", 1e-5),
+            channels=_int(d, "num_channels", 3),
         )
 
 
@@ -104,8 +108,8 @@ class TextConfig:
     def from_hf(cls, d: dict[str, Any], *, defaults: dict[str, Any] | None = None) -> TextConfig:
         """From Llama fields as transformers writes them (flat or in `text_config`)."""
         d = {**(defaults or {}), **d}
-        hidden = int(d.get("hidden_size", 4096))
-        heads = int(d.get("num_attention_heads", 32))
+        hidden = _int(d, "hidden_size", 4096)
+        heads = _int(d, "num_attention_heads", 32)
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"text model hidden_act={act!r} is not supported; Llama uses 'silu'")
@@ -118,16 +122,16 @@ class TextConfig:
             )
         theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         return cls(
-            vocab_size=int(d.get("vocab_size", 32000)),
+            vocab_size=_int(d, "vocab_size", 32000),
             hidden_size=hidden,
-            intermediate_size=int(d.get("intermediate_size", 11008)),
-            layers=int(d.get("num_hidden_layers", 32)),
+            intermediate_size=_int(d, "intermediate_size", 11008),
+            layers=_int(d, "num_hidden_layers", 32),
             heads=heads,
-            kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            kv_heads=_int(d, "num_key_value_heads", heads) if d.get("num_key_value_heads") else heads,
+            head_dim=_int(d, "head_dim", 0) if d.get("head_dim") else hidden // heads,
+            rms_norm_eps=_float(d, "rms_norm_eps", 1e-6),
+            rope_theta=_float({"rope_theta": theta}, "rope_theta", 10000.0),
+            max_position_embeddings=_int(d, "max_position_embeddings", 2048),
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -170,6 +174,12 @@ class LlavaConfig:
                     f"vision select layer {index} is outside the tower's "
                     f"{self.vision.layers} layers (+1 for the embeddings)"
                 )
+        if (self.image_aspect_ratio == "anyres" and self.patch_merge_type != "flat"
+                and self.vision_select_feature != "patch"):
+            raise ConfigError(
+                f"mm_patch_merge_type={self.patch_merge_type!r} rebuilds a feature map from the "
+                "patch tokens, so it needs mm_vision_select_feature='patch', not 'cls_patch'"
+            )
         if self.projector_act != "gelu":
             raise ConfigError(f"projector activation {self.projector_act!r} is not supported")
 
@@ -190,7 +200,9 @@ class LlavaConfig:
 
     @property
     def uses_image_newline(self) -> bool:
-        return self.image_aspect_ratio == "anyres" and self.patch_merge_type == "spatial_unpad"
+        """Whether the checkpoint carries `image_newline` (the original creates it for any
+        'unpad' merge type, though only anyres images use it)."""
+        return "unpad" in self.patch_merge_type
 
     def replace(self, **changes: Any) -> LlavaConfig:
         return dataclasses.replace(self, **changes)
@@ -289,6 +301,20 @@ def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
     if any(w <= 0 or h <= 0 for w, h in points):
         raise ConfigError(f"image_grid_pinpoints {value!r} has a non-positive size")
     return points
+
+
+def _int(d: dict[str, Any], key: str, default: int) -> int:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ConfigError(f"config field {key}={value!r} is not an integer")
+    return int(value)
+
+
+def _float(d: dict[str, Any], key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config field {key}={value!r} is not a number")
+    return float(value)
 
 
 def _optional_int(value: Any) -> int | None:

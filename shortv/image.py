@@ -50,14 +50,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InputError(f"image has no pixels (size {image.size})")
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):
-        image = image.convert("I")
-    if image.mode in ("I", "F"):
+    if image.mode.startswith("I;16"):  # 16-bit by definition, whatever its content
+        image = image.convert("I").point(lambda v: v * (255 / 65535)).convert("L")
+    elif image.mode in ("I", "F"):
         _, hi = image.getextrema()
-        # Wider-than-8-bit integers are read as 16-bit; floats in 0..1 as fractions.
+        # 32-bit integers wider than 8 bits are read as 16-bit; floats in 0..1 as fractions.
         scale = 255 / 65535 if hi > 255 else (255.0 if image.mode == "F" and hi <= 1 else 1.0)
         image = image.point(lambda v: v * scale).convert("L")
-    return image.convert("RGB")
+    elif image.mode == "La":  # premultiplied alpha: PIL converts it only via LA
+        image = image.convert("LA")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise InputError(f"cannot convert a {image.mode!r} image to RGB: {e}") from None
 
 
 def mean_colour(mean: Sequence[float]) -> tuple[int, int, int]:

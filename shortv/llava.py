@@ -166,13 +166,12 @@ class LLaVA(nn.Module):
     def _merge_crops(self, feats: Tensor, size: tuple[int, int]) -> Tensor:
         """One image's crop features [C, P, D] as a token sequence, the original's way."""
         c = self.config
-        if c.patch_merge_type == "flat":
+        # The original merges crops only for anyres; "pad"/"square" images are one crop.
+        if c.patch_merge_type == "flat" or c.image_aspect_ratio != "anyres":
             return feats.flatten(0, 1)
         unpad = c.patch_merge_type == "spatial_unpad"
         if feats.shape[0] == 1:
             return torch.cat((feats[0], self.image_newline[None])) if unpad else feats[0]
-        if c.image_aspect_ratio != "anyres":
-            raise InputError("spatial patch merging of several crops needs image_aspect_ratio='anyres'")
         side = c.vision.patches_per_side
         cols, rows = grid_shape(size, c.image_grid_pinpoints, c.vision.image_size)
         base, tiles = feats[0], feats[1:]

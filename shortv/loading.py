@@ -29,7 +29,7 @@ from .config import (
     from_original,
     from_transformers,
 )
-from .errors import CheckpointError, ConfigError, ShortVError
+from .errors import CheckpointError, ConfigError, ModelNotFoundError, ShortVError
 from .frozen import RankingLike, resolve_frozen_layers
 from .llava import LLaVA
 from .methods import Method, ShortV
@@ -210,11 +210,13 @@ def _parse(directory: Path, raw: dict[str, Any], files: list[Path] | None
             raise ConfigError(f"{directory}/config.json has no mm_vision_tower")
         tower_dir = None
         if files is not None and not any(k.startswith(TOWER_PREFIX) for k in _keys(directory, files)):
-            tower_dir = zoo.locate(tower_source, relative_to=directory)
+            tower_dir = _locate_tower(tower_source, directory)
         vision = _tower_config(tower_source, tower_dir, directory)
         return from_original(raw, vision), layout, tower_dir
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{directory}/config.json is malformed: {e!r}") from None
+    except ShortVError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{directory}/config.json is malformed: {e!r}") from None
 
 
 def _keys(directory: Path, files: list[Path]) -> list[str]:
@@ -229,8 +231,17 @@ def _tower_config(source: str, tower_dir: Path | None, directory: Path) -> Visio
     if tower_dir is None and source in KNOWN_TOWERS:
         return KNOWN_TOWERS[source]
     if tower_dir is None:
-        tower_dir = zoo.locate(source, relative_to=directory)
+        tower_dir = _locate_tower(source, directory)
     return VisionConfig.from_hf(read_config(tower_dir))
+
+
+def _locate_tower(source: str, directory: Path) -> Path:
+    try:
+        return zoo.locate(source, relative_to=directory)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(
+            f"the vision tower named by mm_vision_tower in {directory}/config.json is missing: {e}"
+        ) from None
 
 
 def _unused(config: LlavaConfig):

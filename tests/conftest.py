@@ -10,7 +10,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from . import checkpoints  # noqa: E402
+from . import checkpoints
 
 
 @pytest.fixture(scope="session")
