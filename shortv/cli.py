@@ -269,6 +269,8 @@ def cmd_lc(args: argparse.Namespace) -> int:
     from . import lc, load
 
     samples = lc.read_samples(args.data, limit=args.limit)  # fail on bad data before loading
+    if args.plot:
+        lc.require_matplotlib()
     model = load(args.model, device=args.device, dtype=args.dtype)
     report = lc.layer_contribution(model, samples, batch_size=args.batch_size,
                                    progress=not args.json and not args.quiet, data=str(args.data))

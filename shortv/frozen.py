@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError
-from .methods import VTW, FastV, Method, ShortV, Vanilla, check_layer_ids
+from .methods import VTW, FastV, Method, ShortV, Vanilla, _layer_ids, check_layer_ids
 
 RankingLike = str | os.PathLike | Sequence[int]
 
@@ -36,9 +36,7 @@ def load_ranking(ranking: RankingLike) -> tuple[int, ...]:
         ids = tuple(ranking)
     except TypeError:
         raise ConfigError(f"a ranking must be a list of layer ids, got {ranking!r}") from None
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ConfigError(f"a ranking must hold integer layer ids, got {list(ids)}")
-    return ids
+    return tuple(_layer_ids(ids))
 
 
 def _is_comma_list(value: str | os.PathLike) -> bool:
@@ -60,7 +58,7 @@ def resolve_frozen_layers(
     if frozen_layers is not None:
         if ranking is not None:
             raise ConfigError("ranking= is used with n_frozen=, not with frozen_layers=")
-        ids = tuple(frozen_layers)
+        ids = tuple(_layer_ids(frozen_layers))
         check_layer_ids(ids, num_layers)
         return tuple(sorted(ids))
     if n_frozen is None:

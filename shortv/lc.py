@@ -275,17 +275,24 @@ def naive_layer_contribution(
                     text=by_type.get("text"), layer_evaluations=evaluations)
 
 
-def plot(report: LCReport, path: str | os.PathLike) -> None:
-    """A PNG bar chart of visual and text LC per layer (needs matplotlib)."""
+def require_matplotlib() -> None:
+    """ConfigError saying how to install matplotlib, if it is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError(
             "--plot needs matplotlib: pip install 'shortv[plot]' (or pip install matplotlib)"
         ) from None
+
+
+def plot(report: LCReport, path: str | os.PathLike) -> None:
+    """A PNG bar chart of visual and text LC per layer (needs matplotlib)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     series = [(name, values) for name, values in (("visual", report.visual), ("text", report.text))
               if values is not None]
     n_layers = len(series[0][1])

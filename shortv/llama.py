@@ -29,8 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 and cast back before the weight, as Llama does.
-        h = x.float()
+        # Normalise in fp32 (fp64 stays fp64) and cast back before the weight, as Llama does.
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -38,11 +38,12 @@ class RMSNorm(nn.Module):
 def rope_tables(
     positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin, [B, T, head_dim], for integer positions [B, T] (computed in fp32)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    )
-    freqs = positions.float()[..., None] * inv_freq
+    """cos and sin, [B, T, head_dim], for integer positions [B, T] (computed in fp32, or
+    fp64 for an fp64 model)."""
+    work = torch.promote_types(dtype, torch.float32)
+    steps = torch.arange(0, head_dim, 2, device=positions.device, dtype=work)
+    inv_freq = 1.0 / (theta ** (steps / head_dim))
+    freqs = positions.to(work)[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -352,8 +353,8 @@ class Decoder(nn.Module):
         types/positions [B, T] describe the tokens; `method` decides, per layer, which
         token types are frozen and where tokens are dropped; with `last_only` the last
         layer computes the last position only (all that next-token logits need);
-        `capture` receives the input of every layer run. Returns the last hidden states;
-        after a drop (FastV/VTW) they cover the kept tokens only.
+        `capture` receives the input of every layer run. Returns the last hidden states
+        [B, T, D]; tokens dropped by FastV/VTW keep the state they had when dropped.
         """
         ids = list(range(len(self.layers)) if layers is None else layers)
         if not ids:

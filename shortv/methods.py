@@ -7,12 +7,16 @@ All four share the token-type machinery of the decoder:
   values are still computed and attended.
 - `FastV(k, r)`: at layer k keep the (1 - r) fraction of each sequence's visual tokens that
   the last token attended to most in layer k - 1 (mean over heads); drop the rest for
-  layers k.. (hidden states and KV cache). Kept tokens keep their RoPE positions.
+  layers k.. (hidden states and KV cache). Kept tokens keep their RoPE positions. In
+  generation the choice is made once, at prefill, by the last prompt token; recomputing
+  a longer sequence from scratch would re-rank with its own last token.
 - `VTW(k)`: drop all visual tokens from layer k on.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +68,7 @@ class ShortV(Method):
     name = "shortv"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+        object.__setattr__(self, "layers", tuple(sorted(_layer_ids(self.layers))))
 
     def frozen_type(self, layer: int) -> TokenType | None:
         return TokenType.VISUAL if layer in self.layers else None
@@ -141,12 +145,23 @@ def fastv_kept(n_visual: Tensor, r: float) -> Tensor:
     return torch.round(n_visual.double() * (1.0 - r)).long()
 
 
-def check_layer_ids(layers: tuple[int, ...] | list[int], num_layers: int) -> None:
-    """Raise ConfigError unless `layers` are distinct ints in [0, num_layers)."""
-    seen = set()
+def _layer_ids(layers: Iterable[object]) -> list[int]:
+    """Layer ids as Python ints (numpy / torch integers too); ConfigError otherwise."""
+    ids = []
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
+        if isinstance(layer, bool):
             raise ConfigError(f"layer id {layer!r} is not an integer")
+        try:
+            ids.append(operator.index(layer))  # type: ignore[arg-type]
+        except TypeError:
+            raise ConfigError(f"layer id {layer!r} is not an integer") from None
+    return ids
+
+
+def check_layer_ids(layers: Iterable[object], num_layers: int) -> None:
+    """Raise ConfigError unless `layers` are distinct integers in [0, num_layers)."""
+    seen = set()
+    for layer in _layer_ids(layers):
         if not 0 <= layer < num_layers:
             raise ConfigError(f"layer id {layer} is out of range; the model has layers 0..{num_layers - 1}")
         if layer in seen:

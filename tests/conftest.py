@@ -6,11 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test models are tiny: one thread is faster, and CLI subprocesses running beside the
+# test process must not oversubscribe the cores (OpenMP busy-waiting slows both 50x).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from . import checkpoints
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,710 @@
+"""ShortV, FastV and VTW against references that do not use the code under test.
+
+References (all on the model's own weights):
+- ShortV: a *vanilla* run with forward hooks that reset the visual rows of each frozen
+  layer's output to the layer's input (DESIGN §6: "the vanilla layer's output with the
+  attention and MLP residual updates of visual tokens set to zero").
+- VTW / FastV: `reference_decoder`, an explicit float64 Llama forward written here
+  (own RMSNorm, RoPE, softmax(QKᵀ/√d + mask)·V, SwiGLU) in which chosen keys are masked
+  for all queries from some layer on — dropping a token for all later layers is the same
+  as hiding it as a key, since RoPE positions are kept.
+- FastV's kept set: explicit attention probabilities of layer k−1's last query (mean over
+  heads) computed here from the layer's input captured with a hook.
+- Token types: rebuilt from the input ids (each IMAGE_TOKEN → that image's visual tokens)
+  rather than taken from `prepare`.
+- FLOPs: torch's FlopCounterMode on the real decoder forward against closed forms.
+
+Everything in fp32 (reference in fp64) unless noted; one bf16 smoke test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import shortv
+from shortv import IMAGE_TOKEN, VTW, ConfigError, Encoded, FastV, InputError, ShortV, TokenType, Vanilla
+from shortv.flops import sequence_flops
+from shortv.generation import Options, _tokens
+from shortv.zoo import locate
+
+T_, V_, P_ = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)
+DEMO = "llava-tiny-demo"
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+# ---- fixtures ----------------------------------------------------------------------------
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    example = Image.open(locate(DEMO) / "example.png").convert("RGB")
+    return [example, noise_image(70, 50, 1), noise_image(40, 64, 2)]
+
+
+@pytest.fixture(scope="module")
+def demo_model() -> shortv.LLaVA:
+    model = shortv.load(DEMO, device="cpu", dtype=torch.float32)
+    assert model.num_layers == 8 and model.dtype == torch.float32
+    return model
+
+
+@pytest.fixture
+def demo(demo_model: shortv.LLaVA):
+    """The shared fp32 demo model, back to vanilla after every test."""
+    demo_model.set_method(Vanilla())
+    yield demo_model
+    demo_model.set_method(Vanilla())
+
+
+@pytest.fixture(scope="module")
+def gqa_model(hf_llava: Path) -> shortv.LLaVA:
+    """A tiny transformers-layout LLaVA with grouped-query attention (4 heads, 2 KV heads)."""
+    model = shortv.load(hf_llava, device="cpu", dtype=torch.float32)
+    assert model.config.text.kv_heads < model.config.text.heads
+    return model
+
+
+@pytest.fixture(params=["demo", "gqa"])
+def any_model(request, demo_model: shortv.LLaVA):
+    model = demo_model if request.param == "demo" else request.getfixturevalue("gqa_model")
+    model.set_method(Vanilla())
+    yield model
+    model.set_method(Vanilla())
+
+
+def two_image_prompt(model: shortv.LLaVA, images: list[Image.Image]) -> Encoded:
+    return model.encode("Compare the first <image> with the second <image>: which is brighter?",
+                        images[1:3])
+
+
+def batch_prompts(model: shortv.LLaVA, images: list[Image.Image]) -> list[Encoded]:
+    """Different lengths and image counts (1, 2, 0): left padding, and fillers for gathered rows."""
+    return [
+        model.encode("What is this?", [images[0]]),
+        model.encode("Describe both pictures in detail, left then right, with colors.", images[1:3]),
+        model.encode("hello there, what color is the sky today?"),
+    ]
+
+
+def visual_per_image(model: shortv.LLaVA) -> int:
+    v = model.config.vision
+    return (v.image_size // v.patch_size) ** 2
+
+
+def expected_types(model: shortv.LLaVA, batch: list[Encoded]) -> torch.Tensor:
+    """[B, T] token types rebuilt from the ids: each IMAGE_TOKEN becomes that image's
+    visual tokens (flat LLaVA-1.5 merge, 'patch' features), left padding is PAD."""
+    n = visual_per_image(model)
+    rows = []
+    for enc in batch:
+        row: list[int] = []
+        for t in enc.input_ids.tolist():
+            row += [V_] * n if t == IMAGE_TOKEN else [T_]
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    return torch.tensor([[P_] * (width - len(r)) + r for r in rows], dtype=torch.long)
+
+
+def prepared_and_types(model: shortv.LLaVA, batch: list[Encoded]):
+    prepared = model.prepare(batch)
+    types = expected_types(model, batch)
+    assert torch.equal(prepared.types.long(), types), "prepare() produced unexpected token types"
+    return prepared, types
+
+
+# ---- references --------------------------------------------------------------------------
+
+
+def frozen_reference(model: shortv.LLaVA, prepared, types: torch.Tensor, layers,
+                     kind: int = V_) -> torch.Tensor:
+    """A VANILLA run in which each layer of `layers` keeps its input for the `kind` rows:
+    output[kind] = input[kind], i.e. their attention and MLP updates are zeroed."""
+    reset = (types == kind)[..., None]
+
+    def hook(module, args, output):
+        x = args[0]
+        out, scores = output
+        assert out.shape == x.shape == (*types.shape, x.shape[-1])
+        return torch.where(reset, x, out), scores
+
+    handles = [model.decoder.layers[i].register_forward_hook(hook) for i in layers]
+    try:
+        with torch.no_grad():
+            return model.hidden_states(prepared, method=Vanilla())
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Llama RoPE (rotate-half convention) on [B, H, T, D] at integer positions [B, T]."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.double()[..., None] * inv_freq  # [B, T, D/2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _attention_probs(model: shortv.LLaVA, layer: int, x: torch.Tensor, allowed: torch.Tensor,
+                     positions: torch.Tensor):
+    """(probs [B, H, T, S], v [B, H, S, D]) of one layer, explicitly, in float64.
+    allowed: [B, T, S] bool."""
+    c = model.config.text
+    w = model.decoder.layers[layer]
+    h = _rms(x.double(), w.attn_norm.weight, c.rms_norm_eps)
+    b, t, _ = h.shape
+
+    def heads(proj, n):
+        return (h @ proj.weight.double().T).view(b, t, n, c.head_dim).transpose(1, 2)
+
+    q = _rope(heads(w.attn.q_proj, c.heads), positions, c.rope_theta)
+    k = _rope(heads(w.attn.k_proj, c.kv_heads), positions, c.rope_theta)
+    v = heads(w.attn.v_proj, c.kv_heads)
+    group = c.heads // c.kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without keys: padding
+    return probs, v
+
+
+def base_mask(types: torch.Tensor) -> torch.Tensor:
+    """[B, T, T]: causal, padding keys excluded."""
+    t = types.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    return causal[None] & (types != P_)[:, None, :]
+
+
+def reference_decoder(model: shortv.LLaVA, prepared, types: torch.Tensor,
+                      hidden_keys: dict[int, torch.Tensor] | None = None):
+    """Explicit float64 forward of the decoder layers. hidden_keys[i]: [B, T] keys that no
+    query of layer i may attend to. Returns (output, inputs of every layer)."""
+    c = model.config.text
+    hidden_keys = hidden_keys or {}
+    x = prepared.embeds.double()
+    positions = prepared.positions
+    mask = base_mask(types)
+    inputs = []
+    for i, w in enumerate(model.decoder.layers):
+        inputs.append(x)
+        allowed = mask & ~hidden_keys[i][:, None, :] if i in hidden_keys else mask
+        probs, v = _attention_probs(model, i, x, allowed, positions)
+        b, _, t, _ = probs.shape
+        attn = (probs @ v).transpose(1, 2).reshape(b, t, -1) @ w.attn.o_proj.weight.double().T
+        y = x + attn
+        hm = _rms(y, w.mlp_norm.weight, c.rms_norm_eps)
+        gate = torch.nn.functional.silu(hm @ w.mlp.gate_proj.weight.double().T)
+        y = y + (gate * (hm @ w.mlp.up_proj.weight.double().T)) @ w.mlp.down_proj.weight.double().T
+        x = y
+    return x, inputs
+
+
+def reference_head(model: shortv.LLaVA, hidden: torch.Tensor) -> torch.Tensor:
+    d = model.decoder
+    return _rms(hidden.double(), d.norm.weight, model.config.text.rms_norm_eps) @ \
+        d.lm_head.weight.double().T
+
+
+def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor, **tol):
+    assert bool(rows.any())
+    torch.testing.assert_close(actual[rows].double(), expected[rows].double(), **(tol or TOL))
+
+
+def test_reference_decoder_is_vanilla(any_model, images):
+    """The explicit reference reproduces the model's vanilla forward (oracle sanity)."""
+    prepared, types = prepared_and_types(any_model, batch_prompts(any_model, images))
+    with torch.no_grad():
+        ours = any_model.hidden_states(prepared, method=Vanilla())
+    ref, _ = reference_decoder(any_model, prepared, types)
+    assert_rows_close(ours, ref, types != P_)
+
+
+# ---- 1. ShortV: frozen layers == zeroed visual updates ------------------------------------
+
+
+LAYER_SETS = {"first": (0,), "one-three": (1, 3), "all": tuple(range(8)), "last": (7,)}
+
+
+@pytest.mark.parametrize("layers", LAYER_SETS.values(), ids=LAYER_SETS.keys())
+@pytest.mark.parametrize("case", ["two-images", "batch"])
+def test_shortv_equals_zeroed_visual_updates(demo, images, layers, case):
+    batch = [two_image_prompt(demo, images)] if case == "two-images" else batch_prompts(demo, images)
+    prepared, types = prepared_and_types(demo, batch)
+    with torch.no_grad():
+        ours = demo.hidden_states(prepared, method=ShortV(layers))
+        vanilla = demo.hidden_states(prepared, method=Vanilla())
+    ref = frozen_reference(demo, prepared, types, layers)
+    real = types != P_
+    assert_rows_close(ours, ref, real)
+    # Not vacuous: freezing changes the visual states, and the text states whenever a
+    # later layer lets text attend to them.
+    assert (ours - vanilla)[types == V_].abs().max() > 1e-3
+    if min(layers) < 7:
+        assert (ours - vanilla)[types == T_].abs().max() > 1e-3
+    # In every frozen layer the visual rows pass through bit for bit.
+    captured: list[torch.Tensor] = []
+    with torch.no_grad():
+        demo.decoder(prepared.embeds, prepared.types, prepared.positions, method=ShortV(layers),
+                     capture=captured)
+    for i in layers:
+        after = captured[i + 1] if i + 1 < len(captured) else ours
+        vis = types == V_
+        assert torch.equal(after[vis], captured[i][vis]), f"layer {i} changed visual rows"
+
+
+def test_shortv_on_gqa_model(gqa_model, images):
+    """Grouped-query attention: frozen rows still see all KV heads correctly."""
+    batch = batch_prompts(gqa_model, images)
+    prepared, types = prepared_and_types(gqa_model, batch)
+    for layers in [(0,), (1, 3), (0, 1, 2, 3)]:
+        with torch.no_grad():
+            ours = gqa_model.hidden_states(prepared, method=ShortV(layers))
+        assert_rows_close(ours, frozen_reference(gqa_model, prepared, types, layers), types != P_)
+
+
+@pytest.mark.parametrize("layers", [(1, 3), (0, 7), tuple(range(8))])
+def test_logits_with_set_frozen_layers_match_reference(demo, images, layers):
+    enc = two_image_prompt(demo, images)
+    prepared, types = prepared_and_types(demo, [enc])
+    demo.set_frozen_layers(layers)
+    ours = demo.logits(enc)
+    ref = reference_head(demo, frozen_reference(demo, prepared, types, layers))[0]
+    assert ours.shape == (types.shape[1], demo.config.text.vocab_size)
+    torch.testing.assert_close(ours.double(), ref, **TOL)
+    demo.set_frozen_layers([])
+    vanilla = demo.logits(enc)
+    assert (vanilla - ours)[-1].abs().max() > 1e-3
+
+
+# ---- 2 + 6. Generation with the KV cache == recomputation --------------------------------
+
+
+def cached_tokens(model: shortv.LLaVA, batch: list[Encoded], n: int) -> list[list[int]]:
+    """Greedy tokens per sequence from the library's cached generation loop."""
+    steps = list(_tokens(model, batch, Options(max_new_tokens=n), []))
+    assert len(steps) == n
+    return [list(seq) for seq in zip(*steps, strict=True)]
+
+
+def grown(enc: Encoded, new: list[int]) -> Encoded:
+    ids = torch.cat((enc.input_ids, torch.tensor(new, dtype=torch.long)))
+    return Encoded(ids, enc.images, enc.image_sizes)
+
+
+def recomputed_tokens(model: shortv.LLaVA, enc: Encoded, n: int) -> list[int]:
+    """Greedy decoding by full recomputation of model.logits (model's method) each step."""
+    out: list[int] = []
+    for _ in range(n):
+        logits = model.logits(grown(enc, out))[-1]
+        top = logits.topk(2).values
+        # fp32 logits agree to ~1e-6; a closer race would make the comparison ambiguous
+        assert top[0] - top[1] > 1e-5, "near tie: the greedy comparison would be ambiguous"
+        out.append(int(logits.argmax()))
+    return out
+
+
+GEN_METHODS = {"shortv": ShortV((1, 3, 7)), "shortv-all": ShortV(tuple(range(8))),
+               "vtw": VTW(3), "vtw0": VTW(0), "vanilla": Vanilla()}
+
+
+@pytest.mark.parametrize("method", GEN_METHODS.values(), ids=GEN_METHODS.keys())
+def test_generation_with_cache_equals_recomputation(demo, images, method):
+    batch = batch_prompts(demo, images)
+    demo.set_method(method)
+    got = cached_tokens(demo, batch, 10)
+    for enc, tokens in zip(batch, got, strict=True):
+        assert tokens == recomputed_tokens(demo, enc, 10)
+    # batch of one as well (no padding, plain causal kernels in the prefill)
+    assert cached_tokens(demo, batch[1:2], 10)[0] == got[1]
+
+
+def fastv_dropped(model: shortv.LLaVA, prepared, types: torch.Tensor, k: int, r: float):
+    """[B, T] visual tokens FastV drops, from explicit attention of layer k-1's last query
+    over all keys (mean over heads), its input taken from the reference forward."""
+    _, inputs = reference_decoder(model, prepared, types)
+    probs, _ = _attention_probs(model, k - 1, inputs[k - 1], base_mask(types), prepared.positions)
+    return select_dropped(probs[:, :, -1].mean(dim=1), types, r)[0]
+
+
+def select_dropped(scores: torch.Tensor, types: torch.Tensor, r: float):
+    """Top round((1-r)·n_visual) visual tokens by score are kept; returns (dropped [B, T],
+    smallest score gap at the keep/drop boundary)."""
+    dropped = torch.zeros_like(types, dtype=torch.bool)
+    gap = math.inf
+    for b in range(types.shape[0]):
+        vis = torch.nonzero(types[b] == V_).flatten()
+        n_keep = round((1 - r) * len(vis))
+        order = vis[scores[b, vis].argsort(descending=True)]
+        dropped[b, order[n_keep:]] = True
+        if 0 < n_keep < len(vis):
+            gap = min(gap, float(scores[b, order[n_keep - 1]] - scores[b, order[n_keep]]))
+    return dropped, gap
+
+
+@pytest.mark.parametrize("k,r", [(1, 0.5), (3, 0.25)])
+def test_fastv_generation_with_cache_equals_recomputation(demo, images, k, r):
+    """With the cache, FastV chooses its kept tokens once, at the prefill (the last prompt
+    token's attention); the reference recomputes every step with that set hidden as keys
+    from layer k on (explicit float64 forward)."""
+    batch = batch_prompts(demo, images)
+    demo.set_method(FastV(k=k, r=r))
+    got = cached_tokens(demo, batch, 10)
+    for enc, tokens in zip(batch, got, strict=True):
+        prepared, types = prepared_and_types(demo, [enc])
+        dropped = fastv_dropped(demo, prepared, types, k, r)
+        out: list[int] = []
+        for _ in range(10):
+            p, t = prepared_and_types(demo, [grown(enc, out)])
+            hide = torch.cat((dropped, torch.zeros(1, t.shape[1] - dropped.shape[1], dtype=torch.bool)), 1)
+            hidden, _ = reference_decoder(demo, p, t, {i: hide for i in range(k, demo.num_layers)})
+            logits = reference_head(demo, hidden[0, -1])
+            top = logits.topk(2).values
+            assert top[0] - top[1] > 1e-5
+            out.append(int(logits.argmax()))
+        assert tokens == out
+
+
+# ---- 3. FLOPs on the real forward ----------------------------------------------------------
+
+
+def counted_flops(model: shortv.LLaVA, prepared, method) -> int:
+    """Matmul FLOPs of the decoder layers only (Decoder.forward applies no LM head), with
+    SDPA on its math backend so that FlopCounterMode sees the attention matmuls (on CPU the
+    fused kernels are not counted at all)."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
+    assert out.shape == prepared.embeds.shape  # hidden states, not logits
+    return counter.get_total_flops()
+
+
+def closed_form_layer(c, queries: int, keys: int) -> int:
+    """Convention: 2 FLOPs per multiply-add; Q and O for queries, K and V for keys; the
+    attention score and value matmuls over the full queries × keys rectangle (SDPA's math
+    path computes all of it, masked or not); gate/up/down of the MLP for queries."""
+    d, m, q_dim, kv_dim = c.hidden_size, c.intermediate_size, c.heads * c.head_dim, c.kv_heads * c.head_dim
+    proj = 2 * queries * d * q_dim + 2 * queries * q_dim * d + 2 * 2 * keys * d * kv_dim
+    attn = 2 * 2 * queries * keys * q_dim
+    return proj + attn + 2 * 3 * queries * d * m
+
+
+def test_flop_counter_shows_frozen_work_skipped(demo, images):
+    prepared, types = prepared_and_types(demo, [two_image_prompt(demo, images)])
+    c = demo.config.text
+    n = types.shape[1]
+    n_v = int((types == V_).sum())
+    assert n_v == 2 * visual_per_image(demo)
+    vanilla = counted_flops(demo, prepared, Vanilla())
+    assert vanilla == c.layers * closed_form_layer(c, n, n)
+    d, m, q_dim = c.hidden_size, c.intermediate_size, c.heads * c.head_dim
+    o_dim = q_dim  # O maps heads·head_dim -> d
+    skipped_per_layer = (2 * n_v * d * (q_dim + o_dim)  # Q and O projections
+                         + 2 * n_v * 3 * d * m  # gate, up, down
+                         + 2 * 2 * n_v * n * q_dim)  # scores and weighted values, n keys
+    for layers in [(0,), (1, 3), tuple(range(8)), (7,)]:
+        shortv_flops = counted_flops(demo, prepared, ShortV(layers))
+        assert vanilla - shortv_flops == len(layers) * skipped_per_layer
+
+
+@pytest.mark.parametrize("method", [Vanilla(), ShortV((1, 3, 5)), FastV(k=1, r=0.5), VTW(k=2)],
+                         ids=["vanilla", "shortv", "fastv", "vtw"])
+def test_flop_counter_agrees_with_sequence_flops(demo, images, method):
+    prepared, types = prepared_and_types(demo, [two_image_prompt(demo, images)])
+    measured = counted_flops(demo, prepared, method)
+    analytic = sequence_flops(demo.config.text, method, prepared.types[0])
+    assert abs(measured - analytic) <= 0.02 * analytic
+    # Tighter, from shapes: the per-layer token counts of each method.
+    c = demo.config.text
+    n, n_v = types.shape[1], int((types == V_).sum())
+    per_layer = []
+    for i in range(c.layers):
+        if isinstance(method, ShortV) and i in method.layers:
+            per_layer.append((n - n_v, n))
+        elif isinstance(method, FastV) and i >= method.k:
+            kept = n - n_v + round((1 - method.r) * n_v)
+            per_layer.append((kept, kept))
+        elif isinstance(method, VTW) and i >= method.k:
+            per_layer.append((n - n_v, n - n_v))
+        else:
+            per_layer.append((n, n))
+    expected = sum(closed_form_layer(c, q, k) for q, k in per_layer)
+    assert analytic == expected
+    if isinstance(method, FastV):
+        # the ranking in layer k-1 recomputes one query row of scores: 2·heads·head_dim·n
+        assert 0 <= measured - expected <= 2 * c.heads * c.head_dim * n
+    else:
+        assert measured == expected
+
+
+# ---- 4. VTW == visual keys hidden from layer k on ----------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 2, 7])
+@pytest.mark.parametrize("case", ["two-images", "batch"])
+def test_vtw_equals_masked_visual_keys(demo, images, k, case):
+    batch = [two_image_prompt(demo, images)] if case == "two-images" else batch_prompts(demo, images)
+    prepared, types = prepared_and_types(demo, batch)
+    with torch.no_grad():
+        ours = demo.hidden_states(prepared, method=VTW(k))
+    visual = types == V_
+    ref, inputs = reference_decoder(demo, prepared, types, {i: visual for i in range(k, 8)})
+    text = types == T_
+    torch.testing.assert_close(reference_head(demo, ours[text]), reference_head(demo, ref[text]), **TOL)
+    assert_rows_close(ours, ref, text)
+    # dropped tokens keep the state they had when dropped
+    assert_rows_close(ours, inputs[k], visual)
+    if case == "two-images":
+        demo.set_method(VTW(k))
+        torch.testing.assert_close(demo.logits(batch[0])[text[0]].double(),
+                                   reference_head(demo, ref[0][text[0]]), **TOL)
+    vanilla, _ = reference_decoder(demo, prepared, types)
+    assert (vanilla - ref)[:, -1].abs().max() > 1e-3  # the mask matters
+
+
+# ---- 5. FastV: kept set from explicit attention, outputs == masked keys -------------------------
+
+
+def _observe_fastv(model: shortv.LLaVA, prepared, k: int, r: float):
+    """Run FastV(k, r); capture layer k-1's input and reported scores, and the (positions,
+    types) of the tokens that reach layer k."""
+    seen: dict[str, object] = {}
+
+    def before_scores(module, args):
+        seen["x"] = args[0].detach().clone()
+
+    def scores_out(module, args, output):
+        seen["scores"] = output[1]
+
+    def at_k(module, args):
+        seg = args[1]
+        seen["positions"], seen["types"] = seg.positions.clone(), seg.types.clone()
+
+    handles = [model.decoder.layers[k - 1].register_forward_pre_hook(before_scores),
+               model.decoder.layers[k - 1].register_forward_hook(scores_out),
+               model.decoder.layers[k].register_forward_pre_hook(at_k)]
+    try:
+        with torch.no_grad():
+            out = model.hidden_states(prepared, method=FastV(k=k, r=r))
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+FASTV = [(1, 0.5), (2, 0.4), (3, 0.75), (2, 0.0), (2, 1.0), (7, 0.5)]
+
+
+@pytest.mark.parametrize("k,r", FASTV, ids=[f"k{k}-r{r}" for k, r in FASTV])
+@pytest.mark.parametrize("case", ["two-images", "batch"])
+def test_fastv_kept_set_and_outputs(any_model, images, k, r, case):
+    model = any_model
+    if k >= model.num_layers:
+        k = model.num_layers - 1
+    batch = [two_image_prompt(model, images)] if case == "two-images" else batch_prompts(model, images)
+    prepared, types = prepared_and_types(model, batch)
+    ours, seen = _observe_fastv(model, prepared, k, r)
+    b, t = types.shape
+
+    # Kept set from explicit attention probabilities of layer k-1 on its captured input.
+    probs, _ = _attention_probs(model, k - 1, seen["x"], base_mask(types), prepared.positions)
+    scores = probs[:, :, -1].mean(dim=1)  # last query row, mean over heads: [B, T]
+    dropped, gap = select_dropped(scores, types, r)
+    # The layer's own ranking signal agrees with the explicit one; the keep/drop boundary
+    # is wider than their difference, so the kept set is well defined.
+    reported = seen["scores"]
+    assert reported is not None and reported.shape == (b, t)
+    err = float((reported.double() - scores)[types != P_].abs().max())
+    assert err < 1e-6
+    assert gap > 10 * err, "near tie at the keep/drop boundary: choose other test data"
+    pad = torch.tensor([t - n for n in prepared.lengths])
+    for row in range(b):
+        seg_types, seg_pos = seen["types"][row], seen["positions"][row]
+        kept = set((seg_pos[seg_types == V_] + pad[row]).tolist())
+        expected = set(torch.nonzero((types[row] == V_) & ~dropped[row]).flatten().tolist())
+        n_vis = int((types[row] == V_).sum())
+        assert len(expected) == round((1 - r) * n_vis)
+        assert kept == expected, f"sequence {row}"
+        # every text token reaches layer k
+        text_pos = set((seg_pos[seg_types == T_] + pad[row]).tolist())
+        assert text_pos == set(torch.nonzero(types[row] == T_).flatten().tolist())
+
+    # Outputs == a forward with the dropped tokens hidden as keys from layer k on.
+    ref, inputs = reference_decoder(model, prepared, types, {i: dropped for i in range(k, model.num_layers)})
+    survivors = (types == T_) | ((types == V_) & ~dropped)
+    assert_rows_close(ours, ref, survivors)
+    if bool(dropped.any()):
+        assert_rows_close(ours, inputs[k], dropped)
+        vanilla, _ = reference_decoder(model, prepared, types)
+        assert (vanilla - ref)[types == T_].abs().max() > 1e-4  # the drop matters
+
+
+def test_fastv_selection_is_per_sequence(demo, images):
+    """The same prompt alone and in a padded batch keeps the same tokens and gives the
+    same outputs (selection, compaction and padding are per sequence)."""
+    batch = batch_prompts(demo, images)
+    prepared, _ = prepared_and_types(demo, batch)
+    together, seen = _observe_fastv(demo, prepared, 2, 0.5)
+    for row, enc in enumerate(batch):
+        p1, t1 = prepared_and_types(demo, [enc])
+        alone, seen1 = _observe_fastv(demo, p1, 2, 0.5)
+        n = t1.shape[1]
+        assert_rows_close(together[row, -n:], alone[0], t1[0] != P_)
+        kept = seen["positions"][row][seen["types"][row] == V_]
+        assert torch.equal(kept, seen1["positions"][0][seen1["types"][0] == V_])
+
+
+# ---- 6. bf16 smoke ---------------------------------------------------------------------------
+
+
+def test_bf16_smoke(images):
+    model = shortv.load(DEMO, device="cpu", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    batch = batch_prompts(model, images)
+    prepared, types = prepared_and_types(model, batch)
+    real = types != P_
+    for method in [ShortV((1, 3)), FastV(k=1, r=0.5), VTW(k=2), Vanilla()]:
+        with torch.no_grad():
+            out = model.hidden_states(prepared, method=method)
+        assert out.shape == prepared.embeds.shape and out.dtype == torch.bfloat16
+        assert torch.isfinite(out[real]).all()
+        model.set_method(method)
+        tokens = cached_tokens(model, batch, 3)
+        assert all(len(s) == 3 and all(0 <= x < model.config.text.vocab_size for x in s) for s in tokens)
+        logits = model.logits(batch[1])
+        assert logits.shape == (int(real[1].sum()), model.config.text.vocab_size)
+    # frozen vs the hook reference, loosely: much closer than vanilla is
+    layers = (1, 3)
+    with torch.no_grad():
+        ours = model.hidden_states(prepared, method=ShortV(layers)).float()
+        vanilla = model.hidden_states(prepared, method=Vanilla()).float()
+    ref = frozen_reference(model, prepared, types, layers).float()
+    err = (ours - ref)[real].abs().max()
+    scale = ref[real].abs().max()
+    assert err <= 0.03 * scale
+    assert err < 0.25 * (vanilla - ref)[real].abs().max()
+
+
+# ---- 7. API validation --------------------------------------------------------------------------
+
+
+def test_n_frozen_needs_a_ranking_on_the_demo():
+    with pytest.raises(ConfigError, match="ranking"):
+        shortv.load(DEMO, n_frozen=3)
+
+
+def test_n_frozen_with_ranking_list_file_and_string(tmp_path):
+    model = shortv.load(DEMO, n_frozen=3, ranking=[6, 2, 4, 0, 1])
+    assert model.frozen_layers == (2, 4, 6)
+    assert isinstance(model.frozen_layers, tuple)
+    assert isinstance(model.method, ShortV)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"ranking": [7, 5, 3, 1, 0, 2, 4, 6], "visual": [0.0] * 8}))
+    assert shortv.load(DEMO, n_frozen=4, ranking=report).frozen_layers == (1, 3, 5, 7)
+    assert shortv.load(DEMO, n_frozen=2, ranking=str(report)).frozen_layers == (5, 7)
+    assert shortv.load(DEMO, n_frozen=2, ranking="3,0,5").frozen_layers == (0, 3)
+    assert shortv.load(DEMO, n_frozen=0, ranking=[1]).frozen_layers == ()
+    assert shortv.load(DEMO, n_frozen=8, ranking=list(range(7, -1, -1))).frozen_layers == tuple(range(8))
+    with pytest.raises(ConfigError, match="ranking"):
+        shortv.load(DEMO, n_frozen=1, ranking=tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"visual": [1.0]}))
+    with pytest.raises(ConfigError, match="ranking"):
+        shortv.load(DEMO, n_frozen=1, ranking=tmp_path / "bad.json")
+
+
+def test_frozen_layers_sorted_tuple():
+    model = shortv.load(DEMO, frozen_layers=[7, 0, 3])
+    assert model.frozen_layers == (0, 3, 7) and type(model.frozen_layers) is tuple
+    model.set_frozen_layers([5, 1])
+    assert model.frozen_layers == (1, 5)
+
+
+@pytest.mark.parametrize("bad", [[1, 1], [8], [-1], [1.5], ["1"], [True], [0, 99]],
+                         ids=["duplicate", "out-of-range", "negative", "float", "str", "bool", "99"])
+def test_invalid_frozen_layers(bad):
+    with pytest.raises(ConfigError):
+        shortv.load(DEMO, frozen_layers=bad)
+
+
+@pytest.mark.parametrize("bad", [[1, 1], [8], [-1], [1.5], [True]])
+def test_invalid_set_frozen_layers_keeps_the_method(demo, bad):
+    demo.set_frozen_layers([2])
+    with pytest.raises(ConfigError):
+        demo.set_frozen_layers(bad)
+    assert demo.frozen_layers == (2,)
+
+
+def test_set_frozen_layers_rejects_mixed_types_with_config_error(demo):
+    with pytest.raises(ConfigError):
+        demo.set_frozen_layers([1, "2"])
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(n_frozen=2, frozen_layers=[1]),
+    dict(n_frozen=9, ranking=list(range(8))),
+    dict(n_frozen=-1, ranking=list(range(8))),
+    dict(n_frozen=True, ranking=list(range(8))),
+    dict(n_frozen=2.0, ranking=list(range(8))),
+    dict(n_frozen=5, ranking=[0, 1, 2]),
+    dict(n_frozen=2, ranking=[0, 0, 1]),
+    dict(n_frozen=2, ranking=[0, 9]),
+    dict(frozen_layers=[1], ranking=[1, 2]),
+    dict(frozen_layers=[1], method=FastV()),
+    dict(method=FastV(k=0)),
+    dict(method=VTW(k=8)),
+], ids=["both", "n>L", "n<0", "n-bool", "n-float", "n>len(ranking)", "dup-ranking",
+        "range-ranking", "layers+ranking", "layers+method", "fastv-k0", "vtw-kL"])
+def test_invalid_load_arguments(kwargs):
+    with pytest.raises(ConfigError):
+        shortv.load(DEMO, **kwargs)
+
+
+def test_set_frozen_layers_empty_is_vanilla(demo, images):
+    enc = two_image_prompt(demo, images)
+    vanilla = demo.logits(enc)
+    demo.set_frozen_layers([1, 2])
+    assert not torch.equal(demo.logits(enc), vanilla)
+    demo.set_frozen_layers([])
+    assert demo.frozen_layers == () and isinstance(demo.method, Vanilla)
+    assert torch.equal(demo.logits(enc), vanilla)
+
+
+@pytest.mark.parametrize("method", [FastV(k=0), FastV(k=8), FastV(r=1.5), FastV(r=-0.1),
+                                    VTW(k=8), VTW(k=-1), ShortV((8,))],
+                         ids=["fastv-k0", "fastv-kL", "fastv-r1.5", "fastv-r-", "vtw-kL", "vtw-k-",
+                              "shortv-8"])
+def test_set_method_rejects_invalid(demo, method):
+    demo.set_method(VTW(2))
+    with pytest.raises(ConfigError):
+        demo.set_method(method)
+    assert demo.method == VTW(2)
+
+
+def test_set_method_rejects_non_methods(demo):
+    with pytest.raises(InputError):
+        demo.set_method("fastv")
+
+
+def test_methods_report_no_frozen_layers(demo):
+    for method in [FastV(k=2), VTW(k=3), Vanilla()]:
+        demo.set_method(method)
+        assert demo.frozen_layers == ()
+    demo.set_method(ShortV((4, 2)))
+    assert demo.frozen_layers == (2, 4)
