@@ -72,8 +72,9 @@ def resolve_frozen_layers(
     order = load_ranking(ranking) if ranking is not None else tuple(default_ranking)
     if n_frozen and not order:
         raise ConfigError(
-            "n_frozen needs a ranking and this model's card has none: pass ranking= "
-            "(an LC report from `shortv lc`, or a list of layer ids) or frozen_layers="
+            "n_frozen needs a ranking and this model's card has none: give one (ranking= or "
+            "--ranking: an LC report from `shortv lc`, or a list of layer ids) or name the "
+            "layers (frozen_layers= or --frozen-layers)"
         )
     check_layer_ids(order, num_layers)
     if n_frozen > len(order):

@@ -63,10 +63,9 @@ class TextAssembler:
     def add(self, token: int) -> None:
         self.ids.append(token)
         text = self.decode(self.ids).lstrip()  # type: ignore[operator]
-        for stop in self.stops:
-            at = text.find(stop)
-            if at >= 0:
-                text, self.stopped = text[:at], True
+        found = [at for stop in self.stops if (at := text.find(stop)) >= 0]
+        if found:  # the earliest stop string wins, whatever the order they were given in
+            text, self.stopped = text[: min(found)], True
         self.text = text
 
     def final(self) -> str:

@@ -38,6 +38,11 @@ class Tokenizer:
         self.eos_id = eos_id
         self.add_bos = add_bos and bos_id is not None
         self.source = source
+        added = backend.get_added_tokens_decoder()
+        self._special = frozenset(i for i, token in added.items() if token.special)
+        # Llama-style vocabularies (SentencePiece pieces, "▁" for spaces, <0xNN> byte
+        # pieces) are decoded here, the way SentencePiece does; others by the backend.
+        self._pieces = backend.token_to_id("<0x00>") is not None
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Tokenizer:
@@ -81,11 +86,54 @@ class Tokenizer:
         return ids  # type: ignore[return-value]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode([i for i in ids if i >= 0], skip_special_tokens=skip_special_tokens)
+        """Text of ids (IMAGE_TOKEN and other negative ids are left out)."""
+        ids = [i for i in ids if i >= 0 and not (skip_special_tokens and i in self._special)]
+        if not self._pieces:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return decode_pieces([self.backend.id_to_token(i) or "" for i in ids])
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+
+def decode_pieces(pieces: Sequence[str]) -> str:
+    """SentencePiece decoding: "▁" is a space, runs of <0xNN> pieces are UTF-8 bytes, and
+    the dummy prefix's leading space is dropped. An invalid byte becomes U+FFFD on its
+    own, keeping the valid characters around it, so text decoded from a prefix of the
+    ids is a prefix of the text decoded from all of them (up to a trailing U+FFFD)."""
+    parts: list[str] = []
+    run = bytearray()
+    for piece in pieces:
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            run.append(int(piece[3:5], 16))
+            continue
+        if run:
+            parts.append(_decode_bytes(run))
+            run.clear()
+        parts.append(piece.replace("\u2581", " "))
+    if run:
+        parts.append(_decode_bytes(run))
+    text = "".join(parts)
+    return text[1:] if text.startswith(" ") else text
+
+
+def _decode_bytes(data: bytes | bytearray) -> str:
+    """UTF-8 as SentencePiece decodes byte pieces: each byte that does not start a valid
+    character becomes one U+FFFD."""
+    out, i = [], 0
+    while i < len(data):
+        for size in (1, 2, 3, 4):
+            try:
+                out.append(bytes(data[i : i + size]).decode("utf-8"))
+                i += size
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append("\ufffd")
+            i += 1
+    return "".join(out)
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,198 @@
+"""The command line, on the embedded demo: `python -m shortv` as a subprocess for the real
+entry point (a handful of runs: each pays for importing torch), `shortv.cli.main` in
+process for the many error cases. Answers are compared with the Python API's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import shortv
+from shortv import cli
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "weights" / "llava-tiny-demo"
+IMAGE = DEMO / "example.png"
+CPU = ["--device", "cpu", "--dtype", "float32"]
+PAPER_MODELS = {"llava-v1.5-7b": 19, "llava-v1.5-13b": 24, "llava-v1.6-vicuna-7b": 19,
+                "llava-v1.6-vicuna-13b": 24}
+
+
+def shortv_cli(*args: str, stdin: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("SHORTV_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "shortv", *args], input=stdin, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse errors exit from inside parse_args
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def demo() -> shortv.LLaVA:
+    return shortv.load("llava-tiny-demo", device="cpu", dtype=torch.float32)
+
+
+# ---- subprocess: the real entry point ---------------------------------------------------------
+
+
+def test_zoo_table():
+    run = shortv_cli("zoo")
+    assert run.returncode == 0, run.stderr
+    rows = run.stdout.strip().splitlines()
+    assert len(rows) == 1 + 5  # header + one row per card
+    for name in [*PAPER_MODELS, "llava-tiny-demo"]:
+        assert sum(row.split()[0] == name for row in rows) == 1
+
+
+def test_zoo_json():
+    run = shortv_cli("zoo", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)  # one JSON object, nothing else on stdout
+    models = {m["name"]: m for m in report["models"]}
+    assert set(models) == {*PAPER_MODELS, "llava-tiny-demo"}
+    for name, n in PAPER_MODELS.items():
+        assert models[name]["n_frozen"] == n and len(models[name]["ranking"]) == n
+        assert models[name]["layers"] == (40 if "13b" in name else 32)
+    assert models["llava-tiny-demo"]["local_weights"] is not None
+    assert Path(models["llava-tiny-demo"]["local_weights"]).resolve() == DEMO.resolve()
+
+
+def test_chat_one_shot_prints_what_the_api_answers(demo):
+    prompt = "What is unusual about this image?"
+    run = shortv_cli("chat", "--model", "llava-tiny-demo", "--image", str(IMAGE), "--prompt", prompt,
+                     "--max-new-tokens", "8", *CPU)
+    assert run.returncode == 0, run.stderr
+    answer = demo.chat(prompt, [IMAGE], max_new_tokens=8)
+    assert answer
+    assert run.stdout == answer + "\n"
+    assert "Traceback" not in run.stderr
+
+
+def test_chat_interactive_session(demo, tmp_path):
+    """Two messages on stdin, then EOF: two answers, the second with the first as history."""
+    q1, q2 = "What is this?", "And the color?"
+    run = shortv_cli("chat", "--model", "llava-tiny-demo", "--image", str(IMAGE),
+                     "--max-new-tokens", "6", *CPU, stdin=f"{q1}\n{q2}\n", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    a1 = demo.chat(q1, [IMAGE], max_new_tokens=6)
+    a2 = demo.chat(q2, [IMAGE], history=[(q1, a1)], max_new_tokens=6)
+    assert a1 != a2
+    out = run.stdout
+    assert a1 in out and a2 in out[out.index(a1) + len(a1):], out
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["chat", "--model", "no-such-model", "--prompt", "hi"],
+        ["chat", "--model", "llava-tiny-demo", "--image", str(DEMO / "config.json"), "--prompt", "hi"],
+        ["chat", "--model", "llava-tiny-demo", "--temperature", "-1", "--prompt", "hi"],
+    ],
+    ids=["missing-model", "not-an-image", "bad-option"],
+)
+def test_errors_from_the_entry_point(args):
+    run = shortv_cli(*args)
+    assert_one_line_error(run.returncode, run.stderr)
+    assert run.stdout == ""
+
+
+# ---- in process: the same main() ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "no-such-model"], "no-such-model"),
+        (["--model", "llava-tiny-demo", "--image", "/no/such/image.png"], "image.png"),
+        (["--model", "llava-tiny-demo", "--image", str(DEMO / "config.json")], "config.json"),
+        (["--model", "llava-tiny-demo", "--temperature", "-1"], "--temperature"),
+        (["--model", "llava-tiny-demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--model", "llava-tiny-demo", "--max-new-tokens", "many"], "--max-new-tokens"),
+        (["--model", "llava-tiny-demo", "--top-p", "0"], "--top-p"),
+        (["--model", "llava-tiny-demo", "--top-p", "1.5"], "--top-p"),
+        (["--model", "llava-tiny-demo", "--method", "bogus"], "--method"),
+        (["--model", "llava-tiny-demo", "--n-frozen", "3"], "ranking"),
+        (["--model", "llava-tiny-demo", "--method", "shortv"], "n-frozen"),
+        (["--model", "llava-tiny-demo", "--k", "2"], "--k"),
+        (["--model", "llava-tiny-demo", "--method", "vtw", "--r", "0.5"], "--r"),
+        (["--model", "llava-tiny-demo", "--method", "fastv", "--k", "8"], "k=8"),
+        (["--model", "llava-tiny-demo", "--frozen-layers", "1,99"], "99"),
+        (["--model", "llava-tiny-demo", "--frozen-layers", "1,1"], "twice"),
+        (["--model", "llava-tiny-demo", "--n-frozen", "2", "--frozen-layers", "1"], "not both"),
+        (["--model", "llava-tiny-demo", "--n-frozen", "9", "--ranking", "0,1,2"], "n_frozen"),
+        (["--model", "llava-tiny-demo", "--dtype", "int8"], "--dtype"),
+        (["--model", "llava-tiny-demo", "--device", "nonsense"], "nonsense"),
+    ],
+)
+def test_chat_errors_are_one_line(capsys, args, needle):
+    code, out, err = run_main(["chat", *args, "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    assert_one_line_error(code, err)
+    assert needle in err
+    assert out == ""
+
+
+def test_missing_command_and_unknown_command(capsys):
+    for argv in ([], ["frobnicate"]):
+        code, _, err = run_main(argv, capsys)
+        assert_one_line_error(code, err)
+
+
+@pytest.mark.parametrize(
+    ("args", "method"),
+    [
+        (["--frozen-layers", "1,3"], shortv.ShortV((1, 3))),
+        (["--n-frozen", "2", "--ranking", "7,6,5"], shortv.ShortV((6, 7))),
+        (["--method", "fastv", "--k", "1", "--r", "0.75"], shortv.FastV(k=1, r=0.75)),
+        (["--method", "vtw", "--k", "2"], shortv.VTW(k=2)),
+    ],
+)
+def test_chat_with_a_method_answers_like_the_api(capsys, args, method):
+    prompt = "Describe the picture in detail."
+    code, out, err = run_main(["chat", "--model", "llava-tiny-demo", "--image", str(IMAGE),
+                               "--prompt", prompt, "--max-new-tokens", "10", "--no-stream",
+                               *CPU, *args], capsys)
+    assert code == 0, err
+    model = shortv.load("llava-tiny-demo", device="cpu", dtype=torch.float32)
+    model.set_method(method)
+    assert out == model.chat(prompt, [IMAGE], max_new_tokens=10) + "\n"
+
+
+def test_chat_sampling_options_reach_the_model(capsys, demo):
+    prompt = "What is unusual about this image?"
+    options = ["--temperature", "0.9", "--top-p", "0.95", "--seed", "4", "--max-new-tokens", "10"]
+    code, out, err = run_main(["chat", "--model", "llava-tiny-demo", "--prompt", prompt, *options, *CPU],
+                              capsys)
+    assert code == 0, err
+    want = demo.chat(prompt, max_new_tokens=10, temperature=0.9, top_p=0.95, seed=4)
+    assert out == want + "\n"
+    assert want != demo.chat(prompt, max_new_tokens=10)  # the options changed the answer
+
+
+def test_interactive_exit_word(capsys, monkeypatch, demo):
+    lines = iter(["Hello", "", "exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, out, err = run_main(["chat", "--model", "llava-tiny-demo", "--max-new-tokens", "4",
+                               "--no-stream", *CPU], capsys)
+    assert code == 0, err
+    assert out == demo.chat("Hello", max_new_tokens=4) + "\n"
