@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .config import VisionConfig
 from .errors import ConfigError
+from .ops import Linear
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -27,10 +28,10 @@ class VisionAttention(nn.Module):
     def __init__(self, c: VisionConfig) -> None:
         super().__init__()
         self.heads = c.heads
-        self.q_proj = nn.Linear(c.width, c.width)
-        self.k_proj = nn.Linear(c.width, c.width)
-        self.v_proj = nn.Linear(c.width, c.width)
-        self.out_proj = nn.Linear(c.width, c.width)
+        self.q_proj = Linear(c.width, c.width)
+        self.k_proj = Linear(c.width, c.width)
+        self.v_proj = Linear(c.width, c.width)
+        self.out_proj = Linear(c.width, c.width)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -49,8 +50,8 @@ class VisionMLP(nn.Module):
         if c.act not in ACTIVATIONS:
             raise ConfigError(f"vision hidden_act {c.act!r} is not supported; use {list(ACTIVATIONS)}")
         self.act = ACTIVATIONS[c.act]
-        self.fc1 = nn.Linear(c.width, c.mlp_dim)
-        self.fc2 = nn.Linear(c.mlp_dim, c.width)
+        self.fc1 = Linear(c.width, c.mlp_dim)
+        self.fc2 = Linear(c.mlp_dim, c.width)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import TextConfig
 from .methods import VANILLA, Method
+from .ops import Linear
 from .token_types import TokenType
 
 
@@ -29,10 +30,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 (fp64 stays fp64) and cast back before the weight, as Llama does.
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        shape = (x.shape[-1],)
+        if x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype:
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        # Half precision: normalise in fp32 and cast back before the weight, as Llama does.
+        return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(x.dtype)
 
 
 def rope_tables(
@@ -49,11 +51,14 @@ def rope_tables(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate [B, H, T, D] by tables [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]
+    """Rotate x [B, T, H, D] by tables [B, T, D]: x·cos + rotate_half(x)·sin, written as
+    one product and two in-place halves (several times faster than the textbook form)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 class KVCache:
@@ -228,21 +233,23 @@ class Attention(nn.Module):
     def __init__(self, c: TextConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, c.heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(c.heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def _split(self, x: Tensor, heads: int) -> Tensor:
+    def _heads(self, x: Tensor, heads: int) -> Tensor:
         b, t, _ = x.shape
-        return x.view(b, t, heads, self.head_dim).transpose(1, 2)
+        return x.view(b, t, heads, self.head_dim)
 
     def queries(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return apply_rope(self._split(self.q_proj(h), self.heads), cos, sin)
+        """[B, H, T, D] rotated queries of hidden states h [B, T, hidden]."""
+        return apply_rope(self._heads(self.q_proj(h), self.heads), cos, sin).transpose(1, 2)
 
     def keys_values(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        k = apply_rope(self._split(self.k_proj(h), self.kv_heads), cos, sin)
-        return k, self._split(self.v_proj(h), self.kv_heads)
+        """[B, H_kv, T, D] rotated keys and values."""
+        k = apply_rope(self._heads(self.k_proj(h), self.kv_heads), cos, sin).transpose(1, 2)
+        return k, self._heads(self.v_proj(h), self.kv_heads).transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rows: Rows) -> Tensor:
         out = F.scaled_dot_product_attention(
@@ -264,9 +271,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: TextConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -326,7 +333,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits from final hidden states."""

@@ -25,6 +25,7 @@ from .errors import InputError
 from .image import ImageProcessor, grid_shape, load_image, unpad_slices
 from .llama import Decoder, KVCache
 from .methods import VANILLA, Method, ShortV
+from .ops import Linear
 from .token_types import TYPE_DTYPE, TokenType
 from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
 
@@ -72,9 +73,9 @@ class Projector(nn.Sequential):
     """'linear' or 'mlpNx_gelu': Linear, then (GELU, Linear) × (N - 1)."""
 
     def __init__(self, kind: str, in_dim: int, out_dim: int, bias: bool = True) -> None:
-        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim, bias=bias)]
+        layers: list[nn.Module] = [Linear(in_dim, out_dim, bias=bias)]
         for _ in range(projector_depth(kind) - 1):
-            layers += [nn.GELU(), nn.Linear(out_dim, out_dim, bias=bias)]
+            layers += [nn.GELU(), Linear(out_dim, out_dim, bias=bias)]
         super().__init__(*layers)
 
 
