@@ -23,10 +23,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo import TEXT, VISION, clip_state, llava_state  # noqa: E402
+from make_demo import TEXT, VISION, clip_state, llava_state
 
-import shortv  # noqa: E402
-from shortv import lc  # noqa: E402
+import shortv
+from shortv import lc
 
 PROMPTS = ["What is in the image?", "Describe the colours.", "Is there a circle on the left?",
            "How many shapes are there?"]

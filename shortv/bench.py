@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,20 +28,36 @@ PREFIX_TEXT = 35
 
 
 def random_decoder(config: TextConfig, device: torch.device, dtype: torch.dtype,
-                   seed: int = 0) -> Decoder:
-    """A decoder with the given shapes and random weights, built directly on `device`."""
+                   seed: int = 0, share_layers: bool = False) -> Decoder:
+    """A decoder with the given shapes and random weights, built directly on `device`.
+
+    share_layers: every layer uses the first layer's weight tensors. The compute is that
+    of the full model and the memory that of one layer, so full 7B/13B depths fit on a
+    small machine (a layer's weights are far larger than any cache, so reuse does not
+    flatter the timings).
+    """
     from .loading import meta_device
 
     torch.manual_seed(seed)
     with meta_device():
         decoder = Decoder(config)
-    decoder = decoder.to_empty(device=device).to(dtype)
+    first = decoder.layers[0]
+    owned = [decoder.embed_tokens, decoder.norm, decoder.lm_head, first] if share_layers else [decoder]
+    for module in owned:
+        module.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for name, p in decoder.named_parameters():
+            if p.is_meta:  # a layer that will share the first one's weights
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
+    if share_layers:
+        for layer in decoder.layers[1:]:
+            for name, p in first.named_parameters():
+                owner, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(owner), attr, p)
     return decoder.eval().requires_grad_(False)
 
 
@@ -84,33 +100,43 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 @torch.inference_mode()
-def bench_prefill(decoder: Decoder, method: Method, types: Tensor, *, repeats: int = 5,
-                  warmup: int = 1, seed: int = 0) -> BenchResult:
-    """Median prefill milliseconds of `decoder` on random hidden states with token types
-    `types` [1, T], vanilla vs `method`, interleaved."""
+def time_methods(decoder: Decoder, methods: Sequence[Method], types: Tensor, *,
+                 repeats: int = 5, warmup: int = 1, seed: int = 0) -> list[list[float]]:
+    """Prefill milliseconds of `decoder` on random hidden states with token types
+    `types` [1, T], for each method: `repeats` rounds after `warmup`, the methods
+    interleaved within a round and their order reversed every other round."""
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    method.validate(len(decoder.layers))
+    for method in methods:
+        method.validate(len(decoder.layers))
     weight = decoder.embed_tokens.weight
     g = torch.Generator(device=weight.device).manual_seed(seed)
     x = torch.randn(*types.shape, decoder.config.hidden_size, generator=g,
                     device=weight.device).to(weight.dtype)
     positions = torch.arange(types.shape[1], device=weight.device)[None]
-    runs = {"vanilla": [], "method": []}
+    runs: list[list[float]] = [[] for _ in methods]
     timed = _timer(weight.device)
-    variants = (("vanilla", VANILLA), ("method", method))
+    order = list(range(len(methods)))
     for i in range(warmup + repeats):
-        for key, m in variants if i % 2 == 0 else variants[::-1]:
-            ms = timed(lambda m=m: decoder(x, types, positions, method=m))
+        for j in order if i % 2 == 0 else order[::-1]:
+            ms = timed(lambda m=methods[j]: decoder(x, types, positions, method=m))
             if i >= warmup:
-                runs[key].append(ms)
+                runs[j].append(ms)
+    return runs
+
+
+def bench_prefill(decoder: Decoder, method: Method, types: Tensor, *, repeats: int = 5,
+                  warmup: int = 1, seed: int = 0) -> BenchResult:
+    """Median prefill milliseconds, vanilla vs `method`, interleaved, with FLOPs."""
+    vanilla_runs, method_runs = time_methods(decoder, [VANILLA, method], types,
+                                             repeats=repeats, warmup=warmup, seed=seed)
     vanilla_flops = sequence_flops(decoder.config, VANILLA, types[0])
     method_flops = sequence_flops(decoder.config, method, types[0])
     return BenchResult(
-        vanilla_ms=statistics.median(runs["vanilla"]),
-        method_ms=statistics.median(runs["method"]),
-        vanilla_runs=runs["vanilla"],
-        method_runs=runs["method"],
+        vanilla_ms=statistics.median(vanilla_runs),
+        method_ms=statistics.median(method_runs),
+        vanilla_runs=vanilla_runs,
+        method_runs=method_runs,
         flops_speedup=vanilla_flops / method_flops,
         vanilla_tflops=vanilla_flops / 1e12,
         method_tflops=method_flops / 1e12,

@@ -211,11 +211,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         text = config.text
         if args.layers is not None:
             text = _slice(text, args.layers)
-        decoder = bench.random_decoder(text, device, dtype)
+        decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
         n_default_visual = config.vision.num_patches if config.image_aspect_ratio != "anyres" else 2880
     else:
-        if args.layers is not None:
-            raise ConfigError("--layers needs --random-weights")
+        if args.layers is not None or args.share_layers:
+            raise ConfigError("--layers and --share-layers need --random-weights")
         from . import zoo
 
         model = load(args.model, device=device, dtype=dtype)
@@ -239,7 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "model": args.model, "method": method.describe(), "layers": n_layers,
         "n_text": args.n_text, "n_visual": n_visual, "device": str(device),
         "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats,
-        "random_weights": bool(args.random_weights),
+        "random_weights": bool(args.random_weights), "share_layers": bool(args.share_layers),
         "vanilla_ms": round(result.vanilla_ms, 3), "method_ms": round(result.method_ms, 3),
         "speedup": round(result.speedup, 4), "flops_speedup": round(result.flops_speedup, 4),
         "speedup_vs_flops": round(result.speedup / result.flops_speedup, 4),
@@ -332,6 +332,9 @@ def build_parser() -> Parser:
                    help="build the model's shapes with random weights (no checkpoint needed)")
     p.add_argument("--layers", type=_int_at_least(1),
                    help="with --random-weights: keep only the first L decoder layers")
+    p.add_argument("--share-layers", action="store_true",
+                   help="with --random-weights: all layers reuse one layer's weights (full "
+                        "depth and compute in one layer's memory)")
     p.add_argument("--n-text", type=_int_at_least(1), default=64)
     p.add_argument("--n-visual", type=_int_at_least(0))
     p.add_argument("--repeats", type=_int_at_least(1), default=5)

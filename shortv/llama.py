@@ -118,8 +118,9 @@ class Rows:
     """The query rows one layer computes, with their RoPE tables and attention mask.
 
     `index` is None when every position is a row. Otherwise it is [B, Q]: for each sequence
-    the positions computed, padded to the longest sequence with filler slots (`fill`
-    False) that are computed but never written back.
+    the positions computed, padded to the longest sequence with filler slots that repeat
+    one of its positions and are computed but never written back (`dst`/`src` say which
+    slots are real).
     """
 
     cos: Tensor
