@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo import TEXT, VISION, clip_state, llava_state
+import random_checkpoint
 
 import shortv
 from shortv import lc
@@ -33,22 +32,14 @@ PROMPTS = ["What is in the image?", "Describe the colours.", "Is there a circle 
 
 
 def checkpoint(root: Path, layers: int, hidden: int) -> Path:
-    text = {**TEXT, "num_hidden_layers": layers, "hidden_size": hidden,
+    """A random checkpoint of the given depth and width, with the demo's tokenizer."""
+    text = {**random_checkpoint.TEXT, "num_hidden_layers": layers, "hidden_size": hidden,
             "intermediate_size": hidden * 11 // 4, "num_attention_heads": hidden // 32,
             "num_key_value_heads": hidden // 32}
     demo = Path(shortv.zoo.local_weights("llava-tiny-demo"))
     vocab = json.loads((demo / "config.json").read_text())["vocab_size"]
-    g = torch.Generator().manual_seed(0)
-    (root / "tower").mkdir(parents=True)
-    (root / "tower" / "config.json").write_text(json.dumps(VISION))
-    save_file(clip_state(g, VISION), str(root / "tower" / "model.safetensors"))
-    config = {"architectures": ["LlavaLlamaForCausalLM"], **text, "vocab_size": vocab,
-              "mm_vision_tower": "tower", "mm_projector_type": "mlp2x_gelu",
-              "mm_vision_select_layer": -2, "image_aspect_ratio": "pad"}
-    (root / "config.json").write_text(json.dumps(config))
-    save_file(llava_state(g, vocab, text, VISION), str(root / "model.safetensors"))
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        (root / name).write_bytes((demo / name).read_bytes())
+    random_checkpoint.write(root, text, random_checkpoint.VISION, vocab)
+    random_checkpoint.tokenizer_from(demo, root)
     return root
 
 

@@ -20,11 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_demo import TEXT, VISION, clip_state, llava_state
+import random_checkpoint
 
 CHILD = r"""
 import json, sys, time, torch
@@ -44,59 +41,28 @@ print(json.dumps({"seconds": seconds, "before": before, "peak": rss("VmHWM:"),
 """
 
 
-def write_checkpoint(root: Path, fmt: str, shards: int, state: dict, tower: dict) -> Path:
-    out = root / f"{fmt}-{shards}"
-    out.mkdir(parents=True)
-    (out / "tower").mkdir()
-    (out / "tower" / "config.json").write_text(json.dumps(VISION))
-    save_file(tower, str(out / "tower" / "model.safetensors"))
-    config = {"architectures": ["LlavaLlamaForCausalLM"], **TEXT_CONFIG, "vocab_size": VOCAB,
-              "mm_vision_tower": "tower", "mm_projector_type": "mlp2x_gelu",
-              "mm_vision_select_layer": -2, "image_aspect_ratio": "pad"}
-    (out / "config.json").write_text(json.dumps(config))
-    keys = sorted(state)
-    ext, base = ("safetensors", "model") if fmt == "safetensors" else ("bin", "pytorch_model")
-    parts = [keys[i::shards] for i in range(shards)]
-    weight_map = {}
-    for i, part in enumerate(parts, start=1):
-        name = f"{base}.{ext}" if shards == 1 else f"{base}-{i:05d}-of-{shards:05d}.{ext}"
-        chunk = {k: state[k] for k in part}
-        if fmt == "safetensors":
-            save_file(chunk, str(out / name))
-        else:
-            torch.save(chunk, out / name)
-        weight_map.update(dict.fromkeys(part, name))
-    if shards > 1:
-        (out / f"{base}.{ext}.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return out
-
-
 def size_on_disk(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-TEXT_CONFIG: dict = {}
 VOCAB = 32000
 
 
 def main() -> int:
-    global TEXT_CONFIG
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    TEXT_CONFIG = {**TEXT, "hidden_size": args.hidden, "intermediate_size": args.hidden * 11 // 4,
-                   "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 64,
-                   "num_key_value_heads": args.hidden // 64}
-    g = torch.Generator().manual_seed(0)
-    state = llava_state(g, VOCAB, TEXT_CONFIG, VISION)
-    tower = clip_state(g, VISION)
+    text = {**random_checkpoint.TEXT, "hidden_size": args.hidden,
+            "intermediate_size": args.hidden * 11 // 4, "num_hidden_layers": args.layers,
+            "num_attention_heads": args.hidden // 64, "num_key_value_heads": args.hidden // 64}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for fmt, shards in (("safetensors", 1), ("safetensors", 4), ("bin", 1), ("bin", 4)):
-            path = write_checkpoint(Path(tmp), fmt, shards, state, tower)
+            path = random_checkpoint.write(Path(tmp) / f"{fmt}-{shards}", text,
+                                           random_checkpoint.VISION, VOCAB, fmt=fmt, shards=shards)
             disk = size_on_disk(path)
             for dtype in ("float32", "bfloat16"):
                 runs = []

@@ -43,9 +43,11 @@ def convert(src: Path, out: Path) -> list[Path]:
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if out != src:
+    if out != src:  # everything else comes along (configs, tokenizer, a tower directory)
         for f in src.iterdir():
-            if f.is_file() and f.suffix != ".bin" and f.name != BIN_INDEX:
+            if f.is_dir():
+                shutil.copytree(f, out / f.name, dirs_exist_ok=True)
+            elif f.suffix != ".bin" and f.name != BIN_INDEX:
                 shutil.copy2(f, out / f.name)
     return written
 

@@ -270,6 +270,21 @@ class LLaVA(nn.Module):
         prepared = self.prepare([encoded])
         return self.decoder.head(self.hidden_states(prepared))[0]
 
+    def flops(self, encoded: Encoded) -> dict[str, object]:
+        """Analytic decoder prefill FLOPs of this input under the current method, and the
+        vanilla count (see `shortv.flops`). Runs the vision tower to place the tokens."""
+        from .flops import sequence_flops
+
+        with torch.inference_mode():
+            types = self.prepare([encoded]).types[0].cpu()
+        flops = sequence_flops(self.config.text, self.method, types)
+        vanilla = sequence_flops(self.config.text, VANILLA, types)
+        return {
+            "tflops": flops / 1e12, "vanilla_tflops": vanilla / 1e12, "ratio": flops / vanilla,
+            "method": self.method.describe(), "n_text": int((types == TokenType.TEXT).sum()),
+            "n_visual": int((types == TokenType.VISUAL).sum()),
+        }
+
     # ---- text side ----------------------------------------------------------------------------
 
     def encode(
