@@ -133,6 +133,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if not prompt.strip():
             continue
+        print("ASSISTANT: ", end="", flush=True)
         reply = _answer(model, prompt, images, history, options, args.no_stream)
         history.append((prompt, reply))
 

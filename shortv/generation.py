@@ -8,7 +8,7 @@ a stop string (the template's and the caller's) or after max_new_tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,9 @@ class Options:
 
 @dataclass
 class GenerationResult:
+    """One answer: its text, the generated ids (EOS excluded), why it ended, and the
+    prompt's length in tokens after image expansion."""
+
     text: str
     token_ids: list[int]
     finish_reason: str  # "eos", "stop" or "length"
@@ -54,7 +57,7 @@ class TextAssembler:
     stop strings, and only releases text that later tokens cannot change (an incomplete
     UTF-8 character, or a possible start of a stop string, is held back)."""
 
-    decode: object  # Callable[[list[int]], str]
+    decode: Callable[[list[int]], str]
     stops: tuple[str, ...]
     ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -62,7 +65,7 @@ class TextAssembler:
 
     def add(self, token: int) -> None:
         self.ids.append(token)
-        text = self.decode(self.ids).lstrip()  # type: ignore[operator]
+        text = self.decode(self.ids).lstrip()
         found = [at for stop in self.stops if (at := text.find(stop)) >= 0]
         if found:  # the earliest stop string wins, whatever the order they were given in
             text, self.stopped = text[: min(found)], True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def tiny(original_v15: Path) -> shortv.LLaVA:
     model = shortv.load(original_v15, device="cpu", dtype=torch.float32)
     assert model.tokenizer.eos_id == EOS
     return model
+
+
+@pytest.fixture(scope="module")
+def babbler_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights in the demo's shapes, with the demo's word-level tokenizer: it
+    babbles real words and never ends by itself, which the EOS and stop tests need."""
+    sys.path.insert(0, str(Path(shortv.__file__).resolve().parents[1] / "scripts"))
+    import random_checkpoint
+
+    out = tmp_path_factory.mktemp("babbler")
+    # seed 9: varied answers with spaces (stop strings can be cut from them), different per prompt
+    random_checkpoint.write(out, random_checkpoint.TEXT, random_checkpoint.VISION, 1000, seed=9)
+    random_checkpoint.tokenizer_from(DEMO, out)
+    return out
+
+
+@pytest.fixture
+def babbler(babbler_dir: Path) -> shortv.LLaVA:
+    return shortv.load(babbler_dir, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture
@@ -267,13 +287,14 @@ def test_batch_equals_one_by_one(tiny, monkeypatch, method):
     assert tiny.generate(BATCH_PROMPTS, BATCH_IMAGES, max_new_tokens=10) == [r.text for r in batch]
 
 
-def test_batch_with_rows_finishing_early(demo):
+def test_batch_with_rows_finishing_early(babbler):
     """A row stops at EOS while the others go on to the length limit; each equals its
     own generation and recomputed greedy decoding."""
     image = [DEMO / "example.png"]
     prompts = ["Describe the picture in detail.", "hi", "How many shapes are there?"]
     images = [image, None, image]
-    plain = [reference_greedy(demo, demo.encode(p, im), 12) for p, im in zip(prompts, images, strict=True)]
+    plain = [reference_greedy(babbler, babbler.encode(p, im), 12)
+             for p, im in zip(prompts, images, strict=True)]
     only_first = [t for t in plain[0][1:] if t not in plain[1] + plain[2]]
 
     def mixed(results):
@@ -281,15 +302,15 @@ def test_batch_with_rows_finishing_early(demo):
         return (first.finish_reason == "eos" and len(first.token_ids) >= 2
                 and any(r.finish_reason == "length" for r in results[1:]))
 
-    batch = make_eos_win(demo, prompts, images, mixed, candidates=only_first)
-    alone = [demo.generate_results([p], [im], max_new_tokens=12)[0]
+    batch = make_eos_win(babbler, prompts, images, mixed, candidates=only_first)
+    alone = [babbler.generate_results([p], [im], max_new_tokens=12)[0]
              for p, im in zip(prompts, images, strict=True)]
     assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
     assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone]
     assert [r.text for r in batch] == [r.text for r in alone]
     for r, p, im in zip(batch, prompts, images, strict=True):
-        assert emitted(r) == reference_greedy(demo, demo.encode(p, im), 12)
-        assert r.text == sp_decode(demo, r.token_ids)  # the demo's answers are valid UTF-8
+        assert emitted(r) == reference_greedy(babbler, babbler.encode(p, im), 12)
+        assert r.text == sp_decode(babbler, r.token_ids)  # decoded like SentencePiece
 
 
 def test_batch_with_a_row_cut_by_a_stop_string(demo):
@@ -405,20 +426,20 @@ def _middle_stop(text: str) -> tuple[str, int]:
     pytest.fail(f"no usable stop string in {text!r}")
 
 
-def test_stop_string_cuts_before_it(demo):
+def test_stop_string_cuts_before_it(babbler):
     prompt, images = "Describe the picture in detail.", [DEMO / "example.png"]
-    full = demo.generate_results([prompt], [images], max_new_tokens=24)[0]
+    full = babbler.generate_results([prompt], [images], max_new_tokens=24)[0]
     assert full.finish_reason == "length" and len(full.text) > 20
-    assert full.text == sp_decode(demo, full.token_ids)
+    assert full.text == sp_decode(babbler, full.token_ids)
     stop, at = _middle_stop(full.text)
-    cut = demo.generate_results([prompt], [images], max_new_tokens=24, stop=[stop])[0]
+    cut = babbler.generate_results([prompt], [images], max_new_tokens=24, stop=[stop])[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[:at].strip()
     assert len(cut.token_ids) < len(full.token_ids)
     assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
-    assert stop in demo.tokenizer.decode(cut.token_ids)  # stopped at the token completing it
-    assert stop not in demo.tokenizer.decode(cut.token_ids[:-1])
-    assert demo.chat(prompt, images, max_new_tokens=24, stop=[stop]) == cut.text
+    assert stop in babbler.tokenizer.decode(cut.token_ids)  # stopped at the token completing it
+    assert stop not in babbler.tokenizer.decode(cut.token_ids[:-1])
+    assert babbler.chat(prompt, images, max_new_tokens=24, stop=[stop]) == cut.text
 
 
 def test_earliest_of_several_stop_strings_wins(demo):
@@ -432,10 +453,10 @@ def test_earliest_of_several_stop_strings_wins(demo):
     assert result.text == full[:at].strip() and result.finish_reason == "stop"
 
 
-def test_absent_stop_string_changes_nothing(demo):
+def test_absent_stop_string_changes_nothing(babbler):
     prompt = "Describe the picture in detail."
-    full = demo.generate_results([prompt], None, max_new_tokens=12)[0]
-    other = demo.generate_results([prompt], None, max_new_tokens=12, stop=["@@@"])[0]
+    full = babbler.generate_results([prompt], None, max_new_tokens=12)[0]
+    other = babbler.generate_results([prompt], None, max_new_tokens=12, stop=["@@@"])[0]
     assert (other.text, other.token_ids, other.finish_reason) == (full.text, full.token_ids, "length")
 
 
@@ -448,8 +469,8 @@ def test_absent_stop_string_changes_nothing(demo):
         ("demo", "Describe the picture in detail.", {}),
         ("demo", "What is unusual about this image?", {"temperature": 1.0, "seed": 3}),
         ("demo", "What is unusual about this image?", {"temperature": 0.8, "top_p": 0.9, "seed": 11}),
-        ("tiny", "What is unusual about this image?", {}),  # byte-fallback pieces: partial UTF-8
-        ("tiny", "Hi", {"temperature": 1.0, "seed": 5}),
+        ("babbler", "What is unusual about this image?", {}),  # byte-fallback pieces: partial UTF-8
+        ("babbler", "Hi", {"temperature": 1.0, "seed": 5}),
     ],
 )
 def test_stream_joins_to_chat(request, which, prompt, options):

@@ -23,7 +23,7 @@ from PIL import Image
 import shortv
 from shortv import IMAGE_TOKEN, InputError, TokenType, Vanilla
 from shortv.errors import ConfigError
-from shortv.lc import LCReport, layer_contribution, naive_layer_contribution, read_samples
+from shortv.lc import LCReport, Sample, layer_contribution, naive_layer_contribution, read_samples
 from shortv.zoo import locate
 
 DEMO = "llava-tiny-demo"
@@ -399,8 +399,25 @@ def test_cli(calib, tmp_path, reference):
     chat = [*SHORTV, "chat", "--model", DEMO, "--prompt", "hi", "--max-new-tokens", "3"]
     results = run_all({
         "chat": [*chat, "--ranking", "r.json", "--n-frozen", "3"],
-        "chat-no-ranking": [*chat, "--n-frozen", "3"],
+        # The demo's directory, not its zoo name: no card, so no ranking to fall back on.
+        "chat-no-ranking": [*SHORTV, "chat", "--model", str(locate(DEMO)), "--prompt", "hi",
+                            "--max-new-tokens", "3", "--n-frozen", "3"],
     }, cwd=tmp_path)
     assert results["chat"].returncode == 0, results["chat"].stderr
     assert "Traceback" not in results["chat"].stderr
     assert_one_line_error(results["chat-no-ranking"], "ranking")
+
+
+def test_demo_cards_ranking_is_lc_on_the_scenes_it_names():
+    """The demo card's ranking is what LC gives on the 40 held-out scenes that
+    scripts/make_demo.py calibrates on (its provenance says so)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_demo
+
+    model = shortv.load(DEMO, device="cpu")
+    samples = [Sample(q, (image,), f"calibration {i}")
+               for i, (image, q, _) in enumerate(make_demo.held_out(40, seed=7))]
+    report = layer_contribution(model, samples, tokens=("visual",), progress=False)
+    card = shortv.zoo.get_card(DEMO)
+    assert tuple(report.ranking) == card.ranking
+    assert "40 held-out synthetic scenes" in card.ranking_source

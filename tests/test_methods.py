@@ -57,14 +57,16 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def demo_model() -> shortv.LLaVA:
-    model = shortv.load(DEMO, device="cpu", dtype=torch.float32)
-    assert model.num_layers == 8 and model.dtype == torch.float32
+    """The trained demo in float64: its hidden states reach ~150, where fp32 rounding alone
+    would differ from the fp64 references by ~3e-4 (the GQA model covers fp32)."""
+    model = shortv.load(DEMO, device="cpu", dtype=torch.float64)
+    assert model.num_layers == 8 and model.dtype == torch.float64
     return model
 
 
 @pytest.fixture
 def demo(demo_model: shortv.LLaVA):
-    """The shared fp32 demo model, back to vanilla after every test."""
+    """The shared fp64 demo model, back to vanilla after every test."""
     demo_model.set_method(Vanilla())
     yield demo_model
     demo_model.set_method(Vanilla())
@@ -605,9 +607,15 @@ def test_bf16_smoke(images):
 # ---- 7. API validation --------------------------------------------------------------------------
 
 
-def test_n_frozen_needs_a_ranking_on_the_demo():
+def test_n_frozen_needs_a_ranking_without_a_card():
     with pytest.raises(ConfigError, match="ranking"):
-        shortv.load(DEMO, n_frozen=3)
+        shortv.load(locate(DEMO), n_frozen=3)  # a directory: no zoo card, no ranking
+
+
+def test_n_frozen_uses_the_cards_ranking():
+    card = shortv.zoo.get_card(DEMO)
+    model = shortv.load(DEMO, n_frozen=3)
+    assert model.frozen_layers == tuple(sorted(card.ranking[:3]))
 
 
 def test_n_frozen_with_ranking_list_file_and_string(tmp_path):
