@@ -227,8 +227,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if card is not None and args.layers is not None:  # rank only the layers that exist
         from dataclasses import replace
 
-        card = replace(card, ranking=tuple(i for i in card.ranking if i < n_layers),
-                       n_frozen=min(card.n_frozen or 0, n_layers) or None)
+        kept = tuple(i for i in card.ranking if i < n_layers)
+        card = replace(card, ranking=kept, n_frozen=min(card.n_frozen or 0, len(kept)) or None)
+        if args.n_frozen is not None and getattr(args, "ranking", None) is None and args.n_frozen > len(kept):
+            raise ConfigError(
+                f"--layers {n_layers} keeps only layers {list(kept)} of the card's ranking, so "
+                f"--n-frozen can be at most {len(kept)}; name the layers instead "
+                f"(e.g. --frozen-layers {','.join(map(str, range(n_layers)))})")
     method = _method(args, n_layers, card)
     if method.name == "vanilla":
         raise ConfigError("bench compares vanilla with a method: give --n-frozen, "

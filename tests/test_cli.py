@@ -201,3 +201,76 @@ def test_interactive_exit_word(capsys, monkeypatch, demo):
                                "--no-stream", *CPU], capsys)
     assert code == 0, err
     assert out == "ASSISTANT: " + demo.chat("Hello", max_new_tokens=4) + "\n"
+
+
+# ---- flops and bench ---------------------------------------------------------------------------
+
+
+def test_flops_reproduces_the_paper_table(capsys):
+    """The CLI's numbers for every cell of the paper's table (typed in, tests/test_flops.py)."""
+    from tests.test_flops import TABLE
+
+    for model, method, tflops, percent in TABLE:
+        options = {"vanilla": [], "fastv": ["--k", str(getattr(method, "k", 0)), "--r", "0.5"],
+                   "vtw": ["--k", str(getattr(method, "k", 0))],
+                   "shortv": ["--n-frozen", str(PAPER_MODELS[model])]}[method.name]
+        code, out, err = run_main(["flops", model, "--method", method.name, *options, "--json"], capsys)
+        assert code == 0, err
+        report = json.loads(out)
+        assert round(report["tflops"], 1) == tflops and report["printed_percent"] == percent, (model, method)
+        assert report["n_text"] == 64 and report["n_visual"] == (2880 if "v1.6" in model else 576)
+
+
+def test_flops_counts_the_given_tokens(capsys):
+    code, out, err = run_main(["flops", "llava-v1.5-7b", "--method", "vtw", "--k", "0",
+                               "--n-text", "100", "--n-visual", "576", "--json"], capsys)
+    assert code == 0, err
+    text_only = json.loads(out)["tflops"]
+    code, out, err = run_main(["flops", "llava-v1.5-7b", "--n-text", "100", "--n-visual", "0", "--json"],
+                              capsys)
+    assert code == 0, err
+    assert json.loads(out)["tflops"] == text_only  # VTW at layer 0 == a prompt without the image
+
+
+def test_bench_on_the_demo_freezes_what_it_says(capsys):
+    from shortv.flops import decoder_flops
+    from shortv.methods import ShortV
+
+    code, out, err = run_main(["bench", "llava-tiny-demo", "--frozen-layers", "0,3", "--n-text", "8",
+                               "--n-visual", "32", "--repeats", "2", "--warmup", "0", "--json", *CPU],
+                              capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["method"] == ShortV((0, 3)).describe() and report["layers"] == 8
+    assert report["vanilla_ms"] > 0 and report["shortv_ms"] == report["method_ms"] > 0
+    assert report["speedup"] == pytest.approx(report["vanilla_ms"] / report["shortv_ms"], rel=1e-3)
+    text = shortv.load("llava-tiny-demo", device="cpu").config.text
+    want = decoder_flops(text, shortv.Vanilla(), 8, 32) / decoder_flops(text, ShortV((0, 3)), 8, 32)
+    assert report["flops_speedup"] == pytest.approx(want, abs=1e-4)
+
+
+def test_bench_random_weights_slice_ranks_only_its_layers(capsys):
+    """The demo card ranks 7,6,2,5,4,3,0,1; a 3-layer slice keeps 2,0,1 in that order."""
+    common = ["bench", "llava-tiny-demo", "--random-weights", "--layers", "3", "--n-text", "4",
+              "--n-visual", "8", "--repeats", "1", "--warmup", "0", "--json", *CPU]
+    code, out, err = run_main([*common, "--n-frozen", "2"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["method"] == shortv.ShortV((0, 2)).describe()
+    code, _, err = run_main([*common, "--n-frozen", "4"], capsys)
+    assert_one_line_error(code, err)
+    assert "--frozen-layers 0,1,2" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--method", "vanilla"], "compares vanilla"),
+        (["--layers", "2"], "--random-weights"),
+        (["--random-weights", "--layers", "99", "--n-frozen", "1"], "--layers"),
+        (["--n-frozen", "1", "--k", "2"], "--k"),
+    ],
+)
+def test_bench_errors_are_one_line(capsys, args, needle):
+    code, out, err = run_main(["bench", "llava-tiny-demo", *args, *CPU], capsys)
+    assert_one_line_error(code, err)
+    assert needle in err and out == ""
