@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from shortv import bench, zoo
 from shortv.errors import ShortVError
-from shortv.flops import sequence_flops
+from shortv.flops import default_n_visual, sequence_flops
 from shortv.frozen import build_method
 from shortv.loading import resolve_device, resolve_dtype
 from shortv.methods import VANILLA
@@ -43,9 +43,7 @@ def main() -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         text = card.config.text if args.layers is None else replace(card.config.text, layers=args.layers)
-        n_visual = args.n_visual
-        if n_visual is None:
-            n_visual = 2880 if card.config.image_aspect_ratio == "anyres" else card.config.vision.num_patches
+        n_visual = default_n_visual(card.config) if args.n_visual is None else args.n_visual
         methods = {
             "vanilla": VANILLA,
             "fastv": build_method("fastv", text.layers),

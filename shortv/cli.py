@@ -183,13 +183,11 @@ def _model_config(source: str):
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
-    from .flops import flops_report
+    from .flops import default_n_visual, flops_report
 
     config, card = _model_config(args.model)
     method = _method(args, config.text.layers, card)
-    n_visual = args.n_visual
-    if n_visual is None:
-        n_visual = 2880 if config.image_aspect_ratio == "anyres" else config.vision.num_patches
+    n_visual = default_n_visual(config) if args.n_visual is None else args.n_visual
     report = flops_report(config.text, method, args.n_text, n_visual)
     report["model"] = args.model
     if args.json:
@@ -203,6 +201,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench, load
+    from .flops import default_n_visual
     from .loading import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -213,7 +212,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.layers is not None:
             text = _slice(text, args.layers)
         decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
-        n_default_visual = config.vision.num_patches if config.image_aspect_ratio != "anyres" else 2880
     else:
         if args.layers is not None or args.share_layers:
             raise ConfigError("--layers and --share-layers need --random-weights")
@@ -222,14 +220,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = load(args.model, device=device, dtype=dtype)
         card, decoder = zoo.card(args.model), model.decoder
         config = model.config
-        n_default_visual = config.vision.num_patches if config.image_aspect_ratio != "anyres" else 2880
     n_layers = len(decoder.layers)
     if card is not None and args.layers is not None:  # rank only the layers that exist
         from dataclasses import replace
 
         kept = tuple(i for i in card.ranking if i < n_layers)
         card = replace(card, ranking=kept, n_frozen=min(card.n_frozen or 0, len(kept)) or None)
-        if args.n_frozen is not None and getattr(args, "ranking", None) is None and args.n_frozen > len(kept):
+        if args.n_frozen is not None and args.ranking is None and args.n_frozen > len(kept):
             raise ConfigError(
                 f"--layers {n_layers} keeps only layers {list(kept)} of the card's ranking, so "
                 f"--n-frozen can be at most {len(kept)}; name the layers instead "
@@ -238,7 +235,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if method.name == "vanilla":
         raise ConfigError("bench compares vanilla with a method: give --n-frozen, "
                           "--frozen-layers or --method shortv|fastv|vtw")
-    n_visual = n_default_visual if args.n_visual is None else args.n_visual
+    n_visual = default_n_visual(config) if args.n_visual is None else args.n_visual
     types = bench.layout(args.n_text, n_visual, device)
     result = bench.bench_prefill(decoder, method, types, repeats=args.repeats, warmup=args.warmup)
     report = {

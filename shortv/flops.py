@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from .config import TextConfig
+from .config import LlavaConfig, TextConfig
 from .errors import ConfigError
 from .methods import Method, Vanilla
 from .token_types import TokenType
@@ -61,6 +61,14 @@ VICUNA_13B = TextConfig(
 )
 PAPER_N_TEXT = 64
 PAPER_N_VISUAL = {"llava-1.5": 576, "llava-next": 2880}
+
+
+def default_n_visual(config: LlavaConfig) -> int:
+    """Visual tokens of one image as the paper counts them: the tower's patches (576 for a
+    336-px LLaVA-1.5), or 2880 for anyres LLaVA-NeXT (its typical 4-tile grid)."""
+    if config.image_aspect_ratio == "anyres":
+        return PAPER_N_VISUAL["llava-next"]
+    return config.vision.num_patches
 
 
 @dataclass(frozen=True)

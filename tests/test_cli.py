@@ -211,8 +211,8 @@ def test_flops_reproduces_the_paper_table(capsys):
     from tests.test_flops import TABLE
 
     for model, method, tflops, percent in TABLE:
-        options = {"vanilla": [], "fastv": ["--k", str(getattr(method, "k", 0)), "--r", "0.5"],
-                   "vtw": ["--k", str(getattr(method, "k", 0))],
+        k, r = str(getattr(method, "k", "")), str(getattr(method, "r", ""))
+        options = {"vanilla": [], "fastv": ["--k", k, "--r", r], "vtw": ["--k", k],
                    "shortv": ["--n-frozen", str(PAPER_MODELS[model])]}[method.name]
         code, out, err = run_main(["flops", model, "--method", method.name, *options, "--json"], capsys)
         assert code == 0, err
