@@ -10,18 +10,18 @@ and rebuilds the same tokenization with the Rust ``tokenizers`` library:
 * control pieces and the unknown piece as special added tokens, so that
   ``"</s>"`` written in a prompt becomes the EOS id, as it did with the slow
   tokenizer,
-* normalizer / pre-tokenizer / decoder stages that reproduce the slow
-  tokenizer's whitespace handling in its ``legacy=True`` and ``legacy=False``
-  modes.
+* normalizer / pre-tokenizer stages that reproduce the slow tokenizer's
+  whitespace handling in its ``legacy=True`` and ``legacy=False`` modes.
 
-No post-processor is attached: callers add BOS themselves.
+No post-processor is attached: callers add BOS themselves. No decoder is
+attached either: ids are turned back into text by ``shortv.tokenizer``
+(``Tokenizer.decode`` / ``decode_pieces``), the one SentencePiece decoder in
+shortv.
 
 Where tokenizers cannot express SentencePiece exactly: ``UNUSED`` pieces are
 kept as ordinary pieces (SentencePiece re-splits them after merging); merges
 of equal score are ordered by piece id, as in transformers' converted fast
-tokenizers, where SentencePiece prefers the leftmost pair; ``<unk>`` decodes
-to nothing with ``skip_special_tokens=True`` where SentencePiece writes " ⁇ "
-(byte-fallback models such as Llama's never produce it); a user-defined piece
+tokenizers, where SentencePiece prefers the leftmost pair; a user-defined piece
 loses the lone "▁" SentencePiece puts before it when it starts the text
 (``legacy=False``) or makes up a whole segment (``legacy=True``). Llama's
 tokenizer has no UNUSED or user-defined pieces.
@@ -35,12 +35,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from .errors import CheckpointError
 
-__all__ = ["load_sentencepiece", "special_ids"]
+__all__ = ["decoding_flags", "load_sentencepiece", "special_ids"]
 
 SPACE = "\u2581"
 
@@ -306,6 +306,20 @@ def special_ids(path: str | os.PathLike) -> dict[str, int | None]:
     return {key: value if 0 <= value < size else None for key, value in ids.items()}
 
 
+def decoding_flags(path: str | os.PathLike) -> dict[str, bool]:
+    """Return the model's ``add_dummy_prefix`` and ``remove_extra_whitespaces``
+    normalizer flags, which decide the leading "▁" SentencePiece's decoder drops
+    (the keyword arguments of ``shortv.tokenizer.PieceDecoding``).
+
+    Raises CheckpointError for a file that is not a readable SentencePiece model.
+    """
+    _, _, spec = _load(path)
+    return {
+        "add_dummy_prefix": spec.add_dummy_prefix,
+        "remove_extra_whitespaces": spec.remove_extra_whitespaces,
+    }
+
+
 def _merges(pieces: list[_Piece]) -> list[tuple[str, str]]:
     # SentencePiece's BPE encoder repeatedly joins the adjacent pair whose
     # concatenation is the highest-scoring vocabulary piece; user-defined
@@ -356,8 +370,8 @@ def load_sentencepiece(path: str | os.PathLike, *, legacy: bool = True) -> Token
     ``SentencePieceProcessor.encode``. (For a model without a dummy prefix,
     ``legacy=False`` prepends nothing.)
 
-    The tokenizer adds no BOS/EOS; ``decode(ids, skip_special_tokens=True)``
-    reproduces ``SentencePieceProcessor.decode``.
+    The tokenizer adds no BOS/EOS and has no decoder: decode its ids with
+    ``shortv.Tokenizer.decode``.
 
     Raises CheckpointError when the file cannot be read, is not a SentencePiece
     model (or is truncated), or uses something other than a BPE model.
@@ -463,13 +477,4 @@ def load_sentencepiece(path: str | os.PathLike, *, legacy: bool = True) -> Token
     if user:
         tokenizer.add_tokens([AddedToken(p, special=False, normalized=True) for p in user])
 
-    steps = [decoders.Replace(SPACE, " ")]
-    if trainer.byte_fallback:
-        steps.append(decoders.ByteFallback())
-    steps.append(decoders.Fuse())
-    # SentencePiece's decoder drops the leading "▁" it assumes was a dummy
-    # prefix whenever either option could have produced one.
-    if spec.add_dummy_prefix or spec.remove_extra_whitespaces:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))
-    tokenizer.decoder = decoders.Sequence(steps)
     return tokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
@@ -19,6 +20,19 @@ from .errors import CheckpointError
 
 IMAGE_TOKEN = -200
 IMAGE_PLACEHOLDER = "<image>"
+_SPACE = "\u2581"  # SentencePiece's whitespace symbol
+
+
+@dataclass(frozen=True)
+class PieceDecoding:
+    """The two NormalizerSpec flags of a SentencePiece model that its decoder reads:
+    they decide which leading "▁" are dropped. The defaults are Llama's."""
+
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = False
+
+
+_LLAMA = PieceDecoding()
 
 
 class Tokenizer:
@@ -32,7 +46,11 @@ class Tokenizer:
         eos_id: int | None,
         add_bos: bool = True,
         source: str = "",
+        pieces: PieceDecoding | None = None,
     ) -> None:
+        """`pieces`: decode the way SentencePiece does (`decode_pieces`) with these
+        flags. None: with Llama's flags when the vocabulary has <0xNN> byte pieces (a
+        Llama-style tokenizer.json), otherwise through the backend's own decoder."""
         self.backend = backend
         self.bos_id = bos_id
         self.eos_id = eos_id
@@ -40,9 +58,12 @@ class Tokenizer:
         self.source = source
         added = backend.get_added_tokens_decoder()
         self._special = frozenset(i for i, token in added.items() if token.special)
-        # Llama-style vocabularies (SentencePiece pieces, "▁" for spaces, <0xNN> byte
-        # pieces) are decoded here, the way SentencePiece does; others by the backend.
-        self._pieces = backend.token_to_id("<0x00>") is not None
+        # SentencePiece vocabularies are decoded here: the backend built from a
+        # tokenizer.model has no decoder, and a tokenizer.json's decoder cannot
+        # reproduce SentencePiece's (a byte piece at the start keeps its space).
+        if pieces is None and backend.token_to_id("<0x00>") is not None:
+            pieces = _LLAMA
+        self._pieces = pieces
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Tokenizer:
@@ -52,14 +73,14 @@ class Tokenizer:
         sp_model, fast = directory / "tokenizer.model", directory / "tokenizer.json"
         add_bos = bool(settings.get("add_bos_token", True))
         if sp_model.is_file():
-            from .sentencepiece import load_sentencepiece, special_ids
+            from .sentencepiece import decoding_flags, load_sentencepiece, special_ids
 
             # The slow Llama tokenizer treated a missing `legacy` as legacy=True.
             legacy = settings.get("legacy")
             backend = load_sentencepiece(sp_model, legacy=True if legacy is None else bool(legacy))
             ids = special_ids(sp_model)
             return cls(backend, bos_id=ids.get("bos"), eos_id=ids.get("eos"), add_bos=add_bos,
-                       source=str(sp_model))
+                       source=str(sp_model), pieces=PieceDecoding(**decoding_flags(sp_model)))
         if fast.is_file():
             try:
                 backend = tokenizers.Tokenizer.from_file(str(fast))
@@ -86,36 +107,66 @@ class Tokenizer:
         return ids  # type: ignore[return-value]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of ids (IMAGE_TOKEN and other negative ids are left out)."""
+        """Text of ids, as SentencePiece's `decode` gives it for the ids left after
+        skipping special ones (control pieces and <unk>, as the slow LlamaTokenizer's
+        `decode(skip_special_tokens=True)` did). IMAGE_TOKEN and other negative ids are
+        always left out; with skip_special_tokens=False special pieces are written as
+        their own text."""
         ids = [i for i in ids if i >= 0 and not (skip_special_tokens and i in self._special)]
-        if not self._pieces:
+        if self._pieces is None:
             return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-        return decode_pieces([self.backend.id_to_token(i) or "" for i in ids])
+        return decode_pieces([self.backend.id_to_token(i) or "" for i in ids], self._pieces)
 
     @property
     def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
 
-def decode_pieces(pieces: Sequence[str]) -> str:
-    """SentencePiece decoding: "▁" is a space, runs of <0xNN> pieces are UTF-8 bytes, and
-    the dummy prefix's leading space is dropped. An invalid byte becomes U+FFFD on its
-    own, keeping the valid characters around it, so text decoded from a prefix of the
-    ids is a prefix of the text decoded from all of them (up to a trailing U+FFFD)."""
+def decode_pieces(pieces: Sequence[str], flags: PieceDecoding = _LLAMA) -> str:
+    """SentencePiece's decoding of pieces: "▁" is a space and runs of <0xNN> pieces are
+    UTF-8 bytes. The first non-byte piece loses one leading "▁", the dummy prefix added,
+    unless byte pieces come before it (their text is real text); with
+    `remove_extra_whitespaces` so does each next piece while the text is still empty
+    ("▁", "▁the" is "the" there, " the" with Llama's flags); with neither flag none does.
+
+    An invalid byte becomes U+FFFD on its own, keeping the valid characters around it,
+    so text decoded from a prefix of the pieces is a prefix of the text decoded from all
+    of them up to a trailing run of U+FFFD: what streaming generation relies on."""
     parts: list[str] = []
     run = bytearray()
+    # Whether the next piece is still at the start of the text, where SentencePiece
+    # consumes a "▁" (only if either flag could have put one there).
+    at_start = flags.add_dummy_prefix or flags.remove_extra_whitespaces
     for piece in pieces:
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            run.append(int(piece[3:5], 16))
+        byte = _byte(piece)
+        if byte is not None:
+            run.append(byte)
             continue
         if run:
-            parts.append(_decode_bytes(run))
+            parts.append(_decode_bytes(run))  # never empty: ends the start
             run.clear()
-        parts.append(piece.replace("\u2581", " "))
+            at_start = False
+        if at_start and piece.startswith(_SPACE):
+            piece = piece[1:]
+            # Without whitespace cleanup a second leading "▁" is a real space.
+            at_start = flags.remove_extra_whitespaces
+        text = piece.replace(_SPACE, " ")
+        if text:
+            at_start = False
+        parts.append(text)
     if run:
         parts.append(_decode_bytes(run))
-    text = "".join(parts)
-    return text[1:] if text.startswith(" ") else text
+    return "".join(parts)
+
+
+def _byte(piece: str) -> int | None:
+    """The byte of a SentencePiece byte piece ("<0x41>"; always upper-case hex), else None."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        digits = piece[3:5]
+        if all(c in "0123456789ABCDEF" for c in digits):
+            return int(digits, 16)
+    return None
 
 
 def _decode_bytes(data: bytes | bytearray) -> str:
