@@ -23,6 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_checkpoint
+from naive_lc import naive_layer_contribution
 
 import shortv
 from shortv import lc
@@ -67,7 +68,7 @@ def main() -> int:
     times: dict[str, list[float]] = {"shortv": [], "naive": []}
     reports = {}
     runs = {"shortv": lambda: lc.layer_contribution(model, encoded, progress=False),
-            "naive": lambda: lc.naive_layer_contribution(model, encoded)}
+            "naive": lambda: naive_layer_contribution(model, encoded)}
     for i in range(args.repeats):
         for name in (("shortv", "naive") if i % 2 == 0 else ("naive", "shortv")):
             start = time.perf_counter()

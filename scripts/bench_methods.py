@@ -20,9 +20,8 @@ from dataclasses import replace
 from shortv import bench, zoo
 from shortv.errors import ShortVError
 from shortv.flops import default_n_visual, sequence_flops
-from shortv.frozen import build_method
 from shortv.loading import resolve_device, resolve_dtype
-from shortv.methods import VANILLA
+from shortv.methods import VANILLA, VTW, FastV, ShortV
 
 
 def main() -> int:
@@ -46,10 +45,9 @@ def main() -> int:
         n_visual = default_n_visual(card.config) if args.n_visual is None else args.n_visual
         methods = {
             "vanilla": VANILLA,
-            "fastv": build_method("fastv", text.layers),
-            "vtw": build_method("vtw", text.layers),
-            "shortv": build_method("shortv", text.layers, default_ranking=card.ranking,
-                                   default_n_frozen=card.n_frozen),
+            "fastv": FastV(k=2, r=0.5),
+            "vtw": VTW().for_layers(text.layers),  # k = half the layers, as in the paper
+            "shortv": ShortV(tuple(i for i in card.ranking if i < text.layers)[: card.n_frozen]),
         }
         decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
         types = bench.layout(args.n_text, n_visual, device)

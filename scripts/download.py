@@ -2,44 +2,43 @@
 
     python scripts/download.py llava-v1.5-7b            # -> weights/llava-v1.5-7b/
     python scripts/download.py llava-v1.6-vicuna-13b --alternate   # the llava-hf repo instead
+    python scripts/download.py llava-v1.5-7b --to /data/llava      # another store
 
-Only the files shortv needs are fetched (configs, tokenizer, one weight format), with
-progress bars; an interrupted download resumes. $SHORTV_WEIGHTS overrides the store.
+A thin wrapper over `shortv.hub.download`, which `shortv download NAME` also runs: only the
+files shortv needs are fetched (configs, tokenizer, one weight format), with progress bars; an
+interrupted download resumes. $SHORTV_WEIGHTS overrides the default store.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from shortv import zoo
+from shortv import hub, zoo
 from shortv.errors import ShortVError
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description="Download a zoo model into weights/.")
-    parser.add_argument("name", help="zoo name (see `shortv zoo`)")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Download a zoo model into the weight store.")
+    parser.add_argument("name", help="zoo name (see `shortv zoo`) or Hub repo id")
+    parser.add_argument("--to", type=Path, default=None,
+                        help="weight store to download into (default: $SHORTV_WEIGHTS or weights/)")
     parser.add_argument("--alternate", action="store_true",
                         help="download the first alternate repo (transformers layout) instead")
-    args = parser.parse_args()
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
     try:
-        card = zoo.get_card(args.name)
-        repo = card.alternates[0] if args.alternate and card.alternates else card.repo
-        if repo is None:
-            raise ShortVError(f"{card.name} has no Hub source; it ships with shortv")
-        store = zoo.download_dir()
-        target = store / zoo.store_name(card.name)
-        print(f"{card.name}: {repo} -> {target}")
-        zoo.hub_snapshot(repo, local_dir=target, label=card.name)
-        # Original LLaVA-1.5 checkpoints carry no vision tower: fetch the tower too.
-        if card.vision_tower and not args.alternate and card.config.image_aspect_ratio != "anyres":
-            tower = store / zoo.store_name(card.vision_tower)
-            print(f"vision tower: {card.vision_tower} -> {tower}")
-            zoo.hub_snapshot(card.vision_tower, local_dir=tower, label=card.vision_tower)
+        for repo, target in hub.download_plan(args.name, args.to, alternate=args.alternate):
+            print(f"{repo} -> {target}")
+        target = hub.download(args.name, args.to, alternate=args.alternate, progress=not args.quiet)
     except ShortVError as e:
         print(f"download: error: {e}", file=sys.stderr)
         return 2
-    print("done; load it with shortv.load(" + repr(card.name) + ")")
+    # Loading by name finds only the weight store; a store given with --to is loaded by path.
+    found = zoo.local_weights(args.name)
+    how = repr(args.name) if found is not None and found.resolve() == target.resolve() else repr(str(target))
+    print(f"done; load it with shortv.load({how})")
     return 0
 
 

@@ -8,6 +8,7 @@
 from .config import LlavaConfig, TextConfig, VisionConfig
 from .conversation import Template, get_template
 from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, ShortVError
+from .generate import GenerationOptions, GenerationResult
 from .lc import LCReport, layer_contribution
 from .llava import Encoded, LLaVA
 from .loading import load
@@ -25,6 +26,8 @@ __all__ = [
     "ConfigError",
     "Encoded",
     "FastV",
+    "GenerationOptions",
+    "GenerationResult",
     "InputError",
     "LCReport",
     "LLaVA",

@@ -107,8 +107,7 @@ def time_methods(decoder: Decoder, methods: Sequence[Method], types: Tensor, *,
     interleaved within a round and their order reversed every other round."""
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    for method in methods:
-        method.validate(len(decoder.layers))
+    methods = [method.for_layers(len(decoder.layers)) for method in methods]
     weight = decoder.embed_tokens.weight
     g = torch.Generator(device=weight.device).manual_seed(seed)
     x = torch.randn(*types.shape, decoder.config.hidden_size, generator=g,
@@ -128,6 +127,7 @@ def time_methods(decoder: Decoder, methods: Sequence[Method], types: Tensor, *,
 def bench_prefill(decoder: Decoder, method: Method, types: Tensor, *, repeats: int = 5,
                   warmup: int = 1, seed: int = 0) -> BenchResult:
     """Median prefill milliseconds, vanilla vs `method`, interleaved, with FLOPs."""
+    method = method.for_layers(len(decoder.layers))
     vanilla_runs, method_runs = time_methods(decoder, [VANILLA, method], types,
                                              repeats=repeats, warmup=warmup, seed=seed)
     vanilla_flops = sequence_flops(decoder.config, VANILLA, types[0])

@@ -1,6 +1,6 @@
 """Analytic prefill FLOPs of the LLaVA decoder (the language model) under each method.
 
-Convention (the one that reproduces every number of the ShortV paper's table, DESIGN §8):
+Convention (the one that reproduces every number of the ShortV paper's table, docs/design.md §8):
 
 - Counted: the matrix multiplications of the decoder layers, at 2 FLOPs per multiply-add
   (the convention of `torch.utils.flop_counter.FlopCounterMode`):
@@ -54,7 +54,7 @@ from .token_types import TokenType
 
 TERA = 1e12
 
-# The paper's decoders (Vicuna-7B / -13B v1.5) and prompt sizes (DESIGN §8).
+# The paper's decoders (Vicuna-7B / -13B v1.5) and prompt sizes (docs/design.md §8).
 VICUNA_7B = TextConfig()
 VICUNA_13B = TextConfig(
     hidden_size=5120, intermediate_size=13824, layers=40, heads=40, kv_heads=40, head_dim=128
@@ -96,7 +96,7 @@ def layer_tokens(config: TextConfig, method: Method, types: torch.Tensor) -> lis
     Drops are simulated with `method.keep` on placeholder (all-zero) scores: which tokens
     survive does not change the FLOPs, only how many of each type.
     """
-    method.validate(config.layers)
+    method = method.for_layers(config.layers)
     types = _row(types)
     types = types[types != TokenType.PAD]
     out = []
@@ -146,6 +146,7 @@ def flops_report(config: TextConfig, method: Method, n_text: int, n_visual: int)
     (round(100 · ratio)), printed_percent (the paper's convention, `printed_percent`),
     method, n_text, n_visual, layers.
     """
+    method = method.for_layers(config.layers)
     tflops = decoder_flops(config, method, n_text, n_visual) / TERA
     vanilla = decoder_flops(config, Vanilla(), n_text, n_visual) / TERA
     ratio = tflops / vanilla if vanilla else 1.0
@@ -160,6 +161,33 @@ def flops_report(config: TextConfig, method: Method, n_text: int, n_visual: int)
         "n_visual": n_visual,
         "layers": config.layers,
     }
+
+
+def input_flops(config: TextConfig, method: Method, types: torch.Tensor) -> dict[str, Any]:
+    """Prefill FLOPs of one concrete input (its token types [T] after image expansion)
+    under `method`, next to vanilla.
+
+    Keys: tflops, vanilla_tflops, ratio, method, n_text, n_visual.
+    """
+    types = _row(types)
+    method = method.for_layers(config.layers)
+    flops = sequence_flops(config, method, types)
+    vanilla = sequence_flops(config, Vanilla(), types)
+    return {
+        "tflops": flops / TERA, "vanilla_tflops": vanilla / TERA,
+        "ratio": flops / vanilla if vanilla else 1.0, "method": method.describe(),
+        "n_text": int((types == TokenType.TEXT).sum()),
+        "n_visual": int((types == TokenType.VISUAL).sum()),
+    }
+
+
+def format_flops(tflops: float) -> str:
+    """TFLOPs as text in a unit that shows the number: "8.5 TFLOPs", "42.0 GFLOPs"."""
+    if abs(tflops) >= 0.1:
+        return f"{tflops:.1f} TFLOPs"
+    if abs(tflops) >= 1e-4:
+        return f"{tflops * 1e3:.1f} GFLOPs"
+    return f"{tflops * 1e6:.1f} MFLOPs"
 
 
 def printed_percent(tflops: float, vanilla_tflops: float) -> int | None:

@@ -1,4 +1,4 @@
-"""Image preprocessing exactly as original LLaVA does it (DESIGN §5).
+"""Image preprocessing exactly as original LLaVA does it (docs/design.md §5).
 
 - "pad" (LLaVA-1.5): paste onto a square canvas in the CLIP mean colour, then CLIP's
   processing (bicubic resize of the shortest side, centre crop, scale, normalise).
@@ -37,6 +37,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise InputError(f"image file not found: {path}") from None
     except IsADirectoryError:
         raise InputError(f"image path is a directory, not an image file: {path}") from None
+    except Image.DecompressionBombError as e:
+        # PIL refuses images over twice MAX_IMAGE_PIXELS to guard against decompression bombs.
+        raise InputError(
+            f"{path} is too large to open safely ({e}); PIL's limit is "
+            f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels (refused above twice that): "
+            "downscale the image, or raise the limit with `PIL.Image.MAX_IMAGE_PIXELS = N` "
+            "if you trust the file") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise InputError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
 

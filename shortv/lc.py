@@ -1,6 +1,6 @@
 """Layer Contribution (LC): how much each layer's updates of one token type matter.
 
-For layer i and token type τ (DESIGN §7): run the model normally (P) and with layer i's
+For layer i and token type τ (docs/design.md §7): run the model normally (P) and with layer i's
 attention and MLP updates removed for tokens of type τ (Q); at the last prompt position
 LC = KL(Q ‖ P) = Σ Q (log Q − log P), averaged over samples. The ShortV ranking is the
 layer ids by ascending visual LC.
@@ -18,18 +18,25 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .errors import ConfigError, InputError
 from .llava import Encoded, ImageLike, LLaVA, Prepared
-from .methods import VANILLA, Method
+from .methods import VANILLA
 from .token_types import TokenType
+
+SAMPLE_KEYS = frozenset({"image", "prompt"})
+# Visual LC below this in every layer is rounding noise: the next-token distribution did
+# not change when visual updates were removed (e.g. the prompt's answer ignores the image).
+NOISE_LEVEL = 1e-10
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,12 @@ class LCReport:
             raise ConfigError("this LC report has no visual LC, so it implies no ranking")
         return sorted(range(len(self.visual)), key=lambda i: (self.visual[i], i))
 
+    @property
+    def visual_is_noise(self) -> bool:
+        """Whether every layer's visual LC is at rounding-noise level, so the ranking it
+        implies means nothing."""
+        return self.visual is not None and max(abs(v) for v in self.visual) < NOISE_LEVEL
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model": self.model, "samples": self.samples, "data": self.data}
         if self.visual is not None:
@@ -70,6 +83,7 @@ class LCReport:
         if self.visual is not None:
             d["ranking"] = self.ranking
             d["ranking_str"] = ",".join(map(str, self.ranking))
+            d["visual_is_noise"] = self.visual_is_noise
         d["layer_evaluations"] = self.layer_evaluations
         return {**d, **self.extra}
 
@@ -108,10 +122,16 @@ def read_samples(path: str | os.PathLike, limit: int | None = None) -> list[Samp
             raise InputError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise InputError(f'{where}: expected an object with a "prompt" string')
-        images = record.get("image", [])
+        unknown = sorted(set(record) - SAMPLE_KEYS)
+        if unknown:
+            raise InputError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a sample "
+                             'has "image" (a path or a list of paths) and "prompt"')
+        images = record.get("image")
         images = [images] if isinstance(images, str) else images
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise InputError(f'{where}: "image" must be a path or a list of paths')
+        if not images:
+            raise InputError(f"{where}: the sample has no image; visual LC needs at least one")
         resolved = []
         for image in images:
             p = Path(image).expanduser()
@@ -163,7 +183,7 @@ def layer_contribution(
     if isinstance(samples, (str, os.PathLike)):
         data = data or str(samples)
         samples = read_samples(samples)
-    samples = [_as_sample(s) for s in samples]
+    samples = [_as_sample(s, i) for i, s in enumerate(samples, start=1)]
     kinds = [TYPES[t] if t in TYPES else _bad_type(t) for t in tokens]
     if not kinds:
         raise ConfigError("tokens must name at least one of 'visual', 'text'")
@@ -185,18 +205,37 @@ def layer_contribution(
     bar.close()
     mean = (totals / len(samples)).tolist()
     by_type = dict(zip([k.name.lower() for k in kinds], mean, strict=True))
-    return LCReport(model=model.name, samples=len(samples), visual=by_type.get("visual"),
-                    text=by_type.get("text"), data=data, layer_evaluations=evaluations)
+    report = LCReport(model=model.name, samples=len(samples), visual=by_type.get("visual"),
+                      text=by_type.get("text"), data=data, layer_evaluations=evaluations)
+    if report.visual_is_noise:
+        warnings.warn(NOISE_WARNING, stacklevel=2)
+    return report
 
 
-def _as_sample(s: Sample | Encoded | dict) -> Sample | Encoded:
-    if isinstance(s, (Sample, Encoded)):
+NOISE_WARNING = (
+    f"visual LC is below {NOISE_LEVEL:g} in every layer: removing the visual tokens' updates "
+    "does not change the next token's distribution (the prompts' next token does not depend "
+    "on the image), so the ranking is noise; calibrate on prompts whose answers need the image")
+
+
+def _as_sample(s: Sample | Encoded | dict, number: int) -> Sample | Encoded:
+    where = f"sample {number}"
+    if isinstance(s, Encoded):
+        if not s.images:
+            raise InputError(f"{where} has no image; visual LC needs at least one")
         return s
-    if isinstance(s, dict) and isinstance(s.get("prompt"), str):
-        images = s.get("image", [])
-        images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-        return Sample(s["prompt"], tuple(images), "sample")
-    raise InputError(f'a sample must be a Sample, an Encoded or {{"image", "prompt"}}, got {s!r}')
+    if isinstance(s, dict):
+        unknown = sorted(set(s) - SAMPLE_KEYS)
+        if unknown or not isinstance(s.get("prompt"), str):
+            raise InputError(f'{where}: expected {{"image": ..., "prompt": ...}}, got keys {sorted(s)}')
+        images = s.get("image")
+        images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else images
+        s = Sample(s["prompt"], tuple(images or ()), where)
+    if not isinstance(s, Sample):
+        raise InputError(f'{where} must be a Sample, an Encoded or {{"image", "prompt"}}, got {s!r}')
+    if not s.images:
+        raise InputError(f"{s.where or where} has no image; visual LC needs at least one")
+    return s
 
 
 def _bad_type(name: str) -> TokenType:
@@ -209,8 +248,7 @@ def _chunk_lc(model: LLaVA, prepared: Prepared, kinds: list[TokenType]) -> tuple
     decoder = model.decoder
     x, types, positions = prepared.embeds, prepared.types, prepared.positions
     b, n_layers, k = x.shape[0], len(decoder.layers), len(kinds)
-    inputs: list[Tensor] = []
-    out = decoder(x, types, positions, method=VANILLA, last_only=True, capture=inputs)
+    out, inputs = decoder.forward_with_inputs(x, types, positions, last_only=True)
     p_logits = decoder.head(out[:, -1])
     evaluations = b * n_layers
     lc = torch.zeros(k, b, n_layers, dtype=torch.float64, device=x.device)
@@ -234,45 +272,6 @@ def _progress(total: int, enabled: bool):
     from huggingface_hub.utils import tqdm
 
     return tqdm(total=total, desc="LC samples", unit="sample", disable=not enabled)
-
-
-@dataclass(frozen=True)
-class FreezeOne(Method):
-    """Layer `layer` skips the updates of `kind` tokens; every other layer is vanilla."""
-
-    layer: int = 0
-    kind: TokenType = TokenType.VISUAL
-    name = "freeze-one"
-
-    def frozen_type(self, layer: int) -> TokenType | None:
-        return self.kind if layer == self.layer else None
-
-
-def naive_layer_contribution(
-    model: LLaVA, samples: Sequence[Encoded], tokens: Sequence[str] = ("visual", "text")
-) -> LCReport:
-    """The paper's algorithm, for checking and benchmarking: one full forward pass per
-    (layer, type), with that layer's updates of that type removed by a ShortV-style
-    freeze, plus one normal pass."""
-    kinds = [TYPES[t] for t in tokens]
-    n_layers = model.num_layers
-    totals = torch.zeros(len(kinds), n_layers, dtype=torch.float64)
-    evaluations = 0
-    with torch.inference_mode():
-        for enc in samples:
-            prepared = model.prepare([enc])
-            p = model.decoder.head(model.hidden_states(prepared, method=VANILLA)[:, -1])
-            evaluations += n_layers
-            for j, kind in enumerate(kinds):
-                for i in range(n_layers):
-                    hidden = model.hidden_states(prepared, method=FreezeOne(i, kind))
-                    q = model.decoder.head(hidden[:, -1])
-                    totals[j, i] += float(kl(q, p)[0])
-                    evaluations += n_layers
-    mean = (totals / len(samples)).tolist()
-    by_type = dict(zip([k.name.lower() for k in kinds], mean, strict=True))
-    return LCReport(model=model.name, samples=len(samples), visual=by_type.get("visual"),
-                    text=by_type.get("text"), layer_evaluations=evaluations)
 
 
 def require_matplotlib() -> None:

@@ -2,9 +2,11 @@
 
 Every layer computes keys and values for all tokens, but queries, the output projection
 and the MLP only for its *rows*: all positions in a vanilla layer, a gathered subset in a
-frozen one (ShortV, DESIGN §6) or when only the last position is needed. Token types and
-positions travel as explicit tensors; what the layers of one pass share (RoPE tables, key
-validity, attention masks) lives in a `Segment`.
+frozen one (ShortV, docs/design.md §6) or when only the last position is needed. Token
+types and positions travel as explicit tensors; what the layers of one pass share (RoPE
+tables, key validity, attention masks) lives in a `Segment`. One helper, `Subset`, gathers
+a per-sequence choice of positions into a dense block and scatters results back: the rows
+a layer computes and the tokens FastV/VTW keep are both subsets.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from .config import TextConfig
 from .methods import VANILLA, Method
 from .ops import Linear
-from .token_types import TokenType
+from .token_types import TYPE_DTYPE, TokenType
 
 
 class RMSNorm(nn.Module):
@@ -69,9 +71,6 @@ class KVCache:
     def __init__(self, num_layers: int, capacity: int = 0) -> None:
         self.layers = [LayerCache(capacity) for _ in range(num_layers)]
 
-    def __len__(self) -> int:
-        return len(self.layers)
-
 
 class LayerCache:
     def __init__(self, capacity: int = 0) -> None:
@@ -114,26 +113,59 @@ class LayerCache:
 
 
 @dataclass
+class Subset:
+    """A per-sequence choice of positions, gathered into a dense [B, N] block.
+
+    For each sequence the chosen positions in order, right-aligned: a sequence that chose
+    fewer than N starts with filler slots. Fillers point at positions the sequence did not
+    choose (valid indices, so any math on them stays finite) and are never written back.
+    """
+
+    index: Tensor  # [B, N] positions in the full sequence
+    real: Tensor  # [B, N] False for filler slots
+    all_real: bool
+
+    @classmethod
+    def of(cls, chosen: Tensor) -> Subset:
+        """The positions where `chosen` [B, T] is True."""
+        b, t = chosen.shape
+        counts = chosen.sum(dim=1)
+        n = int(counts.max()) if b else 0
+        # Chosen positions last (a stable sort keeps their order), then the last n of each
+        # row: a row with fewer starts with some unchosen positions, its fillers.
+        index = torch.sort(chosen.to(torch.int8), dim=1, stable=True).indices[:, t - n:]
+        real = torch.arange(n, device=chosen.device).expand(b, n) >= (n - counts)[:, None]
+        return cls(index, real, bool(real.all()))
+
+    @property
+    def size(self) -> int:
+        return self.index.shape[1]
+
+    def take(self, x: Tensor) -> Tensor:
+        """x[b, index[b, n]] for x [B, T, ...]."""
+        return _take(x, self.index)
+
+    def put_back(self, full: Tensor, x: Tensor) -> Tensor:
+        """`full` [B, T, D] with the real slots' rows replaced by those of x [B, N, D]."""
+        b, t, d = full.shape
+        flat = self.index + (torch.arange(b, device=x.device) * t)[:, None]
+        if self.all_real:
+            dst, rows = flat.reshape(-1), x.reshape(-1, d)
+        else:
+            dst, rows = flat[self.real], x[self.real]
+        return full.reshape(-1, d).index_copy(0, dst, rows).view_as(full)
+
+
+@dataclass
 class Rows:
     """The query rows one layer computes, with their RoPE tables and attention mask.
-
-    `index` is None when every position is a row. Otherwise it is [B, Q]: for each sequence
-    the positions computed, padded to the longest sequence with filler slots that repeat
-    one of its positions and are computed but never written back (`dst`/`src` say which
-    slots are real).
-    """
+    `subset` is None when every position is a row."""
 
     cos: Tensor
     sin: Tensor
     mask: Tensor | None  # [B, 1, Q, S] bool, True = may attend; None = `causal` or all keys
     causal: bool
-    index: Tensor | None = None
-    dst: Tensor | None = None  # flat [B*T] destinations of the real (non-filler) slots
-    src: Tensor | None = None  # flat [B*Q] sources of the same slots; None = all slots
-
-    @property
-    def count(self) -> int:
-        return -1 if self.index is None else self.index.numel()
+    subset: Subset | None = None
 
 
 @dataclass
@@ -197,23 +229,9 @@ class Segment:
         return self._rows[key]
 
     def _gathered_rows(self, active: Tensor) -> Rows:
-        b, t = active.shape
-        counts = active.sum(dim=1)
-        q = int(counts.max()) if b else 0
-        # Sort active positions first (stable keeps their order); slots past a row's count
-        # are fillers that repeat a real position of that row so their math stays finite.
-        order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :q]
-        slot = torch.arange(q, device=active.device).expand(b, q)
-        fill = slot < counts[:, None]
-        index = torch.where(fill, order, order[:, :1])
-        cos = _take(self.cos, index)
-        sin = _take(self.sin, index)
-        mask = self._mask(self.past_length + index)
-        base = (torch.arange(b, device=active.device) * t)[:, None]
-        all_real = bool(fill.all())
-        dst = (index + base)[fill] if not all_real else (index + base).reshape(-1)
-        src = None if all_real else torch.nonzero(fill.reshape(-1)).squeeze(1)
-        return Rows(cos, sin, mask, causal=False, index=index, dst=dst, src=src)
+        subset = Subset.of(active)
+        cos, sin = subset.take(self.cos), subset.take(self.sin)
+        return Rows(cos, sin, self._mask(self.past_length + subset.index), causal=False, subset=subset)
 
     def _mask(self, query_at: Tensor) -> Tensor:
         """[B, 1, Q, S]: causal over sequence order, no padding keys, and each query may
@@ -298,31 +316,19 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """One layer. Keys and values come from every token; queries, the output projection
         and the MLP only from `rows`; other positions pass through unchanged."""
-        if rows.count == 0:
+        subset = rows.subset
+        if subset is not None and subset.size == 0:
             return x, None
         h = self.attn_norm(x)
         k, v = self.attn.keys_values(h, seg.cos, seg.sin)
         if cache is not None:
             k, v = cache.append(k, v, seg.types != TokenType.PAD, TokenType.PAD in seg.kinds)
-        if rows.index is not None:
-            x_rows, h_rows = _take(x, rows.index), _take(h, rows.index)
-        else:
-            x_rows, h_rows = x, h
+        x_rows, h_rows = (x, h) if subset is None else (subset.take(x), subset.take(h))
         q = self.attn.queries(h_rows, rows.cos, rows.sin)
         out = x_rows + self.attn.attend(q, k, v, rows)
         out = out + self.mlp(self.mlp_norm(out))
         scores = self.attn.last_query_scores(q, k, rows) if want_scores else None
-        if rows.index is None:
-            return out, scores
-        return _write_rows(x, out, rows), scores
-
-
-def _write_rows(x: Tensor, out: Tensor, rows: Rows) -> Tensor:
-    d = x.shape[-1]
-    flat_out = out.reshape(-1, d)
-    if rows.src is not None:
-        flat_out = flat_out.index_select(0, rows.src)
-    return x.reshape(-1, d).index_copy(0, rows.dst, flat_out).view_as(x)
+        return (out if subset is None else subset.put_back(x, out)), scores
 
 
 class Decoder(nn.Module):
@@ -354,34 +360,62 @@ class Decoder(nn.Module):
         method: Method = VANILLA,
         layers: Iterable[int] | None = None,
         last_only: bool = False,
-        capture: list[Tensor] | None = None,
     ) -> Tensor:
         """Run hidden states x [B, T, D] through `layers` (all by default, in order).
 
         types/positions [B, T] describe the tokens; `method` decides, per layer, which
         token types are frozen and where tokens are dropped; with `last_only` the last
-        layer computes the last position only (all that next-token logits need);
-        `capture` receives the input of every layer run. Returns the last hidden states
-        [B, T, D]; tokens dropped by FastV/VTW keep the state they had when dropped.
+        layer computes the last position only (all that next-token logits need). Returns
+        the last hidden states [B, T, D]; tokens dropped by FastV/VTW keep the state they
+        had when dropped.
         """
+        return self._run(x, types, positions, cache, method, layers, last_only, None)
+
+    def forward_with_inputs(
+        self, x: Tensor, types: Tensor, positions: Tensor, *, last_only: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """A vanilla pass that also returns every layer's input [B, T, D] (what Layer
+        Contribution restarts its counterfactuals from)."""
+        inputs: list[Tensor] = []
+        out = self._run(x, types, positions, None, VANILLA, None, last_only, inputs)
+        return out, inputs
+
+    def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, method: Method) -> Tensor:
+        """One decode step: feed one new text token per sequence (tokens [B], at RoPE
+        positions [B, 1]) after what `cache` holds; next-token logits [B, vocab]."""
+        x = self.embed_tokens(tokens[:, None])
+        types = torch.full_like(positions, int(TokenType.TEXT), dtype=TYPE_DTYPE)
+        return self.head(self(x, types, positions, cache=cache, method=method)[:, -1])
+
+    def _run(
+        self,
+        x: Tensor,
+        types: Tensor,
+        positions: Tensor,
+        cache: KVCache | None,
+        method: Method,
+        layers: Iterable[int] | None,
+        last_only: bool,
+        inputs: list[Tensor] | None,
+    ) -> Tensor:
         ids = list(range(len(self.layers)) if layers is None else layers)
         if not ids:
             return x
         cache_of = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
         seg = self.segment(types, positions, x.dtype, cache_of(ids[0]))
         scores: Tensor | None = None
-        drops: list[tuple[Tensor, Compaction]] = []
+        drops: list[tuple[Tensor, Subset]] = []
         for i in ids:
             if method.drops_at(i):
                 if TokenType.VISUAL in seg.kinds:
-                    kept = Compaction.of(method.keep(seg.types, scores))
+                    kept = Subset.of(method.keep(seg.types, scores))
                     drops.append((x, kept))
-                    x, types, positions = kept.take(x), kept.types(seg.types), kept.take(seg.positions)
+                    x, types, positions = kept.take(x), _kept_types(kept, seg.types), kept.take(seg.positions)
                 seg = self.segment(types, positions, x.dtype, cache_of(i))
             rows = self._rows(seg, method.frozen_type(i), last_only and i == ids[-1])
             want = method.needs_scores_at(i) and TokenType.VISUAL in seg.kinds
-            if capture is not None:
-                capture.append(x)
+            if inputs is not None:
+                inputs.append(x)
             x, layer_scores = self.layers[i](x, seg, rows, cache_of(i), want)
             if layer_scores is not None:
                 scores = layer_scores[:, seg.past_length:]
@@ -405,33 +439,6 @@ class Decoder(nn.Module):
         return seg.rows_where(active, (frozen, last_only))
 
 
-@dataclass
-class Compaction:
-    """The tokens that survive a drop: for each sequence the kept positions in order,
-    left-padded to the longest sequence (filler slots are padding)."""
-
-    order: Tensor  # [B, N] positions in the uncompacted sequence
-    real: Tensor  # [B, N] False for filler slots
-
-    @classmethod
-    def of(cls, keep: Tensor) -> Compaction:
-        b, t = keep.shape
-        counts = keep.sum(dim=1)
-        n = int(counts.max())
-        # Kept tokens last (stable sort keeps their order), then the last n of each row:
-        # a shorter row starts with some dropped tokens, which become its padding.
-        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, t - n:]
-        real = torch.arange(n, device=keep.device).expand(b, n) >= (n - counts)[:, None]
-        return cls(order, real)
-
-    def take(self, x: Tensor) -> Tensor:
-        return _take(x, self.order)
-
-    def types(self, types: Tensor) -> Tensor:
-        return torch.where(self.real, types.gather(1, self.order), int(TokenType.PAD)).to(types.dtype)
-
-    def put_back(self, full: Tensor, x: Tensor) -> Tensor:
-        """`full` [B, T, D] with the kept tokens' rows replaced by x [B, N, D]."""
-        b, t, d = full.shape
-        dst = (self.order + torch.arange(b, device=x.device)[:, None] * t)[self.real]
-        return full.reshape(-1, d).index_copy(0, dst, x[self.real]).view_as(full)
+def _kept_types(kept: Subset, types: Tensor) -> Tensor:
+    """Token types after a drop: the kept tokens' types, PAD for filler slots."""
+    return torch.where(kept.real, types.gather(1, kept.index), int(TokenType.PAD)).to(types.dtype)

@@ -3,7 +3,8 @@
 `LLaVA` is both the torch module and the user-facing model (`encode`, `logits`, `chat`,
 `generate`). Every IMAGE_TOKEN in a prompt is replaced by that image's visual tokens;
 beside the embeddings the assembly produces the token-type tensor (text / visual /
-padding) that every decoder layer receives.
+padding) that every decoder layer receives. Generation (`shortv.generate`) drives the
+model through `prefill` and `step` only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from .clip import CLIPVisionTower
 from .config import LlavaConfig, projector_depth
 from .conversation import Template, Turn, get_template
 from .errors import InputError
+from .generate import GenerationOptions, GenerationResult, generate, stream
 from .image import ImageProcessor, grid_shape, load_image, unpad_slices
 from .llama import Decoder, KVCache
 from .methods import VANILLA, Method, ShortV
@@ -29,10 +31,8 @@ from .ops import Linear
 from .token_types import TYPE_DTYPE, TokenType
 from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
 
-if TYPE_CHECKING:
-    from .generation import GenerationResult
-
 ImageLike = Image.Image | str | os.PathLike
+Images = ImageLike | Sequence[ImageLike] | None
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,18 @@ class Prepared:
     types: Tensor
     positions: Tensor
     lengths: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DecodeState:
+    """A batch between decode steps: its KV cache, the next RoPE positions [B, 1], the
+    prompt lengths, and how many new tokens fit (max_new_tokens, or less where the context
+    runs out)."""
+
+    cache: KVCache
+    positions: Tensor
+    prompt_lengths: list[int]
+    budget: int
 
 
 class Projector(nn.Sequential):
@@ -111,8 +123,9 @@ class LLaVA(nn.Module):
         self.processor = ImageProcessor.for_config(config)
         self.name = name
         self.method: Method = VANILLA
-        self.default_ranking: tuple[int, ...] = ()  # the zoo card's, for n_frozen
         self.checkpoint_dir: Path | None = None
+        # Why there is no tokenizer, when there is none (what encode() reports).
+        self.missing_tokenizer = "no tokenizer was attached; load the model with shortv.load(...)"
         self.eval()
 
     # ---- methods ---------------------------------------------------------------------
@@ -128,15 +141,14 @@ class LLaVA(nn.Module):
 
     def set_frozen_layers(self, layers: Sequence[int]) -> None:
         """Freeze visual tokens in exactly these layers (ShortV); () restores vanilla."""
-        layers = list(layers)
-        self.set_method(ShortV(tuple(layers)) if layers else VANILLA)
+        method = ShortV(tuple(layers) if isinstance(layers, Sequence) else layers)
+        self.set_method(method if method.layers else VANILLA)
 
     def set_method(self, method: Method) -> None:
         """Switch between Vanilla(), ShortV(layers), FastV(k, r) and VTW(k)."""
         if not isinstance(method, Method):
             raise InputError(f"expected a shortv method (Vanilla, ShortV, FastV, VTW), got {method!r}")
-        method.validate(self.num_layers)
-        self.method = method
+        self.method = method.for_layers(self.num_layers)
 
     # ---- placement ---------------------------------------------------------------------
 
@@ -248,65 +260,86 @@ class LLaVA(nn.Module):
 
     # ---- forward passes ---------------------------------------------------------------------
 
-    def hidden_states(
-        self,
-        prepared: Prepared,
-        *,
-        cache: KVCache | None = None,
-        method: Method | None = None,
-        last_only: bool = False,
-    ) -> Tensor:
+    def hidden_states(self, prepared: Prepared, *, method: Method | None = None) -> Tensor:
         """Decoder output [B, T, D] for a prepared batch under `method` (the model's own
-        by default). With `last_only` only the last position is valid."""
-        return self.decoder(
-            prepared.embeds, prepared.types, prepared.positions, cache=cache,
-            method=self.method if method is None else method, last_only=last_only,
-        )
+        by default)."""
+        return self.decoder(prepared.embeds, prepared.types, prepared.positions,
+                            method=self.method if method is None else method)
 
     @torch.inference_mode()
     def logits(self, encoded: Encoded) -> Tensor:
         """Logits [T, vocab] for every position of the sequence after each image
         placeholder is expanded into that image's visual tokens."""
-        prepared = self.prepare([encoded])
-        return self.decoder.head(self.hidden_states(prepared))[0]
+        return self.decoder.head(self.hidden_states(self.prepare([encoded])))[0]
 
-    def flops(self, encoded: Encoded) -> dict[str, object]:
-        """Analytic decoder prefill FLOPs of this input under the current method, and the
-        vanilla count (see `shortv.flops`). Runs the vision tower to place the tokens."""
-        from .flops import sequence_flops
+    @torch.inference_mode()
+    def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int) -> tuple[Tensor, DecodeState]:
+        """Run the prompts (left-padded) into a fresh KV cache sized for `max_new_tokens`
+        more; next-token logits [B, vocab] and the state that `step` continues. When no new
+        token fits the context, the decoder is not run (budget 0, logits empty)."""
+        prepared = self.prepare(batch)
+        b, t = prepared.types.shape
+        context = self.config.text.max_position_embeddings
+        budget = max(0, min(max_new_tokens, context - max(prepared.lengths)))
+        cache = KVCache(self.num_layers, capacity=t + budget)
+        positions = torch.tensor(prepared.lengths, device=self.device)[:, None]
+        state = DecodeState(cache, positions, prepared.lengths, budget)
+        if budget == 0:
+            return prepared.embeds.new_empty(b, 0), state
+        hidden = self.decoder(prepared.embeds, prepared.types, prepared.positions, cache=cache,
+                              method=self.method, last_only=True)
+        return self.decoder.head(hidden[:, -1]), state
 
+    @torch.inference_mode()
+    def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        """Feed one new token per sequence (tokens [B]); next-token logits [B, vocab]."""
+        logits = self.decoder.step(tokens, state.positions, state.cache, self.method)
+        state.positions = state.positions + 1
+        return logits
+
+    def token_types(self, encoded: Encoded) -> Tensor:
+        """The token types [T] of one input after image expansion (runs the vision tower,
+        since anyres images have a size-dependent number of tokens)."""
         with torch.inference_mode():
-            types = self.prepare([encoded]).types[0].cpu()
-        flops = sequence_flops(self.config.text, self.method, types)
-        vanilla = sequence_flops(self.config.text, VANILLA, types)
-        return {
-            "tflops": flops / 1e12, "vanilla_tflops": vanilla / 1e12, "ratio": flops / vanilla,
-            "method": self.method.describe(), "n_text": int((types == TokenType.TEXT).sum()),
-            "n_visual": int((types == TokenType.VISUAL).sum()),
-        }
+            return self.prepare([encoded]).types[0].cpu()
+
+    def flops(self, encoded: Encoded) -> dict[str, Any]:
+        """Analytic decoder prefill FLOPs of this input under the current method next to
+        vanilla (`shortv.flops.input_flops`)."""
+        from .flops import input_flops
+
+        return input_flops(self.config.text, self.method, self.token_types(encoded))
 
     # ---- text side ----------------------------------------------------------------------------
+
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or InputError saying why there is none."""
+        if self.tokenizer is None:
+            raise InputError(f"this model cannot tokenize text: {self.missing_tokenizer}")
+        return self.tokenizer
 
     def encode(
         self,
         prompt: str,
-        images: Sequence[ImageLike] | None = None,
+        images: Images = None,
         *,
         template: bool = True,
         history: Sequence[Turn] = (),
     ) -> Encoded:
-        """Tokenize a prompt and preprocess its images (PIL images or file paths).
+        """Tokenize a prompt and preprocess its images (PIL images or file paths; one image
+        or a list).
 
         template=True wraps the prompt (after any `history` of (user, reply) turns) in the
         model's conversation template; images without `<image>` placeholders in the
         conversation go at the start of its first user turn. template=False uses the
         prompt as is, and its placeholder count must match the images.
         """
-        if self.tokenizer is None:
-            raise InputError("this model has no tokenizer; load it with shortv.load(...)")
-        pil = [to_pil(im) for im in images or ()]
+        tokenizer = self.require_tokenizer()
+        if not isinstance(prompt, str):
+            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
+        pil = [to_pil(im) for im in image_list(images)]
         if template:
-            turns = [*history, (prompt, None)]
+            turns = [*_turns(history), (prompt, None)]
             placed = sum(u.count(IMAGE_PLACEHOLDER) for u, _ in turns)
             if pil and placed == 0:
                 first = turns[0]
@@ -321,79 +354,87 @@ class LLaVA(nn.Module):
             raise InputError(
                 f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(pil)} image(s) were given"
             )
-        ids = torch.tensor(self.tokenizer.encode_prompt(text), dtype=torch.long)
+        ids = torch.tensor(tokenizer.encode_prompt(text), dtype=torch.long)
         pixels = tuple(self.processor(im) for im in pil)
         return Encoded(ids, pixels, tuple(im.size for im in pil), text)
 
     def chat(
         self,
         prompt: str,
-        images: Sequence[ImageLike] | None = None,
+        images: Images = None,
         *,
         history: Sequence[Turn] = (),
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
+        options: GenerationOptions | None = None,
         stream: bool = False,
+        **sampling: Any,
     ) -> str | Iterator[str]:
-        """Answer one prompt (optionally after `history`); a string, or an iterator of
-        text pieces with stream=True."""
-        from . import generation
+        """Answer one prompt (optionally after `history` of (user, reply) turns): a string,
+        or an iterator of text pieces with stream=True.
 
+        Generation settings come from `options` and/or keyword arguments with the same
+        names (`max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`; see
+        `shortv.GenerationOptions`); greedy by default.
+        """
+        settings = GenerationOptions.of(options, **sampling)
         encoded = self.encode(prompt, images, history=history)
-        options = generation.Options(max_new_tokens, temperature, top_p, seed, tuple(stop))
         if stream:
-            return generation.stream(self, encoded, options)
-        return generation.generate(self, [encoded], options)[0].text
+            return _stream(self, encoded, settings)
+        return generate(self, [encoded], settings)[0].text
 
     def generate(
         self,
         prompts: Sequence[str],
-        images: Sequence[Sequence[ImageLike] | None] | None = None,
+        images: Sequence[Images] | None = None,
         *,
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
+        options: GenerationOptions | None = None,
         template: bool = True,
-    ) -> list[str]:
-        """Answer a batch of prompts (each with its own images); left-padded internally."""
-        return [r.text for r in self.generate_results(
-            prompts, images, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, stop=stop, template=template)]
-
-    def generate_results(
-        self,
-        prompts: Sequence[str],
-        images: Sequence[Sequence[ImageLike] | None] | None = None,
-        *,
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        template: bool = True,
+        **sampling: Any,
     ) -> list[GenerationResult]:
-        """Like `generate`, with token ids and the reason each answer stopped."""
-        from . import generation
+        """Answer a batch of prompts, each with its own images (left-padded internally).
 
-        if isinstance(prompts, str):
+        Each result has the answer `text`, its `token_ids`, the `finish_reason` ("eos",
+        "stop", "length") and `prompt_tokens`. Settings as in `chat`.
+        """
+        settings = GenerationOptions.of(options, **sampling)
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise InputError("generate takes a list of prompts; use chat() for one")
         images = images if images is not None else [None] * len(prompts)
-        if len(images) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts but {len(images)} image lists")
+        if isinstance(images, (str, os.PathLike, Image.Image)) or len(images) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts need a list of {len(prompts)} image lists")
         batch = [self.encode(p, im, template=template) for p, im in zip(prompts, images, strict=True)]
-        options = generation.Options(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        return generation.generate(self, batch, options)
+        return generate(self, batch, settings)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, method={self.method.describe()}"
 
 
+_stream = stream  # `chat`'s keyword argument of that name hides the function
+
+
+def image_list(images: Images) -> list[ImageLike]:
+    """One image or path, or a list of them, as a list."""
+    if images is None:
+        return []
+    if isinstance(images, (Image.Image, str, os.PathLike)):
+        return [images]
+    if isinstance(images, Sequence):
+        return list(images)
+    raise InputError(f"images must be an image, a path or a list of them, got {type(images).__name__}")
+
+
+def _turns(history: Sequence[Turn]) -> list[Turn]:
+    """History as (user, reply) pairs of strings, or InputError."""
+    if isinstance(history, str) or not isinstance(history, Sequence):
+        raise InputError("history must be a list of (user message, reply) pairs")
+    for turn in history:
+        if (not isinstance(turn, (tuple, list)) or len(turn) != 2
+                or not all(isinstance(t, str) for t in turn)):
+            raise InputError(f"history must be (user message, reply) pairs of strings, got {turn!r}")
+    return [(u, r) for u, r in history]
+
+
 def to_pil(image: ImageLike) -> Image.Image:
+    """A PIL image from a PIL image or a file path."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,13 +30,15 @@ from .config import (
     from_original,
     from_transformers,
 )
+from .conversation import get_template
 from .errors import CheckpointError, ConfigError, ModelNotFoundError, ShortVError
-from .frozen import RankingLike, resolve_frozen_layers
 from .llava import LLaVA
-from .methods import Method, ShortV
+from .methods import Method
+from .ranking import RankingLike, choose_method
 from .tokenizer import Tokenizer
 
 TOWER_PREFIX = "model.vision_tower."
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def load(
@@ -57,35 +60,20 @@ def load(
     device: default "cuda" when available, else "cpu"; dtype: default bfloat16 on CUDA,
         float32 on CPU. Weights are cast to dtype while loading.
     """
+    if not isinstance(source, (str, Path)):
+        raise ConfigError(f"source must be a zoo name, a directory or a repo id, got {source!r}")
     source = str(source)
     card = zoo.card(source)
-    directory = zoo.locate(source)
-    model = load_directory(directory, device=device, dtype=dtype)
+    model = load_directory(zoo.locate(source), device=device, dtype=dtype)
+    model.name = card.name if card is not None else source
     if card is not None:
-        model.name = card.name
-        model.template = _template(card.template)
-        default_ranking: tuple[int, ...] = card.ranking
-    else:
-        model.name = source
-        default_ranking = ()
-    layers = resolve_frozen_layers(
+        model.template = get_template(card.template)
+    model.set_method(choose_method(
         model.num_layers, n_frozen=n_frozen, frozen_layers=frozen_layers, ranking=ranking,
-        default_ranking=default_ranking,
-    )
-    if method is not None and layers is not None:
-        raise ConfigError("give either method= or n_frozen/frozen_layers, not both")
-    model.default_ranking = default_ranking
-    if layers is not None:
-        model.set_method(ShortV(layers))
-    elif method is not None:
-        model.set_method(method)
+        method=method, default_ranking=card.ranking if card is not None else (),
+        model_name=model.name,
+    ))
     return model
-
-
-def _template(name: str):
-    from .conversation import get_template
-
-    return get_template(name)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -100,6 +88,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+# Names accepted for dtypes (the CLI's --dtype choices too).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float64": torch.float64, "fp64": torch.float64}
@@ -136,7 +125,7 @@ def load_directory(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> LLaVA:
-    """Build a model from a checkpoint directory in either published layout (DESIGN §4)."""
+    """Build a model from a checkpoint directory in either published layout (docs/design.md §4)."""
     directory = Path(directory)
     target = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target)
@@ -154,12 +143,15 @@ def load_directory(
     filler.finish(str(directory) + (f" + tower {tower_dir}" if tower_dir else ""))
     if config.text.tie_word_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    try:
+    if any((directory / name).is_file() for name in TOKENIZER_FILES):
         model.tokenizer = Tokenizer.from_directory(directory)
-    except CheckpointError as e:
-        if "no tokenizer" not in str(e):
-            raise
-        model.tokenizer = None  # the model still runs on token ids; encode() says why not
+    else:
+        # The model still runs on token ids; text needs a tokenizer, so say which file is
+        # missing now and again (via encode) at the first call that needs it.
+        model.missing_tokenizer = (
+            f"{directory} has no {' or '.join(TOKENIZER_FILES)}; copy the tokenizer files of "
+            "the model's original repository into it")
+        warnings.warn(f"loaded without a tokenizer: {model.missing_tokenizer}", stacklevel=3)
     model.name = directory.name
     model.checkpoint_dir = directory
     return model

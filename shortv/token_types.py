@@ -1,7 +1,8 @@
 """Token types: the per-position mask that ShortV, LC, FastV and VTW are built on.
 
 The assembly step (`LLaVA.prepare`) produces one type per sequence position next to the
-embeddings, and every decoder layer receives it as an explicit argument.
+embeddings, and every decoder layer receives it as an explicit argument
+(docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -12,25 +13,12 @@ import torch
 
 
 class TokenType(IntEnum):
+    """What a sequence position holds."""
+
     TEXT = 0
     VISUAL = 1
     PAD = 2
 
-    @classmethod
-    def parse(cls, name: str | TokenType) -> TokenType:
-        """'visual' / 'text' (any case) or a TokenType."""
-        if isinstance(name, TokenType):
-            return name
-        try:
-            return cls[name.upper()]
-        except KeyError:
-            from .errors import ConfigError
 
-            raise ConfigError(f"unknown token type {name!r}; use 'visual' or 'text'") from None
-
-
+# Small on purpose: one byte per position, compared often, never used in arithmetic.
 TYPE_DTYPE = torch.int8
-
-
-def count(types: torch.Tensor, kind: TokenType) -> int:
-    return int((types == kind).sum())

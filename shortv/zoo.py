@@ -1,9 +1,8 @@
 """The model zoo: cards in `models/` (TOML, one per model) and where weights are found.
 
 A zoo name resolves to weights in this order: the local weight store (`weights/<name>/`),
-then the Hugging Face cache / Hub (only the files needed, resumable, with progress bars;
-HF_HUB_OFFLINE and the HF cache variables are honoured). Sources that are not zoo names
-are local directories or Hub repo ids.
+then the Hugging Face cache / Hub (`shortv.hub`). Sources that are not zoo names are local
+directories or Hub repo ids.
 """
 
 from __future__ import annotations
@@ -20,27 +19,42 @@ from .errors import ConfigError, ModelNotFoundError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
+# An editable install or a checkout runs from the source tree; a wheel sits in site-packages,
+# whose parent folder is shared with other packages (a foreign models/ must not be read).
+IN_SOURCE_TREE = (REPO_DIR / "pyproject.toml").is_file() and (REPO_DIR / "models").is_dir()
 
 
 def cards_dirs() -> list[Path]:
     """Where cards are looked for: the source tree's models/, then the wheel's copy."""
-    return [d for d in (REPO_DIR / "models", PACKAGE_DIR / "_data" / "models") if d.is_dir()]
+    dirs = [REPO_DIR / "models"] if IN_SOURCE_TREE else []
+    return [d for d in (*dirs, PACKAGE_DIR / "_data" / "models") if d.is_dir()]
+
+
+def user_weights_dir() -> Path:
+    """The per-user weight store of an installed wheel: $XDG_CACHE_HOME/shortv/weights
+    (~/.cache/shortv/weights)."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home).expanduser() / "shortv" / "weights"
 
 
 def weights_dirs() -> list[Path]:
-    """The local weight store: $SHORTV_WEIGHTS, the source tree's weights/, the wheel's copy."""
+    """The local weight store, in search order: $SHORTV_WEIGHTS, then the source tree's
+    weights/ (or, installed from a wheel, the per-user store), then the wheel's own copy
+    of the embedded demo."""
     dirs = []
     if os.environ.get("SHORTV_WEIGHTS"):
         dirs.append(Path(os.environ["SHORTV_WEIGHTS"]).expanduser())
-    dirs += [REPO_DIR / "weights", PACKAGE_DIR / "_data" / "weights"]
+    dirs += [REPO_DIR / "weights" if IN_SOURCE_TREE else user_weights_dir(),
+             PACKAGE_DIR / "_data" / "weights"]
     return [d for d in dirs if d.is_dir()]
 
 
 def download_dir() -> Path:
-    """Where scripts/download.py puts weights: $SHORTV_WEIGHTS or the source tree's weights/."""
+    """Where `download` puts weights by default: $SHORTV_WEIGHTS, else the source tree's
+    weights/, else (installed from a wheel) the per-user store."""
     if os.environ.get("SHORTV_WEIGHTS"):
         return Path(os.environ["SHORTV_WEIGHTS"]).expanduser()
-    return REPO_DIR / "weights"
+    return REPO_DIR / "weights" if IN_SOURCE_TREE else user_weights_dir()
 
 
 @dataclass(frozen=True)
@@ -165,67 +179,76 @@ def local_weights(source: str) -> Path | None:
     return None
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def locate(source: str, *, relative_to: Path | None = None) -> Path:
-    """A directory holding `source`: an existing path (also relative to `relative_to`),
-    the weight store, the HF cache, or a fresh Hub download, in that order."""
-    for candidate in (Path(source).expanduser(),
-                      *([relative_to / source] if relative_to is not None else [])):
-        if candidate.is_dir():
-            return candidate
-    zoo_card = card(source)
-    found = local_weights(source)
-    if found:
-        return found
-    repo = zoo_card.repo if zoo_card is not None else source
-    if repo is None or not _looks_like_repo(repo):
-        looked = ", ".join(str(d / store_name(source)) for d in weights_dirs()) or "weights/"
-        raise ModelNotFoundError(
-            f"cannot find model {source!r}: not a directory, not in the weight store ({looked}), "
-            "and not a Hub repo id; `shortv zoo` lists the zoo names"
-        )
-    return hub_snapshot(repo, label=source)
+def looks_like_path(source: str) -> bool:
+    """Whether `source` can only be meant as a filesystem path, not a zoo name or an `owner/name`
+    Hub id: it starts with ./ ../ / or ~, ends with a separator, has a drive, or holds more
+    separators than a single owner/name does."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    posix = source
+    for sep in seps:
+        posix = posix.replace(sep, "/")
+    return (
+        posix in {".", "..", "~"}
+        or posix.startswith(("./", "../", "/", "~"))
+        or posix.endswith("/")
+        or posix.count("/") > 1
+        or (os.sep != "/" and os.sep in source)  # Windows: a backslash is never part of a repo id
+        or bool(Path(source).drive)
+    )
 
 
 def _looks_like_repo(s: str) -> bool:
     parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "~"))
+    return len(parts) == 2 and all(parts) and not looks_like_path(s)
 
 
-def hub_snapshot(repo: str, *, local_dir: Path | None = None, label: str | None = None) -> Path:
-    """The files of a Hub repo that shortv needs (configs, tokenizer, one weight format),
-    from the HF cache or downloaded (resumable, with progress bars)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+def locate(source: str, *, relative_to: Path | None = None) -> Path:
+    """A directory holding `source`: an existing path (also relative to `relative_to`), the weight
+    store, the HF cache, or a fresh Hub download, in that order.
 
-    label = label or repo
-    offline = hub_offline()
-    try:
-        if offline:
-            return Path(snapshot_download(repo, local_files_only=True, local_dir=local_dir))
-        patterns = ["*.json", "tokenizer.model", *_weight_patterns(repo)]
-        return Path(snapshot_download(repo, allow_patterns=patterns, local_dir=local_dir))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        where = ", ".join(str(d / store_name(label)) for d in weights_dirs()) or "weights/"
-        how = (
-            f"download it with `python scripts/download.py {label}` on a machine with network"
-            if offline else "check the name and your network, or download it with scripts/download.py"
-        )
-        mode = "offline (HF_HUB_OFFLINE is set)" if offline else "from the Hugging Face Hub"
+    With `relative_to` (a checkpoint naming its vision tower), a store-named directory beside that
+    checkpoint also counts, so that `download(NAME, to=DIR)` leaves a self-contained DIR.
+    Raises ModelNotFoundError with one line saying where it looked and what to do.
+    """
+    path = Path(os.path.expanduser(source))  # Path.expanduser raises on an unknown ~user
+    candidates = [path]
+    if relative_to is not None and not path.is_absolute():
+        candidates.append(relative_to / path)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    if looks_like_path(source):
+        # Only a path was meant: the weight store and the Hub have nothing to say about it.
+        what = "not a directory" if any(c.exists() for c in candidates) else "no such directory"
+        absolute = os.path.abspath(path)
+        shown = [source if absolute == source else f"{source} ({absolute})", *map(str, candidates[1:])]
+        raise ModelNotFoundError(f"cannot find model {source!r}: {what}: {' nor '.join(shown)}")
+    if relative_to is not None:
+        beside = relative_to.parent / store_name(source)
+        if (beside / "config.json").is_file():
+            return beside
+    found = local_weights(source)
+    if found:
+        return found
+    zoo_card = card(source)
+    repo = zoo_card.repo if zoo_card is not None else source
+    if repo is None or not _looks_like_repo(repo):
+        what = ("a zoo model whose weights ship with shortv, but they are missing"
+                if zoo_card is not None else "not a zoo name, not a directory and not a Hub repo id")
         raise ModelNotFoundError(
-            f"cannot get {label!r} {mode}: looked in {where} and the Hugging Face cache for "
-            f"{repo}; {how} ({e.__class__.__name__})"
-        ) from None
+            f"cannot find model {source!r}: {what}; not in the weight store ({_store_looked(source)}); "
+            "`shortv zoo` lists the zoo names"
+        )
+    from .hub import hub_snapshot  # the Hub module builds on this one
+
+    return hub_snapshot(repo, label=source)
 
 
-def _weight_patterns(repo: str) -> list[str]:
-    """Safetensors when the repo has them, else .bin (with their index files)."""
-    from huggingface_hub import list_repo_files
-
-    files = list_repo_files(repo)
-    if any(f.endswith(".safetensors") for f in files):
-        return ["*.safetensors"]
-    return ["*.bin"]
+def _store_looked(label: str) -> str:
+    """Where the weight store was searched for `label`, for messages."""
+    looked = ", ".join(str(d / store_name(label)) for d in weights_dirs())
+    if not looked:
+        looked = f"no store exists: {download_dir()} is missing and $SHORTV_WEIGHTS is not set"
+    elif os.environ.get("SHORTV_WEIGHTS") and not Path(os.environ["SHORTV_WEIGHTS"]).expanduser().is_dir():
+        looked += f"; $SHORTV_WEIGHTS={os.environ['SHORTV_WEIGHTS']} is not a directory"
+    return looked

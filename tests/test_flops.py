@@ -29,7 +29,7 @@ from shortv.token_types import TokenType
 
 T, V, P = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)
 
-# Paper rankings (DESIGN §7); the first N are frozen.
+# Paper rankings (docs/design.md §7); the first N are frozen.
 RANKINGS = {
     "llava-v1.5-7b": (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19),
     "llava-v1.5-13b": (39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35,
@@ -46,7 +46,7 @@ MODELS = {  # model -> (decoder, n_visual)
     "llava-v1.6-vicuna-13b": (VICUNA_13B, 2880),
 }
 
-# The paper's table (DESIGN §8), typed in: the oracle. (model, method, TFLOPs, percent)
+# The paper's table (docs/design.md §8), typed in: the oracle. (model, method, TFLOPs, percent)
 TABLE = [
     ("llava-v1.5-7b", Vanilla(), 8.5, 100),
     ("llava-v1.5-7b", FastV(k=2, r=0.5), 4.9, 58),

@@ -22,7 +22,7 @@ from PIL import Image
 
 import shortv
 from shortv import FastV, InputError, ShortV, Vanilla
-from shortv import generation as gen_module
+from shortv.generate import loop as gen_module
 from shortv.llava import Encoded
 
 spm = pytest.importorskip("sentencepiece")
@@ -92,13 +92,13 @@ def decoded(model: shortv.LLaVA, ids: list[int]) -> str:
 def record_step_logits(monkeypatch) -> list[torch.Tensor]:
     """The next-token logits generation decides on at each step (batch rows together)."""
     seen: list[torch.Tensor] = []
-    pick = gen_module._pick
+    pick = gen_module.pick
 
     def recording(logits, options, generator):
         seen.append(logits.detach().float().clone())
         return pick(logits, options, generator)
 
-    monkeypatch.setattr(gen_module, "_pick", recording)
+    monkeypatch.setattr(gen_module, "pick", recording)
     return seen
 
 
@@ -181,7 +181,7 @@ def test_greedy_with_cache_equals_full_recomputation(tiny, monkeypatch, method, 
     n = 12
     tiny.set_method(METHODS[method]())
     step_logits = record_step_logits(monkeypatch)
-    result = tiny.generate_results([prompt], [images], max_new_tokens=n)[0]
+    result = tiny.generate([prompt], [images], max_new_tokens=n)[0]
     tokens = emitted(result)
     assert result.finish_reason in ("length", "eos")
     assert len(tokens) == n or result.finish_reason == "eos"
@@ -207,7 +207,7 @@ def test_frozen_layers_through_set_frozen_layers(tiny):
     tiny.set_frozen_layers([1, 3])
     assert tiny.frozen_layers == (1, 3)
     encoded = tiny.encode("Describe the picture.", [IMG_A])
-    result = tiny.generate_results(["Describe the picture."], [[IMG_A]], max_new_tokens=8)[0]
+    result = tiny.generate(["Describe the picture."], [[IMG_A]], max_new_tokens=8)[0]
     assert_greedy_steps(emitted(result), recomputed_logits(tiny, encoded, emitted(result)))
     tiny.set_frozen_layers([])
     assert tiny.frozen_layers == ()
@@ -235,7 +235,7 @@ def make_eos_win(model, prompts, images, accept, candidates=None) -> list:
         for scale in (1.02, 1.05, 1.2, 1.5):
             with torch.no_grad():
                 head[eos] = scale * head[token]
-            results = model.generate_results(prompts, images, max_new_tokens=12)
+            results = model.generate(prompts, images, max_new_tokens=12)
             if accept(results):
                 return results
     pytest.fail("no edit of the LM head made EOS win the way this test needs")
@@ -253,9 +253,9 @@ def test_generation_ending_with_eos(tiny):
 
 def test_length_limit(tiny):
     for n in (1, 5):
-        result = tiny.generate_results(["Hello"], None, max_new_tokens=n)[0]
+        result = tiny.generate(["Hello"], None, max_new_tokens=n)[0]
         assert result.finish_reason == "length" and len(result.token_ids) == n
-    result = tiny.generate_results(["Hello"], None, max_new_tokens=0)[0]
+    result = tiny.generate(["Hello"], None, max_new_tokens=0)[0]
     assert (result.text, result.token_ids, result.finish_reason) == ("", [], "length")
 
 
@@ -273,18 +273,19 @@ BATCH_IMAGES = [[IMG_A], [IMG_B, IMG_C], None]
 def test_batch_equals_one_by_one(tiny, monkeypatch, method):
     tiny.set_method(METHODS[method]())
     step_logits = record_step_logits(monkeypatch)
-    batch = tiny.generate_results(BATCH_PROMPTS, BATCH_IMAGES, max_new_tokens=10)
+    batch = tiny.generate(BATCH_PROMPTS, BATCH_IMAGES, max_new_tokens=10)
     batch_logits = list(step_logits)
     assert len({r.prompt_tokens for r in batch}) == 3  # different lengths: left padding
     for i, (prompt, images) in enumerate(zip(BATCH_PROMPTS, BATCH_IMAGES, strict=True)):
         step_logits.clear()
-        alone = tiny.generate_results([prompt], [images], max_new_tokens=10)[0]
+        alone = tiny.generate([prompt], [images], max_new_tokens=10)[0]
         assert batch[i].token_ids == alone.token_ids, f"row {i}"
         assert (batch[i].text, batch[i].finish_reason, batch[i].prompt_tokens) == (
             alone.text, alone.finish_reason, alone.prompt_tokens)
         for s in range(len(emitted(alone))):
             torch.testing.assert_close(batch_logits[s][i], step_logits[s][0], atol=ATOL, rtol=1e-4)
-    assert tiny.generate(BATCH_PROMPTS, BATCH_IMAGES, max_new_tokens=10) == [r.text for r in batch]
+    assert [tiny.chat(p, im, max_new_tokens=10) for p, im in zip(BATCH_PROMPTS, BATCH_IMAGES, strict=True)] \
+        == [r.text for r in batch]
 
 
 def test_batch_with_rows_finishing_early(babbler):
@@ -303,7 +304,7 @@ def test_batch_with_rows_finishing_early(babbler):
                 and any(r.finish_reason == "length" for r in results[1:]))
 
     batch = make_eos_win(babbler, prompts, images, mixed, candidates=only_first)
-    alone = [babbler.generate_results([p], [im], max_new_tokens=12)[0]
+    alone = [babbler.generate([p], [im], max_new_tokens=12)[0]
              for p, im in zip(prompts, images, strict=True)]
     assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
     assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone]
@@ -318,10 +319,10 @@ def test_batch_with_a_row_cut_by_a_stop_string(demo):
     image = [DEMO / "example.png"]
     prompts = ["Describe the picture in detail.", "hi", "How many shapes are there?"]
     images = [image, None, image]
-    first = demo.generate_results(prompts[:1], images[:1], max_new_tokens=16)[0].text
+    first = demo.generate(prompts[:1], images[:1], max_new_tokens=16)[0].text
     stop, _ = _middle_stop(first)
-    batch = demo.generate_results(prompts, images, max_new_tokens=16, stop=[stop])
-    alone = [demo.generate_results([p], [im], max_new_tokens=16, stop=[stop])[0]
+    batch = demo.generate(prompts, images, max_new_tokens=16, stop=[stop])
+    alone = [demo.generate([p], [im], max_new_tokens=16, stop=[stop])[0]
              for p, im in zip(prompts, images, strict=True)]
     assert batch[0].finish_reason == "stop"
     assert [(r.text, r.token_ids, r.finish_reason) for r in batch] == [
@@ -341,16 +342,16 @@ def test_generate_argument_errors(tiny):
 
 def test_same_seed_same_sample(tiny):
     kwargs = dict(max_new_tokens=10, temperature=1.0, seed=7)
-    a = tiny.generate_results(["Describe it."], [[IMG_A]], **kwargs)[0]
-    b = tiny.generate_results(["Describe it."], [[IMG_A]], **kwargs)[0]
+    a = tiny.generate(["Describe it."], [[IMG_A]], **kwargs)[0]
+    b = tiny.generate(["Describe it."], [[IMG_A]], **kwargs)[0]
     assert a.token_ids == b.token_ids
     assert tiny.chat("Describe it.", [IMG_A], **kwargs) == a.text
 
 
 def test_sampling_differs_from_greedy_and_between_seeds(tiny):
-    greedy = tiny.generate_results(["Describe it."], [[IMG_A]], max_new_tokens=10)[0].token_ids
+    greedy = tiny.generate(["Describe it."], [[IMG_A]], max_new_tokens=10)[0].token_ids
     samples = [
-        tuple(tiny.generate_results(["Describe it."], [[IMG_A]], max_new_tokens=10,
+        tuple(tiny.generate(["Describe it."], [[IMG_A]], max_new_tokens=10,
                                     temperature=1.0, seed=seed)[0].token_ids)
         for seed in range(4)
     ]
@@ -359,15 +360,15 @@ def test_sampling_differs_from_greedy_and_between_seeds(tiny):
 
 
 def test_tiny_top_p_is_greedy(tiny):
-    greedy = tiny.generate_results(["Describe it."], [[IMG_A]], max_new_tokens=10)[0].token_ids
+    greedy = tiny.generate(["Describe it."], [[IMG_A]], max_new_tokens=10)[0].token_ids
     for seed in range(3):
-        sampled = tiny.generate_results(["Describe it."], [[IMG_A]], max_new_tokens=10,
+        sampled = tiny.generate(["Describe it."], [[IMG_A]], max_new_tokens=10,
                                         temperature=1.0, top_p=1e-6, seed=seed)[0].token_ids
         assert sampled == greedy
 
 
 def _first_token_samples(model, prompt: str, n: int, **options) -> np.ndarray:
-    results = model.generate_results([prompt] * n, None, max_new_tokens=1, seed=0, **options)
+    results = model.generate([prompt] * n, None, max_new_tokens=1, seed=0, **options)
     # A row that drew EOS has no token ids and finish_reason "eos".
     return np.array([emitted(r)[0] for r in results])
 
@@ -428,11 +429,11 @@ def _middle_stop(text: str) -> tuple[str, int]:
 
 def test_stop_string_cuts_before_it(babbler):
     prompt, images = "Describe the picture in detail.", [DEMO / "example.png"]
-    full = babbler.generate_results([prompt], [images], max_new_tokens=24)[0]
+    full = babbler.generate([prompt], [images], max_new_tokens=24)[0]
     assert full.finish_reason == "length" and len(full.text) > 20
     assert full.text == sp_decode(babbler, full.token_ids)
     stop, at = _middle_stop(full.text)
-    cut = babbler.generate_results([prompt], [images], max_new_tokens=24, stop=[stop])[0]
+    cut = babbler.generate([prompt], [images], max_new_tokens=24, stop=[stop])[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[:at].strip()
     assert len(cut.token_ids) < len(full.token_ids)
@@ -444,19 +445,19 @@ def test_stop_string_cuts_before_it(babbler):
 
 def test_earliest_of_several_stop_strings_wins(demo):
     prompt, images = "Describe the picture in detail.", [DEMO / "example.png"]
-    full = demo.generate_results([prompt], [images], max_new_tokens=24)[0].text
+    full = demo.generate([prompt], [images], max_new_tokens=24)[0].text
     early, at = _middle_stop(full)
     # A second stop string occurring only after the first one (not overlapping it).
     late = next(full[i:i + 3] for i in range(at + len(early), len(full) - 2)
                 if full.find(full[i:i + 3]) >= at + len(early))
-    result = demo.generate_results([prompt], [images], max_new_tokens=24, stop=[late, early])[0]
+    result = demo.generate([prompt], [images], max_new_tokens=24, stop=[late, early])[0]
     assert result.text == full[:at].strip() and result.finish_reason == "stop"
 
 
 def test_absent_stop_string_changes_nothing(babbler):
     prompt = "Describe the picture in detail."
-    full = babbler.generate_results([prompt], None, max_new_tokens=12)[0]
-    other = babbler.generate_results([prompt], None, max_new_tokens=12, stop=["@@@"])[0]
+    full = babbler.generate([prompt], None, max_new_tokens=12)[0]
+    other = babbler.generate([prompt], None, max_new_tokens=12, stop=["@@@"])[0]
     assert (other.text, other.token_ids, other.finish_reason) == (full.text, full.token_ids, "length")
 
 
@@ -490,12 +491,12 @@ def test_stream_survives_text_that_changes_under_later_bytes(demo, monkeypatch):
               tok.backend.token_to_id("<0xE2>"), *tok.encode_text(" is red")]
     assert None not in script
 
-    def scripted(model, batch, options, prompt_lengths):
-        prompt_lengths.extend([1] * len(batch))
+    def scripted(model, batch, options):
+        yield [1] * len(batch)
         for token in script[: options.max_new_tokens]:
             yield [token] * len(batch)
 
-    monkeypatch.setattr(gen_module, "_tokens", scripted)
+    monkeypatch.setattr(gen_module, "token_steps", scripted)
     whole = demo.chat("Hi", max_new_tokens=20)
     assert whole.startswith("Photo") and whole.endswith("is red")
     assert "".join(demo.chat("Hi", max_new_tokens=20, stream=True)) == whole
@@ -550,7 +551,7 @@ def test_generation_stops_at_the_context(tmp_path, original_v15):
     base = shortv.load(original_v15, device="cpu", dtype=torch.float32)
     n_prompt = base.logits(base.encode("Hello", [IMG_A])).shape[0]
     model = shortv.load(_with_context(original_v15, tmp_path / "short", n_prompt + 3), device="cpu")
-    result = model.generate_results(["Hello"], [[IMG_A]], max_new_tokens=12)[0]
+    result = model.generate(["Hello"], [[IMG_A]], max_new_tokens=12)[0]
     assert len(emitted(result)) <= 3
     reference = reference_greedy(base, base.encode("Hello", [IMG_A]), 3)
     assert emitted(result) == reference

@@ -195,3 +195,19 @@ def test_encode_with_a_bad_path_is_an_input_error(tmp_path: Path, hf_llava: Path
     path = tmp_path / "missing.jpg"
     with pytest.raises(shortv.InputError, match=r"missing\.jpg"):
         model.encode("<image>", [path], template=False)
+
+
+def test_decompression_bomb_is_an_input_error(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (an image over twice MAX_IMAGE_PIXELS) becomes one
+    clear InputError naming the limit and how to raise it."""
+    from PIL import Image
+
+    from shortv.errors import InputError
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 200*200 > 2 * 10_000
+    with pytest.raises(InputError) as err:
+        load_image(path)
+    message = str(err.value)
+    assert "MAX_IMAGE_PIXELS = 10000" in message and "big.png" in message and "\n" not in message

@@ -1,4 +1,4 @@
-"""Layer Contribution (DESIGN §7) against brute force, reports, calibration data, and the
+"""Layer Contribution (docs/design.md §7) against brute force, reports, calibration data, and the
 `shortv lc` command line.
 
 The brute-force reference is independent of shortv's LC and frozen paths: for each layer i
@@ -23,7 +23,7 @@ from PIL import Image
 import shortv
 from shortv import IMAGE_TOKEN, InputError, TokenType, Vanilla
 from shortv.errors import ConfigError
-from shortv.lc import LCReport, Sample, layer_contribution, naive_layer_contribution, read_samples
+from shortv.lc import LCReport, Sample, layer_contribution, read_samples
 from shortv.zoo import locate
 
 DEMO = "llava-tiny-demo"
@@ -43,14 +43,13 @@ CALIBRATION = [
     {"image": ["a.png", "b.png"], "prompt": "Compare the two pictures: which one is brighter?"},
     {"image": "b.png", "prompt": "Describe the colors in detail."},
     {"image": ["a.png"], "prompt": "Is there a cat <image> here?"},
-    {"prompt": "Say hello without any picture."},
 ]
 
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A calibration JSONL: the demo's example image (absolute path), generated PNGs
-    (relative paths), a two-image sample, a text-only sample and a blank line."""
+    (relative paths), a two-image sample and a blank line."""
     d = tmp_path_factory.mktemp("calib")
     noise_png(d / "a.png", 70, 50, 1)
     noise_png(d / "b.png", 40, 64, 2)
@@ -163,7 +162,7 @@ def test_samples_cover_two_images(encoded):
 
 
 def test_lc_equals_brute_force(report, reference):
-    assert report.samples == 5 and report.model == DEMO
+    assert report.samples == 4 and report.model == DEMO
     assert_lc_close(report.visual, reference["visual"])
     assert_lc_close(report.text, reference["text"])
     # non-vacuous: values span orders of magnitude above the absolute tolerance
@@ -184,6 +183,10 @@ def test_lc_one_type(model64, encoded, reference):
 
 
 def test_naive_layer_contribution_agrees(model64, encoded, reference):
+    """The benchmark's baseline (scripts/naive_lc.py) is right too."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from naive_lc import naive_layer_contribution
+
     rep = naive_layer_contribution(model64, encoded)
     assert_lc_close(rep.visual, reference["visual"])
     assert_lc_close(rep.text, reference["text"])
@@ -275,8 +278,7 @@ def test_load_freezes_first_n_of_report_ranking(report, tmp_path):
 
 
 def test_read_samples(calib, samples):
-    assert len(samples) == 5
-    assert samples[4].images == ()
+    assert len(samples) == 4
     d = calib.parent
     assert samples[0].images == (EXAMPLE,)
     assert samples[1].images == (d / "a.png", d / "b.png")
@@ -304,13 +306,19 @@ def bad_files(directory: Path) -> dict[str, tuple[Path, str]]:
             json.dumps({"image": str(EXAMPLE)})]), "noprompt.jsonl:1"),
         "bad-image-field": (write_lines(directory / "badimage.jsonl", [
             good, good, json.dumps({"image": 3, "prompt": "x"})]), "badimage.jsonl:3"),
+        "no-image-key": (write_lines(directory / "noimage.jsonl", [
+            good, json.dumps({"prompt": "Say hello."})]), "noimage.jsonl:2"),
+        "empty-image-list": (write_lines(directory / "emptylist.jsonl", [
+            json.dumps({"image": [], "prompt": "x"})]), "emptylist.jsonl:1"),
+        "unknown-key": (write_lines(directory / "unknown.jsonl", [
+            good, json.dumps({"img": str(EXAMPLE), "prompt": "x"})]), "unknown.jsonl:2"),
         "empty": (write_lines(directory / "empty.jsonl", []), "empty.jsonl"),
         "blank": (write_lines(directory / "blank.jsonl", ["", "   "]), "blank.jsonl"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing-image", "bad-json", "no-prompt", "bad-image-field",
-                                  "empty", "blank"])
+                                  "no-image-key", "empty-image-list", "unknown-key", "empty", "blank"])
 def test_read_samples_errors_name_the_line(tmp_path, case):
     path, where = bad_files(tmp_path)[case]
     with pytest.raises(InputError) as err:
@@ -319,6 +327,47 @@ def test_read_samples_errors_name_the_line(tmp_path, case):
     assert "\n" not in str(err.value)
     if case == "missing-image":
         assert "nope.png" in str(err.value)
+    if case == "unknown-key":
+        assert "'img'" in str(err.value)
+
+
+@pytest.mark.parametrize("sample", [
+    {"prompt": "Say hello."},
+    {"image": [], "prompt": "Say hello."},
+    {"img": str(EXAMPLE), "prompt": "Say hello."},
+    Sample("Say hello."),
+])
+def test_api_samples_without_images_are_refused(model64, sample):
+    with pytest.raises(InputError, match="sample 1"):
+        layer_contribution(model64, [sample], progress=False)
+
+
+def test_encoded_sample_without_images_is_refused(model64):
+    enc = model64.encode("Say hello.")
+    with pytest.raises(InputError, match="no image"):
+        layer_contribution(model64, [enc], progress=False)
+
+
+def test_noise_level_lc_is_flagged():
+    """A report whose visual LC is rounding noise says so; a real one does not."""
+    noise = LCReport(model="m", samples=1, visual=[1e-15, -1e-15, 0.0, 3e-16])
+    real = LCReport(model="m", samples=1, visual=[1e-15, 2e-3, 0.0, 3e-16])
+    assert noise.visual_is_noise and noise.to_dict()["visual_is_noise"] is True
+    assert not real.visual_is_noise
+
+
+def test_report_from_another_model(tmp_path):
+    """Freezing with a report measured on a model with another layer count is refused; one
+    measured on a model of another name (same depth) warns and is used."""
+    deeper = LCReport(model=DEMO, samples=1, visual=[0.1 * i for i in range(12)])
+    deeper.save(tmp_path / "deeper.json")
+    with pytest.raises(ConfigError, match="12 layers"):
+        shortv.load(DEMO, n_frozen=2, ranking=tmp_path / "deeper.json")
+    other = LCReport(model="someone/other-llava", samples=1, visual=[0.8 - 0.1 * i for i in range(8)])
+    other.save(tmp_path / "other.json")
+    with pytest.warns(UserWarning, match="other-llava"):
+        model = shortv.load(DEMO, n_frozen=2, ranking=tmp_path / "other.json")
+    assert model.frozen_layers == (6, 7)
 
 
 def test_read_samples_missing_file(tmp_path):
@@ -383,7 +432,7 @@ def test_cli(calib, tmp_path, reference):
     assert len(printed["visual"]) == len(printed["text"]) == 8
     assert sorted(printed["ranking"]) == list(range(8))
     assert printed["ranking_str"] == ",".join(map(str, printed["ranking"]))
-    assert printed["samples"] == 5 and printed["model"] == DEMO
+    assert printed["samples"] == 4 and printed["model"] == DEMO
     assert json.loads((tmp_path / "r.json").read_text()) == printed
     # the fp32 command line agrees with the float64 brute force
     assert_lc_close(printed["visual"], reference["visual"], rtol=1e-2, atol=1e-7)

@@ -6,7 +6,7 @@
   original's merge branch applied to features computed by transformers' tower + projector;
 - whole-model logits vs transformers' LlavaNextForConditionalGeneration on the same
   weights, for shortv loaded from the transformers and from the original layout;
-- the real v1.6 geometry (336-pixel tiles, 24×24 patches; 672×672 → 2928 tokens, DESIGN §5);
+- the real v1.6 geometry (336-pixel tiles, 24×24 patches; 672×672 → 2928 tokens, docs/design.md §5);
 - batches and several images per prompt vs one prompt at a time.
 
 transformers differs from the original in two places (so parity is only asserted where
@@ -320,7 +320,7 @@ def real_reference_count(size) -> int:
 
 
 def test_real_reference_gives_design_count():
-    """DESIGN §5: a 672×672 input gives 576 + 48·49 = 2928 visual tokens."""
+    """docs/design.md §5: a 672×672 input gives 576 + 48·49 = 2928 visual tokens."""
     assert real_reference_count((672, 672)) == 576 + 48 * 49 == 2928
 
 

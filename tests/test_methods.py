@@ -2,7 +2,7 @@
 
 References (all on the model's own weights):
 - ShortV: a *vanilla* run with forward hooks that reset the visual rows of each frozen
-  layer's output to the layer's input (DESIGN §6: "the vanilla layer's output with the
+  layer's output to the layer's input (docs/design.md §6: "the vanilla layer's output with the
   attention and MLP residual updates of visual tokens set to zero").
 - VTW / FastV: `reference_decoder`, an explicit float64 Llama forward written here
   (own RMSNorm, RoPE, softmax(QKᵀ/√d + mask)·V, SwiGLU) in which chosen keys are masked
@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import shortv
 from shortv import IMAGE_TOKEN, VTW, ConfigError, Encoded, FastV, InputError, ShortV, TokenType, Vanilla
 from shortv.flops import sequence_flops
-from shortv.generation import Options, _tokens
+from shortv.generate import GenerationOptions, token_steps
 from shortv.zoo import locate
 
 T_, V_, P_ = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)
@@ -264,9 +264,14 @@ def test_shortv_equals_zeroed_visual_updates(demo, images, layers, case):
         assert (ours - vanilla)[types == T_].abs().max() > 1e-3
     # In every frozen layer the visual rows pass through bit for bit.
     captured: list[torch.Tensor] = []
-    with torch.no_grad():
-        demo.decoder(prepared.embeds, prepared.types, prepared.positions, method=ShortV(layers),
-                     capture=captured)
+    hooks = [layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].clone()))
+             for layer in demo.decoder.layers]
+    try:
+        with torch.no_grad():
+            demo.decoder(prepared.embeds, prepared.types, prepared.positions, method=ShortV(layers))
+    finally:
+        for hook in hooks:
+            hook.remove()
     for i in layers:
         after = captured[i + 1] if i + 1 < len(captured) else ours
         vis = types == V_
@@ -302,7 +307,7 @@ def test_logits_with_set_frozen_layers_match_reference(demo, images, layers):
 
 def cached_tokens(model: shortv.LLaVA, batch: list[Encoded], n: int) -> list[list[int]]:
     """Greedy tokens per sequence from the library's cached generation loop."""
-    steps = list(_tokens(model, batch, Options(max_new_tokens=n), []))
+    steps = list(token_steps(model, batch, GenerationOptions(max_new_tokens=n)))[1:]
     assert len(steps) == n
     return [list(seq) for seq in zip(*steps, strict=True)]
 

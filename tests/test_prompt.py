@@ -4,7 +4,7 @@ The oracle is a re-implementation, on top of the `sentencepiece` package and the
 tokenizer.model, of what original LLaVA ran: transformers' slow `LlamaTokenizer`
 (4.31-4.37: special tokens written in the text, the legacy / non-legacy dummy-prefix
 rules and the "<unk>" prefix trick) called through LLaVA's `tokenizer_image_token`.
-Template strings are typed in from DESIGN §5 (LLaVA's conv_vicuna_v1).
+Template strings are typed in from docs/design.md §5 (LLaVA's conv_vicuna_v1).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ SYSTEM = (
 
 
 def vicuna(*turns: tuple[str, str | None]) -> str:
-    """DESIGN §5's vicuna_v1, written out by hand for the prompts below."""
+    """docs/design.md §5's vicuna_v1, written out by hand for the prompts below."""
     text = SYSTEM + " "
     for user, reply in turns:
         text += f"USER: {user} "

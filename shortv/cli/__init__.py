@@ -1,0 +1,48 @@
+"""The `shortv` command line: chat, zoo, download, flops, bench, lc.
+
+Every command that reports numbers takes --json and then prints one JSON object on
+stdout. Errors print one line on stderr and exit with status 2. One module per command;
+`options` holds what they share.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import ShortVError
+from . import bench, chat, flops, lc, zoo
+from .options import EXIT_USAGE, Parser
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="shortv", description="LLaVA with ShortV: chat, zoo, download, flops, "
+                                               "bench, lc.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in (chat, zoo, flops, bench, lc):
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status (0, 2 for anything a user can cause, 1 for a bug)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ShortVError as e:
+        print(f"shortv {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so on one line unless asked for the traceback
+        if os.environ.get("SHORTV_DEBUG"):
+            raise
+        print(f"shortv {args.command}: internal error: {e.__class__.__name__}: {e} "
+              "(set SHORTV_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+__all__ = ["build_parser", "main"]

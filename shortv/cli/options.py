@@ -1,0 +1,158 @@
+"""What the commands share: one-line usage errors, option types, and the method options
+(--method/--n-frozen/--frozen-layers/--ranking/--k/--r) turned into a method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ..errors import ConfigError
+from ..loading import DTYPES
+from ..methods import METHODS, VTW, FastV, Method, Vanilla, parse_layer_list
+from ..ranking import choose_method
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (and exits 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- option types -------------------------------------------------------------------------
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < value if open_low else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(
+                f"{value} must be in {'(' if open_low else '['}{low}, {high}]")
+        return value
+
+    return parse
+
+
+def layer_list(text: str) -> list[int]:
+    try:
+        return parse_layer_list(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def output_path(path: str | None) -> Path | None:
+    """Check, before any work, that a file can be written at `path` (its folder exists
+    and is writable), so results are not lost at the end of a long computation."""
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    folder = out.parent
+    if out.is_dir():
+        raise ConfigError(f"{path} is a directory; give a file name")
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"cannot write {path}: the folder {folder} is not writable")
+    return out
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# ---- shared options -----------------------------------------------------------------------
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def add_method(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method (vanilla, ShortV, FastV, VTW)")
+    g.add_argument("--method", choices=tuple(METHODS),
+                   help="default: shortv if --n-frozen/--frozen-layers is given, else vanilla")
+    g.add_argument("--n-frozen", type=int_at_least(0), metavar="N",
+                   help="ShortV: freeze the first N layers of the ranking")
+    g.add_argument("--frozen-layers", type=layer_list, metavar="I,J,...",
+                   help="ShortV: freeze exactly these layer ids")
+    g.add_argument("--ranking", metavar="REPORT",
+                   help="ranking for --n-frozen: an LC report from `shortv lc` (default: the "
+                        "zoo card's)")
+    g.add_argument("--k", type=int_at_least(0), help="FastV/VTW layer K (FastV default 2, "
+                                                      "VTW default half the layers)")
+    g.add_argument("--r", type=float_in(0.0, 1.0), help="FastV fraction of visual tokens "
+                                                        "dropped (default 0.5)")
+
+
+def method_options(args: argparse.Namespace, card: Any = None) -> dict[str, Any]:
+    """The method options as `shortv.load` keyword arguments (n_frozen, frozen_layers,
+    ranking, method). --method shortv without N or layers takes the card's paper N."""
+    name = args.method
+    freezing = args.n_frozen is not None or args.frozen_layers is not None
+    if name is None:
+        name = "shortv" if freezing else "vanilla"
+    if name != "shortv" and (freezing or args.ranking is not None):
+        raise ConfigError(f"--n-frozen/--frozen-layers/--ranking are for --method shortv, not {name}")
+    if name in ("vanilla", "shortv") and (args.k is not None or args.r is not None):
+        raise ConfigError("--k/--r are for --method fastv or vtw")
+    if name == "vtw" and args.r is not None:
+        raise ConfigError("--r is for --method fastv")
+    method: Method | None = None
+    n_frozen = args.n_frozen
+    if name == "shortv" and not freezing:
+        n_frozen = card.n_frozen if card is not None else None
+        if n_frozen is None:
+            raise ConfigError("--method shortv needs --n-frozen N (with the card's or your "
+                              "--ranking) or --frozen-layers I,J,...")
+    elif name == "fastv":
+        method = FastV(k=2 if args.k is None else args.k, r=0.5 if args.r is None else args.r)
+    elif name == "vtw":
+        method = VTW(k=args.k)
+    elif name == "vanilla":
+        method = Vanilla()
+    return {"n_frozen": n_frozen, "frozen_layers": args.frozen_layers, "ranking": args.ranking,
+            "method": method}
+
+
+def method_for(args: argparse.Namespace, num_layers: int, card: Any = None,
+               model_name: str | None = None) -> Method:
+    """The method the options ask for, for a decoder of `num_layers` (without loading one)."""
+    return choose_method(num_layers, **method_options(args, card),
+                         default_ranking=card.ranking if card is not None else (),
+                         model_name=model_name)
+
+
+def model_config(source: str) -> tuple[Any, Any]:
+    """(LlavaConfig, card or None): a zoo card's config, or a local checkpoint's (read
+    without loading weights)."""
+    from .. import zoo
+    from ..loading import config_of_directory
+
+    card = zoo.card(source)
+    if card is not None:
+        return card.config, card
+    return config_of_directory(zoo.locate(source)), None

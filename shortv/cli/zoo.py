@@ -1,0 +1,52 @@
+"""`shortv zoo`: the zoo's models, and `shortv download`: a model into the weight store."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import print_json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="list the zoo's models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run)
+
+    p = sub.add_parser("download", help="download a zoo model (or Hub repo) into the weight store")
+    p.add_argument("model", help="zoo name or Hub repo id")
+    p.add_argument("--to", metavar="DIR",
+                   help="weight store folder (default: $SHORTV_WEIGHTS, else the source tree's weights/)")
+    p.set_defaults(run=run_download)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import zoo
+
+    cards = zoo.cards()
+    if args.json:
+        print_json({"models": [c.summary() for c in cards]})
+        return 0
+    rows = [("name", "layers", "images", "paper N", "ranking", "weights", "source")]
+    for c in cards:
+        s = c.summary()
+        rows.append((c.name, str(s["layers"]), s["image_aspect_ratio"], str(s["n_frozen"] or "-"),
+                     _ranking_origin(c), "local" if s["local_weights"] else "hub",
+                     c.repo or "embedded"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _ranking_origin(card) -> str:
+    if not card.ranking:
+        return "none (run shortv lc)"
+    return "paper" if "paper" in card.ranking_source.lower() else "shortv lc"
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from .. import hub
+
+    path = hub.download(args.model, to=args.to)
+    print(f"{args.model} is in {path}")
+    return 0

@@ -1,0 +1,34 @@
+"""ShortV (Freezing Visual Tokens in Ineffective Layers, ICCV 2025).
+
+In the frozen layers visual tokens are *frozen* (docs/design.md §6): their hidden states
+pass through unchanged, they are neither attention queries nor MLP inputs, but their keys
+and values are still computed and attended by the other tokens. Which layers: the first N
+of a Layer Contribution ranking (`shortv.ranking`), or ids named exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..token_types import TokenType
+from .base import Method, check_layer_ids, layer_ids
+
+
+@dataclass(frozen=True)
+class ShortV(Method):
+    """Freeze visual tokens in `layers` (stored sorted)."""
+
+    layers: tuple[int, ...] = ()
+    name = "shortv"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(sorted(layer_ids(self.layers))))
+
+    def frozen_type(self, layer: int) -> TokenType | None:
+        return TokenType.VISUAL if layer in self.layers else None
+
+    def validate(self, num_layers: int) -> None:
+        check_layer_ids(self.layers, num_layers)
+
+    def describe(self) -> str:
+        return f"shortv(n_frozen={len(self.layers)}, layers={list(self.layers)})"

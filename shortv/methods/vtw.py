@@ -1,0 +1,41 @@
+"""VTW (Visual Token Withdrawal, AAAI 2025): drop all visual tokens from layer k on.
+
+k defaults to half the decoder's layers: the paper's K=16 for 32 layers, K=20 for 40.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..token_types import TokenType
+from .base import Method
+
+
+@dataclass(frozen=True)
+class VTW(Method):
+    """Withdraw every visual token (hidden states and KV cache) before layer `k`
+    (None: half the layers, filled in by `for_layers`)."""
+
+    k: int | None = None
+    name = "vtw"
+
+    def for_layers(self, num_layers: int) -> VTW:
+        fitted = replace(self, k=num_layers // 2) if self.k is None else self
+        fitted.validate(num_layers)
+        return fitted
+
+    def drops_at(self, layer: int) -> bool:
+        return layer == self.k
+
+    def keep(self, types: Tensor, scores: Tensor | None) -> Tensor:
+        return types != TokenType.VISUAL
+
+    def validate(self, num_layers: int) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 <= self.k < num_layers:
+            raise ConfigError(f"VTW k={self.k!r} must be an integer in [0, {num_layers})")
+
+    def describe(self) -> str:
+        return f"vtw(k={'half the layers' if self.k is None else self.k})"
