@@ -324,8 +324,9 @@ def held_out(n: int, seed: int) -> list[tuple[Image.Image, str, str]]:
 
 
 def accuracy(model: LLaVA, data: list[tuple[Image.Image, str, str]]) -> float:
-    answers = model.generate([q for _, q, _ in data], [[im] for im, _, _ in data],
+    results = model.generate([q for _, q, _ in data], [[im] for im, _, _ in data],
                              max_new_tokens=24)
+    answers = [r.text for r in results]
     return sum(got == want for got, (_, _, want) in zip(answers, data, strict=True)) / len(data)
 
 

@@ -29,6 +29,15 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import ConfigError, InputError
+from .eval import distributed
+from .eval.distributed import Ranks
+from .eval.questions import (
+    is_question_record,
+    parse_line,
+    question_from_record,
+    read_lines,
+    resolve_images,
+)
 from .llava import Encoded, ImageLike, LLaVA, Prepared
 from .methods import VANILLA
 from .token_types import TokenType
@@ -101,51 +110,48 @@ class LCReport:
             raise ConfigError(f"cannot read LC report {path}: {e!r}") from None
 
 
-def read_samples(path: str | os.PathLike, limit: int | None = None) -> list[Sample]:
-    """Samples from a JSONL file of {"image": path or [paths], "prompt": text} lines.
-    Relative image paths are taken relative to the file's directory."""
+def read_samples(path: str | os.PathLike, limit: int | None = None, *,
+                 image_folder: str | os.PathLike | None = None) -> list[Sample]:
+    """Samples from a JSONL file: calibration lines {"image": path or [paths], "prompt":
+    text}, or the lines of an eval question file ({"question_id", "image", "text", ...},
+    see `shortv.eval.questions`), so calibration and evaluation can share data. Relative
+    image paths resolve against `image_folder` (default: the file's folder). Every sample
+    needs an image; a problem is an InputError naming the line."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise InputError(f"calibration file not found: {path}") from None
-    except OSError as e:
-        raise InputError(f"cannot read calibration file {path}: {e}") from None
+    folder = Path(image_folder).expanduser() if image_folder is not None else path.parent
+    if image_folder is not None and not folder.is_dir():
+        raise InputError(f"--image-folder {image_folder} is not a directory")
     samples = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(read_lines(path, "calibration file"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise InputError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise InputError(f'{where}: expected an object with a "prompt" string')
-        unknown = sorted(set(record) - SAMPLE_KEYS)
-        if unknown:
-            raise InputError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a sample "
-                             'has "image" (a path or a list of paths) and "prompt"')
-        images = record.get("image")
-        images = [images] if isinstance(images, str) else images
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise InputError(f'{where}: "image" must be a path or a list of paths')
+        record = parse_line(line, where)
+        if is_question_record(record):
+            question = question_from_record(record, where, folder)
+            prompt, images = question.text, question.images
+        else:
+            prompt, images = _calibration_record(record, where, folder)
         if not images:
             raise InputError(f"{where}: the sample has no image; visual LC needs at least one")
-        resolved = []
-        for image in images:
-            p = Path(image).expanduser()
-            p = p if p.is_absolute() else path.parent / p
-            if not p.is_file():
-                raise InputError(f"{where}: image not found: {image} (looked at {p})")
-            resolved.append(p)
-        samples.append(Sample(record["prompt"], tuple(resolved), where))
+        samples.append(Sample(prompt, images, where))
         if limit is not None and len(samples) >= limit:
             break
     if not samples:
         raise InputError(f"{path} holds no samples; expected JSON lines like "
                          '{"image": "cat.jpg", "prompt": "Describe the image."}')
     return samples
+
+
+def _calibration_record(record: dict[str, Any], where: str, folder: Path) -> tuple[str, tuple[Path, ...]]:
+    if not isinstance(record.get("prompt"), str):
+        raise InputError(f'{where}: expected an object with a "prompt" string (or a question '
+                         'file line with "question_id" and "text")')
+    unknown = sorted(set(record) - SAMPLE_KEYS)
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a sample "
+                         'has "image" (a path or a list of paths) and "prompt"')
+    return record["prompt"], resolve_images(record.get("image"), folder, where)
 
 
 def encode_sample(model: LLaVA, sample: Sample) -> Encoded:
@@ -175,11 +181,13 @@ def layer_contribution(
     batch_size: int = 1,
     progress: bool = True,
     data: str | None = None,
+    ranks: Ranks | None = None,
 ) -> LCReport:
     """LC of every layer for each token type in `tokens`, averaged over `samples`: a
     JSONL file (see `read_samples`), or a list of Sample objects, {"image", "prompt"}
     dicts or already encoded inputs. `batch_size` samples run together (left-padded)
-    when memory allows."""
+    when memory allows. With `ranks` of a torchrun group, each process measures its share
+    of the samples and every process gets the report of all of them."""
     if isinstance(samples, (str, os.PathLike)):
         data = data or str(samples)
         samples = read_samples(samples)
@@ -191,19 +199,27 @@ def layer_contribution(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if not samples:
         raise InputError("layer_contribution needs at least one sample")
-    n_layers = model.num_layers
-    totals = torch.zeros(len(kinds), n_layers, dtype=torch.float64)
-    evaluations = 0
-    chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    bar = _progress(len(samples), progress)
-    for chunk in chunks:
-        encoded = [s if isinstance(s, Encoded) else encode_sample(model, s) for s in chunk]
-        lc, runs = _chunk_lc(model, model.prepare(encoded), kinds)
-        totals += lc.sum(dim=1).cpu()
-        evaluations += runs
-        bar.update(len(chunk))
-    bar.close()
-    mean = (totals / len(samples)).tolist()
+    ranks = ranks or Ranks()
+    mine = ranks.shard(samples)
+    totals = torch.zeros(len(kinds) + 1, model.num_layers, dtype=torch.float64)
+    error = None
+    bar = _progress(len(mine), progress and ranks.main)
+    try:
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i:i + batch_size]
+            encoded = [s if isinstance(s, Encoded) else encode_sample(model, s) for s in chunk]
+            lc, runs = _chunk_lc(model, model.prepare(encoded), kinds)
+            totals[:-1] += lc.sum(dim=1).cpu()
+            totals[-1, 0] += runs  # layer evaluations ride along in the same reduction
+            bar.update(len(chunk))
+    except Exception as e:  # shared with the other ranks, so that none waits for this one
+        error = e
+    finally:
+        bar.close()
+    distributed.gather(ranks, None, error)
+    totals = distributed.all_sum(ranks, totals)
+    evaluations = int(totals[-1, 0])
+    mean = (totals[:-1] / len(samples)).tolist()
     by_type = dict(zip([k.name.lower() for k in kinds], mean, strict=True))
     report = LCReport(model=model.name, samples=len(samples), visual=by_type.get("visual"),
                       text=by_type.get("text"), data=data, layer_evaluations=evaluations)

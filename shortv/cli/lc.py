@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="zoo name, checkpoint directory or Hub repo id")
     p.add_argument("--data", required=True,
                    help='JSONL calibration file: {"image": path or [paths], "prompt": text} per '
-                        "line; relative image paths resolve against the file's folder")
+                        "line, or an eval question file (shortv eval --questions)")
+    p.add_argument("--image-folder", metavar="DIR",
+                   help="where relative image paths resolve (default: the data file's folder)")
     p.add_argument("--out", help="write the report (JSON) here")
     p.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
     p.add_argument("--limit", type=int_at_least(1), help="use only the first N samples")
@@ -29,19 +31,27 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from .. import lc, load
+    from ..eval import distributed
 
     # Fail on bad data and unwritable outputs before loading and computing.
-    samples = lc.read_samples(args.data, limit=args.limit)
+    samples = lc.read_samples(args.data, limit=args.limit, image_folder=args.image_folder)
     out, plot = output_path(args.out), output_path(args.plot)
     if out is not None and plot is not None and out.resolve() == plot.resolve():
         raise ConfigError("--out and --plot name the same file")
     if plot is not None:
         lc.require_matplotlib()
-    model = load(args.model, device=args.device, dtype=args.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the noise case is reported below, on one line
-        report = lc.layer_contribution(model, samples, batch_size=args.batch_size,
-                                       progress=not args.json and not args.quiet, data=str(args.data))
+    ranks = distributed.start(args.device)  # one process, or one of a torchrun group
+    try:
+        model = load(args.model, device=ranks.device or args.device, dtype=args.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the noise case is reported below, on one line
+            report = lc.layer_contribution(model, samples, batch_size=args.batch_size,
+                                           progress=not args.json and not args.quiet,
+                                           data=str(args.data), ranks=ranks)
+    finally:
+        distributed.stop(ranks)
+    if not ranks.main:
+        return 0
     if out is not None:
         report.save(out)
     if plot is not None:

@@ -8,6 +8,7 @@ talks to the model through its prefill / step interface only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,21 +26,30 @@ if TYPE_CHECKING:
 @dataclass
 class GenerationResult:
     """One answer: its text, the generated ids (EOS excluded), why it ended ("eos",
-    "stop" or "length"), and the prompt's length in tokens after image expansion."""
+    "stop" or "length"), and the prompt's length in tokens after image expansion.
+
+    Timings are those of the whole batch the answer was generated in: `prefill_seconds`
+    until the first token was known (vision tower + prefill), `decode_seconds` for the
+    steps after it."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 def generate(model: LLaVA, batch: Sequence[Encoded], options: GenerationOptions) -> list[GenerationResult]:
     """Answers for a batch of encoded prompts, in input order."""
     assemblers = [_assembler(model, options) for _ in batch]
     reasons: list[str | None] = [None] * len(batch)
+    start = time.perf_counter()
+    first_token_at = None
     steps = token_steps(model, batch, options)
     prompt_lengths = next(steps)
-    for tokens in steps:
+    for tokens in steps:  # each step's ids reach the host, so the clock sees finished work
+        first_token_at = first_token_at or time.perf_counter()
         for i, token in enumerate(tokens):
             if reasons[i] is not None:
                 continue
@@ -51,8 +61,10 @@ def generate(model: LLaVA, batch: Sequence[Encoded], options: GenerationOptions)
                 reasons[i] = "stop"
         if all(r is not None for r in reasons):
             break
+    end = time.perf_counter()
+    first_token_at = first_token_at or end
     return [
-        GenerationResult(a.final(), a.ids, r or "length", n)
+        GenerationResult(a.final(), a.ids, r or "length", n, first_token_at - start, end - first_token_at)
         for a, r, n in zip(assemblers, reasons, prompt_lengths, strict=True)
     ]
 

@@ -1,0 +1,84 @@
+"""`shortv eval`: answer an LLaVA question file into an LLaVA answer file, scored when the
+questions carry answers; data-parallel under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .options import (
+    add_method,
+    add_runtime,
+    float_in,
+    int_at_least,
+    method_options,
+    output_path,
+    print_json,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="answer a question file (LLaVA's formats), score it")
+    p.add_argument("model", help="zoo name, checkpoint directory or Hub repo id")
+    p.add_argument("--questions", required=True, metavar="Q.jsonl",
+                   help='question file: {"question_id", "image", "text"[, "answer"]} per line')
+    p.add_argument("--answers-out", required=True, metavar="A.jsonl",
+                   help="answer file to write (resumed if it exists)")
+    p.add_argument("--image-folder", metavar="DIR",
+                   help="where relative image paths resolve (default: the question file's folder)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
+    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=0.0,
+                   help="0 (default): greedy, as LLaVA's eval scripts")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, open_low=True))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--limit", type=int_at_least(1), help="only the first N questions")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_runtime(p)
+    add_method(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load, zoo
+    from ..eval import distributed
+    from ..eval.questions import read_questions
+    from ..eval.runner import evaluate
+    from ..generate import GenerationOptions
+
+    # Everything that can be wrong with the inputs is found before loading the model.
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+    questions = read_questions(args.questions, image_folder=args.image_folder, limit=args.limit)
+    output_path(args.answers_out)
+    method = method_options(args, zoo.card(args.model))
+    ranks = distributed.start(args.device)
+    try:
+        model = load(args.model, device=ranks.device or args.device, dtype=args.dtype, **method)
+        summary = evaluate(model, questions, args.answers_out, options=options,
+                           batch_size=args.batch_size, ranks=ranks,
+                           progress=not (args.quiet or args.json))
+    finally:
+        distributed.stop(ranks)
+    if summary is None:  # not rank 0
+        return 0
+    if args.json:
+        print_json(summary)
+    else:
+        print(_describe(summary), file=sys.stdout)
+    return 0
+
+
+def _describe(s: dict) -> str:
+    parts = [f"{s['model']}, {s['method']}: {s['n']} answers in {s['answers']}"]
+    if s["accuracy"] is not None:
+        parts.append(f"accuracy {s['accuracy']:.1%} on {s['scored']} scored")
+    if s["tflops_ratio"] is not None:
+        parts.append(f"prefill {s['tflops_ratio']:.0%} of vanilla FLOPs")
+    if s["mean_prefill_ms"] is not None:
+        parts.append(f"{s['mean_prefill_ms']:.1f} ms mean prefill per batch")
+    if s["decode_tokens_per_s"] is not None:
+        parts.append(f"{s['decode_tokens_per_s']:.1f} decode tokens/s")
+    parts.append(f"{s['wall_s']:.1f} s")
+    return "; ".join(parts)
