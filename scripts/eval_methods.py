@@ -1,0 +1,73 @@
+"""The paper's table in miniature: every method on one question file with `shortv eval`'s
+engine — accuracy, analytic prefill FLOPs ratio and measured prefill speedup side by side.
+
+    python scripts/make_demo_eval.py --out /tmp/demo-eval
+    python scripts/eval_methods.py llava-tiny-demo --questions /tmp/demo-eval/questions.jsonl \
+        --out /tmp/demo-eval-answers [--batch-size 16] [--json]
+
+The model is loaded once; each method writes its own answer file (`<out>/<method>.jsonl`,
+resumed if present, so delete the folder to re-measure). Methods: vanilla, ShortV with the
+card's N, FastV k=2 r=0.5, VTW k = half the layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import shortv
+from shortv.errors import ShortVError
+from shortv.eval.questions import read_questions
+from shortv.eval.runner import evaluate
+from shortv.generate import GenerationOptions
+from shortv.methods import VTW, FastV, ShortV, Vanilla
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--questions", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    try:
+        questions = read_questions(args.questions)
+        model = shortv.load(args.model, device="cpu")
+        card = shortv.zoo.get_card(args.model)
+        methods = {"vanilla": Vanilla(), f"shortv N={card.n_frozen}": ShortV(card.ranking[: card.n_frozen]),
+                   "fastv k=2 r=0.5": FastV(k=2, r=0.5), "vtw": VTW()}
+        args.out.mkdir(parents=True, exist_ok=True)
+        # Warm-up (first calls allocate and pick kernels), so the first method is not charged for it.
+        warm = questions[: args.batch_size]
+        model.generate([q.text for q in warm], [list(q.images) for q in warm], max_new_tokens=2)
+        rows = []
+        for label, method in methods.items():
+            model.set_method(method)
+            summary = evaluate(model, questions, args.out / f"{method.name}.jsonl",
+                               options=GenerationOptions(max_new_tokens=args.max_new_tokens),
+                               batch_size=args.batch_size, progress=not args.json)
+            rows.append({"label": label, **summary})
+    except ShortVError as e:
+        print(f"eval_methods: error: {e}", file=sys.stderr)
+        return 2
+    base = rows[0]["mean_prefill_ms"]
+    for row in rows:
+        row["prefill_speedup"] = base / row["mean_prefill_ms"] if row["mean_prefill_ms"] else None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("| method | accuracy | TFLOPs ratio | prefill ms / batch | measured prefill speedup |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        speed = f"{r['prefill_speedup']:.2f}x" if r["prefill_speedup"] else "-"
+        print(f"| {r['label']} ({r['method']}) | {r['accuracy']:.1%} | {r['tflops_ratio']:.0%} | "
+              f"{r['mean_prefill_ms']:.1f} | {speed} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,531 @@
+"""The lmms-eval model `shortv`: any shortv model (vanilla, ShortV, FastV, VTW) evaluated by
+lmms-eval (>= 0.7) on its tasks.
+
+Installing shortv registers the model through lmms-eval's entry-point group
+`lmms_eval.models` (pyproject.toml points it at `manifest` below), so no environment
+variable or plugin path is needed:
+
+    pip install "shortv[eval]"
+    python -m lmms_eval --model shortv \
+        --model_args pretrained=llava-v1.5-7b,n_frozen=19 --tasks gqa --batch_size 8
+
+Data parallel: `accelerate launch --num_processes N -m lmms_eval ...` (or torchrun) starts
+N processes; lmms-eval gives each its share of the documents (by RANK / WORLD_SIZE) and
+gathers the results; each process loads its own copy of the model on the GPU of its
+LOCAL_RANK. Nothing here starts a process group: lmms-eval's CLI already has one when
+there are several processes, and a single process needs none.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from loguru import logger
+from PIL import Image
+from tqdm import tqdm
+
+from .. import zoo
+from ..cli.options import method_options
+from ..conversation import get_template
+from ..errors import ConfigError, InputError, ShortVError
+from ..generate import GenerationOptions
+from ..llava import Encoded, LLaVA, to_pil
+from ..loading import DTYPES, load
+from ..methods import METHODS, parse_layer_list
+
+MODEL_ID = "shortv"
+
+# Generation keywords that lmms-eval task files use and that change nothing here: beam
+# search with one beam is greedy search, and these name features of other model families.
+_NEUTRAL_GEN_KWARGS = frozenset({"num_beams", "do_sample", "image_aspect_ratio", "use_cache"})
+_GEN_KWARGS = frozenset({"max_new_tokens", "temperature", "top_p", "until", "seed"}) | _NEUTRAL_GEN_KWARGS
+
+
+def manifest() -> Any:
+    """The entry point of the `lmms_eval.models` group: the model's registration.
+
+    lmms-eval calls this while its model registry initialises, so the import is done here
+    (registry_v2 is loaded by then) rather than at module level, where importing this
+    module before lmms_eval.models would start the registry mid-import of this module."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.ShortVLMM")
+
+
+class ShortVLMM(lmms):
+    """lmms-eval model for shortv: LLaVA-1.5 / LLaVA-NeXT with ShortV, FastV or VTW.
+
+    model_args (`--model_args key=value,key=value`; lmms-eval splits them on commas):
+
+    - pretrained: zoo name (`shortv zoo`), checkpoint directory or Hub repo id (required).
+    - method: vanilla | shortv | fastv | vtw. Default: shortv when n_frozen or
+      frozen_layers is given, else vanilla; `method=shortv` alone freezes the card's
+      paper N (as `shortv chat --method shortv`).
+    - n_frozen: ShortV, freeze the first N layers of the ranking (the card's, or `ranking`).
+    - frozen_layers: ShortV, exactly these layer ids, separated by ":" because a comma
+      would end the argument: `frozen_layers=31:29:30` (a quoted or bracketed
+      comma list, `frozen_layers=[31,29,30]`, survives lmms-eval's splitting too).
+    - ranking: an LC report from `shortv lc`, used with n_frozen.
+    - k, r: FastV's layer K and dropped fraction R (default 2 and 0.5); VTW's layer K
+      (default half the layers).
+    - dtype: float32 | float16 | bfloat16 (and fp32, fp16, bf16); default bfloat16 on
+      CUDA, float32 on CPU. device: cpu, cuda, cuda:1, ...; default the GPU of this
+      process (LOCAL_RANK) when CUDA is available, else cpu.
+    - conv_template: a shortv conversation template (`vicuna_v1`, `plain`); default the
+      card's (the loaded model's).
+    - batch_size: requests per forward pass (also `--batch_size`; model_args win).
+
+    Prompts are built as `shortv chat` builds them: each request's context is the user
+    turn of the conversation template, and the document's images (lmms-eval's
+    doc_to_visual) get `<image>` placeholders at its start unless the context places them.
+    Request types: generate_until (batched; gen_kwargs max_new_tokens, temperature, top_p,
+    until, seed) and loglikelihood; generate_until_multi_round is not supported.
+
+    loglikelihood returns log probabilities, as lmms-eval's model API documents. Its
+    multiple_choice scoring (0.7.3) instead takes the argmin, because its own models
+    return losses, and its evaluator turns loglikelihood results into strings before
+    scoring; both are lmms-eval's to fix.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        method: str | None = None,
+        n_frozen: int | str | None = None,
+        frozen_layers: str | int | Sequence[int] | None = None,
+        ranking: str | None = None,
+        k: int | str | None = None,
+        r: float | str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        conv_template: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,  # lmms-eval passes --max_batch_size (for "auto"): unused
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise ConfigError(
+                f"unknown model_args {', '.join(sorted(unknown))} for --model {MODEL_ID}; use "
+                "pretrained, method, n_frozen, frozen_layers, ranking, k, r, dtype, device, "
+                "conv_template, batch_size")
+        if pretrained is None or not str(pretrained).strip():
+            raise ConfigError(f"--model {MODEL_ID} needs model_args pretrained=NAME (a zoo name, "
+                              "checkpoint directory or Hub repo id)")
+        pretrained = str(pretrained)
+        # Every value is checked before the (possibly long) load.
+        options = types.SimpleNamespace(
+            method=_choice("method", method, tuple(METHODS)),
+            n_frozen=_integer("n_frozen", n_frozen, low=0),
+            frozen_layers=_layers("frozen_layers", frozen_layers),
+            ranking=None if ranking is None else str(ranking),
+            k=_integer("k", k, low=0),
+            r=_number("r", r, low=0.0, high=1.0),
+        )
+        dtype = _choice("dtype", dtype, tuple(DTYPES))
+        template = None
+        if conv_template is not None:
+            try:
+                template = get_template(str(conv_template))
+            except ConfigError as e:
+                raise ConfigError(f"model_args conv_template={conv_template!r}: {e}") from None
+        self.batch_size_per_process = _batch_size(batch_size)
+        try:
+            method_kwargs = method_options(options, zoo.card(pretrained))
+        except ConfigError as e:
+            raise ConfigError(f"model_args: {_model_args_wording(str(e))}") from None
+
+        self._rank, self._world_size, local_rank = _process_layout()
+        model = load(pretrained, device=_device(device, local_rank, self._world_size), dtype=dtype,
+                     **method_kwargs)
+        if template is not None:
+            model.template = template
+        self._model = model
+        # Kept apart from the model: lmms-eval's clean() drops every nn.Module attribute after
+        # the requests, and its collectives still ask for the device.
+        self._device = model.device
+        if self._rank == 0:
+            logger.info(f"shortv: {model.name} on {model.device} ({model.dtype}), "
+                        f"{model.method.describe()}, {self._world_size} process(es)")
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> ShortVLMM:
+        """The model from `--model_args` plus lmms-eval's own options (batch_size,
+        max_batch_size, device from its command line). The base class passes both as
+        keywords, so a name in both (batch_size always comes from --batch_size, 1 by
+        default) would be a TypeError; here model_args win."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **args})
+
+    # ---- what the evaluator reads ----------------------------------------------------------
+
+    @property
+    def model(self) -> LLaVA:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_process
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """One answer per request, in request order. Requests are grouped by generation
+        settings (a batch shares one GenerationOptions) and batched by prompt length."""
+        answers: list[str] = [""] * len(requests)
+        groups: dict[GenerationOptions, list[int]] = {}
+        for i, request in enumerate(requests):
+            gen_kwargs = request.args[1]
+            groups.setdefault(generation_options(gen_kwargs), []).append(i)
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="shortv generate_until")
+        for options, indices in groups.items():
+            # Longest first, so a batch holds prompts of similar length (less padding) and a
+            # batch that does not fit in memory fails at once.
+            indices.sort(key=lambda i: -len(str(requests[i].args[0])))
+            for chunk in _chunks(indices, self.batch_size):
+                prompts = [_context(requests[i]) for i in chunk]
+                images = [self._visuals(requests[i]) for i in chunk]
+                try:
+                    results = self._model.generate(prompts, images, options=options, template=True)
+                except ShortVError as e:
+                    raise type(e)(f"{_where(requests[chunk[0]])}: {e}") from None
+                for i, result in zip(chunk, results, strict=True):
+                    answers[i] = result.text
+                    self.cache_hook.add_partial("generate_until", requests[i].args[:2], result.text)
+                progress.update(len(chunk))
+        progress.close()
+        return answers
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), whether greedy decoding gives the continuation)
+        per request: the context is the user turn of the conversation template (with the
+        document's images), the continuation is appended as text after the open
+        assistant turn, and its tokens' log probabilities are summed (a log probability,
+        <= 0, higher is likelier; not a loss). The whole sequence is one prefill, so FastV
+        picks the visual tokens it keeps by the continuation's last token."""
+        scored = [self._scored(request) for request in requests]
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -len(scored[i][0].input_ids))
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="shortv loglikelihood")
+        for chunk in _chunks(order, self.batch_size):
+            batch = [scored[i][0] for i in chunk]
+            targets = [scored[i][1] for i in chunk]
+            for i, value in zip(chunk, continuation_scores(self._model, batch, targets), strict=True):
+                out[i] = value
+                self.cache_hook.add_partial("loglikelihood", requests[i].args[:2], value)
+            progress.update(len(chunk))
+        progress.close()
+        return out
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise InputError(
+            f"--model {MODEL_ID} does not support generate_until_multi_round requests "
+            "(multi-round tasks); it answers generate_until and loglikelihood requests")
+
+    # ---- request parts ---------------------------------------------------------------------
+
+    def _visuals(self, request: Instance) -> list[Image.Image]:
+        """The document's images: lmms-eval's doc_to_visual(doc), flattened, as PIL."""
+        args = request.args
+        if len(args) < 6:  # ("", continuation): lmms-eval's unconditional requests
+            return []
+        doc_to_visual, doc_id, task, split = args[2], args[3], args[4], args[5]
+        if doc_to_visual is None:
+            return []
+        try:
+            doc = self.task_dict[task][split][doc_id]
+        except (KeyError, IndexError, TypeError):
+            raise InputError(f"{_where(request)}: the document is not in the model's task_dict "
+                             "(lmms-eval's evaluator fills it)") from None
+        try:
+            return [to_pil(v) for v in _flatten(doc_to_visual(doc))]
+        except ShortVError as e:
+            raise type(e)(f"{_where(request)}: {e}") from None
+
+    def _scored(self, request: Instance) -> tuple[Encoded, list[int]]:
+        """The encoded context + continuation of a loglikelihood request, and the
+        continuation's token ids (the end of the encoded ids)."""
+        context, continuation = _context(request), request.args[1]
+        if callable(continuation):  # output_type loglikelihood: doc_to_target(doc)
+            args = request.args
+            continuation = continuation(self.task_dict[args[4]][args[5]][args[3]])
+        if not isinstance(continuation, str) or not continuation:
+            raise InputError(f"{_where(request)}: a loglikelihood continuation must be a non-empty "
+                             f"string, got {continuation!r}")
+        try:
+            return encode_continuation(self._model, context, continuation, self._visuals(request))
+        except ShortVError as e:
+            raise type(e)(f"{_where(request)}: {e}") from None
+
+
+# ---- scoring ----------------------------------------------------------------------------------
+
+
+def encode_continuation(model: LLaVA, context: str, continuation: str,
+                        images: Sequence[Image.Image]) -> tuple[Encoded, list[int]]:
+    """The templated context (as `model.chat` would send it) followed by the continuation
+    text, and the continuation's ids.
+
+    The whole text is tokenized at once and the continuation's ids are what follows the
+    context's own ids: tokenizing the continuation alone would give a SentencePiece
+    tokenizer's word-start form of its first piece, which is not what follows the context."""
+    prompt = model.encode(context, list(images))
+    text = prompt.prompt + continuation
+    ids = model.require_tokenizer().encode_prompt(text)
+    context_ids = prompt.input_ids.tolist()
+    shared = 0
+    for a, b in zip(ids, context_ids, strict=False):
+        if a != b:
+            break
+        shared += 1
+    # A merge across the boundary moves the merged piece into the continuation (scored as
+    # part of it) rather than cutting a token in two.
+    target = ids[shared:]
+    if not target:
+        raise InputError(f"the continuation {continuation!r} adds no tokens to the context")
+    if any(t < 0 for t in target):
+        raise InputError("a loglikelihood continuation cannot contain image placeholders")
+    return Encoded(torch.tensor(ids, dtype=torch.long), prompt.images, prompt.image_sizes, text), target
+
+
+@torch.inference_mode()
+def continuation_scores(model: LLaVA, batch: Sequence[Encoded],
+                        targets: Sequence[Sequence[int]]) -> list[tuple[float, bool]]:
+    """(sum of log p(target token | everything before it), whether each target token is
+    the argmax) for encoded sequences that end with their targets, in one left-padded pass."""
+    hidden = model.hidden_states(model.prepare(batch))
+    longest = max(len(t) for t in targets)
+    # Left padding puts every sequence's end at the last position, so only the positions
+    # that predict the longest target go through the vocabulary projection.
+    logits = model.decoder.head(hidden[:, -(longest + 1):-1]).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    out = []
+    for row, target in zip(logprobs, targets, strict=True):
+        rows = row[-len(target):]
+        ids = torch.tensor(target, device=rows.device)
+        value = rows.gather(-1, ids[:, None]).sum()
+        greedy = bool((rows.argmax(dim=-1) == ids).all())
+        out.append((float(value), greedy))
+    return out
+
+
+def generation_options(gen_kwargs: dict[str, Any] | None) -> GenerationOptions:
+    """lmms-eval's generation kwargs as GenerationOptions: max_new_tokens, temperature,
+    top_p, until (stop strings), seed; do_sample=False means greedy. Other keywords are
+    logged once and ignored; beam search is refused."""
+    try:
+        return _generation_options(dict(gen_kwargs or {}))
+    except ConfigError as e:  # a task's settings, not the model's
+        raise InputError(str(e)) from None
+
+
+def _generation_options(gen: dict[str, Any]) -> GenerationOptions:
+    for key in sorted(set(gen) - _GEN_KWARGS):
+        if key not in _IGNORED_REPORTED:
+            _IGNORED_REPORTED.add(key)
+            logger.warning(f"shortv: generation kwarg {key}={gen[key]!r} is not supported and is ignored")
+    beams = gen.get("num_beams", 1)
+    if beams not in (None, 1):
+        raise InputError(f"gen_kwargs num_beams={beams!r}: shortv has no beam search; use num_beams=1")
+    sample = gen.get("do_sample")
+    temperature = gen.get("temperature")
+    if sample is False:
+        temperature = 0.0
+    elif temperature is None:
+        # do_sample=True alone samples at temperature 1, as transformers does.
+        temperature = 1.0 if sample else 0.0
+    temperature = _number("temperature", temperature, low=0.0, what="gen_kwargs")
+    top_p = gen.get("top_p")
+    if temperature == 0 or top_p is None:
+        top_p = None  # greedy ignores it; task files write top_p: 0 next to temperature: 0
+    else:
+        top_p = _number("top_p", top_p, low=0.0, high=1.0, what="gen_kwargs")
+    until = gen.get("until")
+    stop = () if until is None else (until,) if isinstance(until, str) else until
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise InputError(f"gen_kwargs until must be a string or a list of strings, got {until!r}")
+    max_new_tokens = gen.get("max_new_tokens")
+    settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p,
+                                "stop": tuple(s for s in stop if s)}
+    if max_new_tokens is not None:
+        settings["max_new_tokens"] = _integer("max_new_tokens", max_new_tokens, low=0, what="gen_kwargs")
+    if gen.get("seed") is not None:
+        settings["seed"] = _integer("seed", gen["seed"], what="gen_kwargs")
+    return GenerationOptions(**settings)
+
+
+_IGNORED_REPORTED: set[str] = set()
+
+
+# ---- model_args -------------------------------------------------------------------------------
+
+
+def _integer(name: str, value: Any, *, low: int | None = None, what: str = "model_args") -> int | None:
+    """An integer model arg: lmms-eval gives ints for digit strings, else strings (or
+    floats for "4.0", kept when whole)."""
+    if value is None:
+        return None
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        number = int(value)
+    if number is None:
+        raise ConfigError(f"{what} {name}={value!r} is not an integer")
+    if low is not None and number < low:
+        raise ConfigError(f"{what} {name}={number} must be >= {low}")
+    return number
+
+
+def _number(name: str, value: Any, *, low: float, high: float | None = None,
+            what: str = "model_args") -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number != number:  # NaN
+        raise ConfigError(f"{what} {name}={value!r} is not a number")
+    if number < low or (high is not None and number > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{what} {name}={number} must be {bounds}")
+    return number
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"model_args {name}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
+def _layers(name: str, value: Any) -> list[int] | None:
+    """Layer ids from "31:29:30" (lmms-eval splits model_args on commas), a quoted or
+    bracketed comma list, one id (an int after lmms-eval's parsing), or a Python list."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or (isinstance(value, int) and not isinstance(value, bool)):
+        value = ",".join(map(str, value if isinstance(value, (list, tuple)) else [value]))
+    try:
+        if not isinstance(value, str):
+            raise ConfigError("not text")
+        ids = parse_layer_list(value.strip().strip("'\"[]()").replace(":", ","))
+    except ConfigError:
+        ids = []
+    if not ids or any(i < 0 for i in ids):
+        raise ConfigError(f"model_args {name}={value!r} is not a list of layer ids; separate them "
+                          f"with ':' (e.g. {name}=31:29:30)")
+    return ids
+
+
+def _batch_size(value: Any) -> int:
+    if isinstance(value, str) and value.strip().startswith("auto"):
+        raise ConfigError(f"batch_size={value!r}: automatic batch sizes are not supported; give a number")
+    size = _integer("batch_size", value, low=1)
+    assert size is not None
+    return size
+
+
+# The CLI's method errors name its flags; here the same rules are about model_args.
+_FLAG_NAMES = (("--method ", "method="), ("--n-frozen N", "n_frozen=N"), ("--n-frozen", "n_frozen"),
+               ("--frozen-layers I,J,...", "frozen_layers=I:J:..."), ("--frozen-layers", "frozen_layers"),
+               ("--ranking", "ranking"), ("--k", "k"), ("--r", "r"))
+
+
+def _model_args_wording(message: str) -> str:
+    for flag, arg in _FLAG_NAMES:
+        message = message.replace(flag, arg)
+    return message
+
+
+# ---- processes and devices --------------------------------------------------------------------
+
+
+def _process_layout() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process: torch.distributed's when a process
+    group exists (lmms-eval's CLI makes one under accelerate launch / torchrun), else the
+    launcher's environment, else a single process."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local
+
+
+def _device(device: Any, local_rank: int, world_size: int) -> str | None:
+    """The device this process loads onto. With several processes every process takes the
+    GPU of its LOCAL_RANK, as lmms-eval's own models do, also when the command line names
+    one GPU (`--device cuda:0` in a data-parallel run means "the GPUs", not one of them)."""
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(f"model_args device={device!r}: use e.g. cpu, cuda or cuda:1")
+    on_cuda = device is None or device.startswith("cuda")
+    if world_size <= 1 or not torch.cuda.is_available() or not on_cuda:
+        return device
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"process LOCAL_RANK={local_rank} has no GPU of its own: only "
+                          f"{torch.cuda.device_count()} visible; start fewer processes")
+    own = f"cuda:{local_rank}"
+    if device not in (None, "cuda", own):
+        logger.warning(f"shortv: device={device} replaced by {own}, this process's GPU "
+                       f"({world_size} processes)")
+    torch.cuda.set_device(local_rank)  # collectives (NCCL) run on the current device
+    return own
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _context(request: Instance) -> str:
+    context = request.args[0]
+    if isinstance(context, list) and len(context) == 1:
+        context = context[0]
+    if not isinstance(context, str):
+        raise InputError(f"{_where(request)}: the context must be a string, got {type(context).__name__}")
+    return context
+
+
+def _flatten(visuals: Any) -> Iterator[Any]:
+    """doc_to_visual's result: None, one image, or a (possibly nested) list of them."""
+    if visuals is None:
+        return
+    if isinstance(visuals, (list, tuple)):
+        for v in visuals:
+            yield from _flatten(v)
+        return
+    if isinstance(visuals, dict):
+        raise InputError("doc_to_visual gave audio or another non-image input; shortv takes images")
+    yield visuals
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def _where(request: Instance) -> str:
+    return f"task {request.task_name} doc {request.doc_id}"
+
+
+__all__ = ["ShortVLMM", "continuation_scores", "encode_continuation", "generation_options", "manifest"]
