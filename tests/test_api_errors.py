@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 import shortv
-from shortv import cli
 from shortv.errors import ConfigError, InputError, ShortVError
+
+from .cli_runner import run_main
 
 REPO = Path(shortv.__file__).resolve().parents[1]
 DEMO = REPO / "weights" / "llava-tiny-demo"
@@ -87,14 +88,6 @@ def test_missing_tokenizer_is_named_at_load_and_at_first_use(tmp_path):
     enc = shortv.Encoded(torch.tensor([1, 450, 2]))
     assert model.logits(enc).shape == (3, model.config.text.vocab_size)
 
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("flag", ["--out", "--plot"])

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import shortv
-from shortv import cli
+
+from .cli_runner import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "weights" / "llava-tiny-demo"
@@ -30,14 +31,6 @@ def shortv_cli(*args: str, stdin: str | None = None, cwd: Path = REPO) -> subpro
     return subprocess.run([sys.executable, "-m", "shortv", *args], input=stdin, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=180)
 
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse errors exit from inside parse_args
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str) -> None:

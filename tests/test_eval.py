@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import shortv
-from shortv import cli
 from shortv.eval.vqa import vqa_accuracy
+
+from .cli_runner import run_main
 
 REPO = Path(shortv.__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -38,14 +39,6 @@ def demo() -> shortv.LLaVA:
 def questions(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def shortv_eval(eval_set: Path, answers: Path, *extra: str, capsys) -> tuple[int, dict, str]:

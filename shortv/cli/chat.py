@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_method, add_runtime, float_in, int_at_least, method_options
+from .options import add_method, add_runtime, add_sampling, generation_options, method_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,10 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image (repeat for several)")
     p.add_argument("--prompt", help="answer this and exit (otherwise: an interactive loop)")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=512)
-    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=0.0)
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, open_low=True))
-    p.add_argument("--seed", type=int)
+    add_sampling(p, max_new_tokens=512)
     p.add_argument("--no-stream", action="store_true", help="print the answer when complete")
     add_runtime(p)
     add_method(p)
@@ -27,11 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import load, zoo
-    from ..generate import GenerationOptions
     from ..llava import to_pil
 
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed)
+    options = generation_options(args)
     method = method_options(args, zoo.card(args.model))  # fail on bad options before loading
     images = [to_pil(path) for path in args.image]  # and on bad files
     model = load(args.model, device=args.device, dtype=args.dtype, **method)

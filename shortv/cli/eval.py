@@ -9,7 +9,8 @@ import sys
 from .options import (
     add_method,
     add_runtime,
-    float_in,
+    add_sampling,
+    generation_options,
     int_at_least,
     method_options,
     output_path,
@@ -27,11 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-folder", metavar="DIR",
                    help="where relative image paths resolve (default: the question file's folder)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1)
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
-    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=0.0,
-                   help="0 (default): greedy, as LLaVA's eval scripts")
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, open_low=True))
-    p.add_argument("--seed", type=int)
+    add_sampling(p, max_new_tokens=128)
     p.add_argument("--limit", type=int_at_least(1), help="only the first N questions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -45,11 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from ..eval import distributed
     from ..eval.questions import read_questions
     from ..eval.runner import evaluate
-    from ..generate import GenerationOptions
 
     # Everything that can be wrong with the inputs is found before loading the model.
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed)
+    options = generation_options(args)
     questions = read_questions(args.questions, image_folder=args.image_folder, limit=args.limit)
     output_path(args.answers_out)
     method = method_options(args, zoo.card(args.model))

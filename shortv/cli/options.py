@@ -91,6 +91,23 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    help="default: bfloat16 on CUDA, float32 on CPU")
 
 
+def add_sampling(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """--max-new-tokens, --temperature, --top-p, --seed (greedy by default)."""
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=max_new_tokens)
+    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=0.0,
+                   help="0 (default): greedy, as LLaVA's eval scripts")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, open_low=True))
+    p.add_argument("--seed", type=int)
+
+
+def generation_options(args: argparse.Namespace) -> Any:
+    """The GenerationOptions of the --max-new-tokens/--temperature/--top-p/--seed options."""
+    from ..generate import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed)
+
+
 def add_method(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method (vanilla, ShortV, FastV, VTW)")
     g.add_argument("--method", choices=tuple(METHODS),
