@@ -39,7 +39,7 @@ class VisionAttention(nn.Module):
         def split(y: Tensor) -> Tensor:
             return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        q, k, v = (split(proj(x, contiguous=True)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 

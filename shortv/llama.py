@@ -222,6 +222,18 @@ class Segment:
             self._rows["all"] = rows
         return self._rows["all"]
 
+    def last_rows(self) -> Rows:
+        """The last position of every sequence (always a real token: padding is on the
+        left). It may attend to every key, so without padding no mask is needed."""
+        if "last" not in self._rows:
+            b, t = self.types.shape
+            index = torch.full((b, 1), t - 1, dtype=torch.long, device=self.types.device)
+            subset = Subset(index, torch.ones(b, 1, dtype=torch.bool, device=index.device), True)
+            mask = self._mask(self.past_length + index) if self.has_pad else None
+            self._rows["last"] = Rows(self.cos[:, -1:], self.sin[:, -1:], mask, causal=False,
+                                      subset=subset)
+        return self._rows["last"]
+
     def rows_where(self, active: Tensor, key: object) -> Rows:
         """Rows for the positions where `active` [B, T] is True (memoised under `key`)."""
         if key not in self._rows:
@@ -263,12 +275,14 @@ class Attention(nn.Module):
 
     def queries(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """[B, H, T, D] rotated queries of hidden states h [B, T, hidden]."""
-        return apply_rope(self._heads(self.q_proj(h), self.heads), cos, sin).transpose(1, 2)
+        # Row-major projections keep SDPA on its fused kernels (it falls back to the
+        # unfused math path for other layouts).
+        return apply_rope(self._heads(self.q_proj(h, contiguous=True), self.heads), cos, sin).transpose(1, 2)
 
     def keys_values(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """[B, H_kv, T, D] rotated keys and values."""
-        k = apply_rope(self._heads(self.k_proj(h), self.kv_heads), cos, sin).transpose(1, 2)
-        return k, self._heads(self.v_proj(h), self.kv_heads).transpose(1, 2)
+        k = apply_rope(self._heads(self.k_proj(h, contiguous=True), self.kv_heads), cos, sin).transpose(1, 2)
+        return k, self._heads(self.v_proj(h, contiguous=True), self.kv_heads).transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rows: Rows) -> Tensor:
         out = F.scaled_dot_product_attention(
@@ -427,8 +441,8 @@ class Decoder(nn.Module):
     @staticmethod
     def _rows(seg: Segment, frozen: TokenType | None, last_only: bool) -> Rows:
         frozen = frozen if frozen in seg.kinds else None
-        if frozen is None and not last_only:
-            return seg.all_rows()
+        if frozen is None:
+            return seg.last_rows() if last_only else seg.all_rows()
         active = seg.types != TokenType.PAD
         if frozen is not None:
             active = active & (seg.types != frozen)
