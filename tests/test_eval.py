@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -206,9 +207,19 @@ def test_lc_reads_question_files(eval_set, tmp_path):
 
 
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "shortv", *args], capture_output=True, text=True,
-                          env=ENV, timeout=timeout, cwd=REPO)
+    """`torchrun --standalone --nproc-per-node 2 -m shortv ARGS`, in its own process group
+    so that a run past `timeout` is ended with all its workers (none left orphaned)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "shortv", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                          cwd=REPO, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def test_torchrun_eval_equals_one_process_byte_for_byte(eval_set, tmp_path, capsys):
