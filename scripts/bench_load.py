@@ -68,7 +68,9 @@ def main() -> int:
                 runs = []
                 for _ in range(args.repeats):
                     out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype],
-                                         capture_output=True, text=True, check=True)
+                                         capture_output=True, text=True)
+                    if out.returncode:  # say why, not just that the child failed
+                        sys.exit(f"loading {path} ({dtype}) failed:\n{out.stderr[-3000:]}")
                     runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 rows.append({
                     "format": fmt, "shards": shards, "dtype": dtype, "checkpoint_mb": disk / 1e6,

@@ -1,31 +1,36 @@
 """Reading checkpoint files and filling a model from them, strictly and leanly.
 
-Formats: `.safetensors` and PyTorch `.bin`, single files or shards with an index json.
-Both are memory-mapped; each tensor is copied (and cast) once into its parameter and the
-mapped pages are released right after, so peak memory stays near the size of the model
-rather than model + checkpoint. Key maps turn the published names (original LLaVA,
-transformers' Llava/LlavaNext old and new, HF CLIP) into ours; every checkpoint tensor
-must be used or be on a short list of known-unused ones, every parameter filled once.
+Formats: `.safetensors` (read with `safetensors.safe_open`) and PyTorch `.bin` (zip
+archives memory-mapped by `torch.load(mmap=True)`; legacy pickles read whole), single files
+or shards with an index json. Each tensor is a view of a private memory map; it is copied
+(and cast) once into its parameter and the mapped pages are released right after, so peak
+memory stays near the size of the model rather than model + checkpoint. Key maps turn the
+published names (original LLaVA, transformers' Llava/LlavaNext old and new, HF CLIP) into
+ours; every checkpoint tensor must be used or be on a short list of known-unused ones,
+every parameter filled once. `check_config_against_checkpoint` compares a config with the
+checkpoint's shapes (read from headers) before a model is built.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import math
 import mmap
-import os
 import re
-import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import CheckpointError
+from .config import LlavaConfig, projector_depth
+from .errors import CheckpointError, ConfigError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -87,23 +92,6 @@ CLIP_TOWER_LAYOUT = [
 ]
 
 
-# An open_clip (OpenAI-style) VisionTransformer: other names, and q/k/v packed in one
-# `in_proj` tensor (target "qkv", split by `open_clip_tower_state`). The pooling head is
-# not part of LLaVA's tower.
-OPEN_CLIP_KEYS: list[tuple[str, str | None]] = [
-    (r"conv1\.weight", "patch_embed.weight"),
-    (r"class_embedding", "class_embedding"),
-    (r"positional_embedding", "position_embedding"),
-    (r"ln_pre\.(weight|bias)", r"pre_norm.\1"),
-    (r"ln_post\.(?:weight|bias)|proj", None),
-    (r"transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"layers.\1.norm\2.\3"),
-    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"layers.\1.attn.qkv.\2"),
-    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"layers.\1.attn.out_proj.\2"),
-    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"layers.\1.mlp.fc1.\2"),
-    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"layers.\1.mlp.fc2.\2"),
-]
-
-
 class KeyMap:
     """Maps checkpoint keys to parameter names of our modules."""
 
@@ -125,33 +113,6 @@ class KeyMap:
             tail = replacement(m) if callable(replacement) else m.expand(replacement)
             return target_prefix + tail
         return False
-
-
-def open_clip_tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Parameters of our CLIPVisionTower (names without the `vision.` prefix) from an
-    open_clip VisionTransformer's state dict, or a whole open_clip CLIP model's
-    (`visual.*`; its text tower is ignored). Packed q/k/v projections are split. Tensors
-    that have no place in a CLIP ViT tower (LayerScale, attentional pooling, ...) raise
-    CheckpointError naming them. The tower's shape (heads in particular) is not in the
-    state dict: take it from the open_clip model config."""
-    prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
-    key_map = KeyMap([(re.escape(prefix), "", OPEN_CLIP_KEYS)])
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            continue
-        name = key_map(key)
-        if name is False:
-            unknown.append(key)
-        elif name is not None and ".attn.qkv." in name:
-            for proj, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):
-                out[name.replace(".qkv.", f".{proj}_proj.")] = chunk
-        elif name is not None:
-            out[name] = value
-    if unknown:
-        raise CheckpointError(f"open_clip tensors with no place in a CLIP ViT tower: {unknown}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,8 +150,13 @@ def _shards(index: Path) -> list[Path]:
 
 
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from one file. Tensors are views of a private memory map: copy
-    what you need before asking for the next one; their pages are released after."""
+    """Yield (key, tensor) from one weight file, in file order.
+
+    Tensors are views of a private memory map of the file, not copies: copy what you need
+    before asking for the next one, because the pages under each tensor are released
+    (madvise) as soon as the next is asked for, and reading them again faults them back in
+    from disk. An unreadable or corrupt file raises CheckpointError naming it.
+    """
     if path.suffix == ".safetensors":
         yield from _read_safetensors(path)
     else:
@@ -198,96 +164,93 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def tensor_keys(path: Path) -> list[str]:
-    """The keys of one weight file, cheaply."""
+    """The keys of one weight file, cheaply (from the header; no tensor data is read)."""
     if path.suffix == ".safetensors":
-        return list(_safetensors_header(path)[0])
+        with _open_safetensors(path) as f:
+            return list(f.keys())
     return [k for k, _ in _read_bin(path, release=False)]
 
 
-def _safetensors_header(path: Path) -> tuple[dict, int]:
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of one weight file, cheaply: from the safetensors header, or from a
+    memory-mapped `torch.load` of a .bin (legacy non-zip .bin files are read whole)."""
+    if path.suffix == ".safetensors":
+        with _open_safetensors(path) as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: tuple(t.shape) for k, t in _read_bin(path, release=False)}
+
+
+def checkpoint_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    """{key: shape} over all the weight files of a checkpoint (e.g. `weight_files(d)`),
+    keys as they are written in the files. A key given twice keeps its first shape (the
+    Filler reports duplicates when loading)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        for key, shape in tensor_shapes(path).items():
+            shapes.setdefault(key, shape)
+    return shapes
+
+
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """safe_open on the CPU, its errors as CheckpointError naming the file.
+
+    safe_open validates the whole header when it opens the file (JSON, dtypes, shapes
+    against byte counts, offsets contiguous and covering exactly the rest of the file), so
+    a truncated or corrupt file fails here, before any tensor is handed out. Its
+    SafetensorError does not say which file; ours does. Dtypes that safetensors knows but
+    a model parameter cannot be cast from (sub-byte floats, ...) are refused here too.
+    """
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            size = os.fstat(f.fileno()).st_size
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a readable safetensors file: its header is not an object")
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    for key, info in header.items():
-        problem = _header_problem(info, data_start, size)
-        if problem:
-            raise CheckpointError(f"{path} is truncated or corrupt: tensor {key!r} {problem}")
-    return header, data_start
-
-
-def _header_problem(info: object, data_start: int, size: int) -> str | None:
-    """What is wrong with one safetensors header entry, or None."""
-    if not isinstance(info, dict):
-        return "has no description"
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
-        return f"has unknown dtype {dtype!r}"
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        return f"has an invalid shape {shape!r}"
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-        return f"has invalid data_offsets {offsets!r}"
-    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
-    begin, end = offsets
-    if end - begin != math.prod(shape) * itemsize:
-        return f"({dtype}, shape {shape}) does not match its {end - begin} bytes"
-    if data_start + end > size:
-        return f"(bytes {begin}..{end}) does not fit the file of {size} bytes"
-    return None
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is truncated or corrupt, not a readable safetensors file: {e}"
+                              ) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    with handle as f:
+        for key in f.keys():
+            dtype = f.get_slice(key).get_dtype()
+            if dtype not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype}, which shortv "
+                                      f"cannot load (known: {', '.join(SAFETENSORS_DTYPES)})")
+        yield f
 
 
 def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    header, data_start = _safetensors_header(path)
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    try:
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            shape = info["shape"]
-            count = end - begin
-            offset = data_start + begin
-            if count == 0:
-                yield key, torch.empty(shape, dtype=dtype)
-                continue
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if offset % itemsize:  # unaligned data: copy out rather than view
-                raw = torch.frombuffer(bytearray(mm[offset : offset + count]), dtype=torch.uint8)
-                tensor = raw.view(dtype).reshape(shape)
-            else:
-                tensor = torch.frombuffer(mm, dtype=dtype, count=count // itemsize, offset=offset)
-                tensor = tensor.reshape(shape)
+    with _open_safetensors(path) as f:
+        # File order: the pages are then read front to back, which the kernel reads ahead.
+        # (offset_keys is missing from older safetensors releases; any order is correct.)
+        for key in getattr(f, "offset_keys", f.keys)():
+            # With the default "mmap" backend, get_tensor returns a view of safe_open's
+            # private (copy-on-write) map of the whole file: no bytes are copied here, and
+            # the caller's copy_ into its parameter is the only copy (cast included).
+            tensor = f.get_tensor(key)
+            if tensor.numel() and tensor.data_ptr() % tensor.element_size():
+                # Data at an offset that is not a multiple of its element size (a hand-made
+                # file; safetensors itself pads): give the caller an aligned copy rather
+                # than a misaligned view.
+                tensor = tensor.view(torch.uint8).clone().view(tensor.dtype)
             yield key, tensor
             _release_pages(tensor)
             del tensor
-    finally:
-        # Not mm.close(): torch's views keep the map alive through a reference, and a
-        # caller still holding one must not be left pointing at unmapped memory.
-        del mm
+
+
+# Every file torch.save has written since 1.6 is a zip archive; older ("legacy") files
+# are a bare pickle stream, which torch cannot memory-map.
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _read_bin(path: Path, release: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            # Pre-zip (legacy) files cannot be mapped; they are small in practice.
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            zipped = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    try:
+        # Legacy files are read whole (they are small in practice); anything that is
+        # neither a zip nor a pickle fails in torch.load either way.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # torch raises many kinds for broken pickles / zips
         # torch's message goes on to suggest weights_only=False: wrong and unsafe here.
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
@@ -393,3 +356,218 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The config against the checkpoint, before anything is built
+
+_LAYOUTS = {"original": ORIGINAL_LAYOUT, "transformers": TRANSFORMERS_LAYOUT}
+
+# Our parameter names (after the key maps) → the shape each must have, as symbols for the
+# config quantities below. Layer indices are matched, not enumerated, so that the table
+# stays small and a checkpoint of any depth costs one pass over its keys.
+_SHAPE_RULES: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
+    (re.compile(p + r"\Z"), symbols) for p, symbols in [
+        (r"decoder\.(?:embed_tokens|lm_head)\.weight", ("V", "H")),
+        (r"decoder\.(?:norm|layers\.\d+\.(?:attn|mlp)_norm)\.weight", ("H",)),
+        (r"decoder\.layers\.\d+\.attn\.q_proj\.weight", ("Q", "H")),
+        (r"decoder\.layers\.\d+\.attn\.q_proj\.bias", ("Q",)),
+        (r"decoder\.layers\.\d+\.attn\.[kv]_proj\.weight", ("K", "H")),
+        (r"decoder\.layers\.\d+\.attn\.[kv]_proj\.bias", ("K",)),
+        (r"decoder\.layers\.\d+\.attn\.o_proj\.weight", ("H", "Q")),
+        (r"decoder\.layers\.\d+\.(?:attn\.o|mlp\.down)_proj\.bias", ("H",)),
+        (r"decoder\.layers\.\d+\.mlp\.(?:gate|up)_proj\.weight", ("I", "H")),
+        (r"decoder\.layers\.\d+\.mlp\.(?:gate|up)_proj\.bias", ("I",)),
+        (r"decoder\.layers\.\d+\.mlp\.down_proj\.weight", ("H", "I")),
+        (r"vision\.patch_embed\.weight", ("W", "C", "P", "P")),
+        (r"vision\.class_embedding", ("W",)),
+        (r"vision\.position_embedding", ("N", "W")),
+        (r"vision\.(?:pre_norm|layers\.\d+\.norm[12])\.(?:weight|bias)", ("W",)),
+        (r"vision\.layers\.\d+\.attn\.(?:q|k|v|out)_proj\.weight", ("W", "W")),
+        (r"vision\.layers\.\d+\.(?:attn\.(?:q|k|v|out)_proj|mlp\.fc2)\.bias", ("W",)),
+        (r"vision\.layers\.\d+\.mlp\.fc1\.weight", ("M", "W")),
+        (r"vision\.layers\.\d+\.mlp\.fc1\.bias", ("M",)),
+        (r"vision\.layers\.\d+\.mlp\.fc2\.weight", ("W", "M")),
+        (r"projector\.0\.weight", ("H", "F")),
+        (r"projector\.[1-9]\d*\.weight", ("H", "H")),
+        (r"projector\.\d+\.bias", ("H",)),
+        (r"image_newline", ("H",)),
+    ]
+]
+# The order in which disagreements are reported: the most telling first.
+_SYMBOL_ORDER = "HVQKIWMNPCF"
+_LAYER_INDEX = re.compile(r"(decoder|vision)\.layers\.(\d+)\.")
+_PROJECTOR_LINEAR = re.compile(r"projector\.(\d+)\.weight\Z")
+
+
+def check_config_against_checkpoint(
+    config: LlavaConfig,
+    shapes: Mapping[str, Sequence[int]],
+    layout: str,
+    tower_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> None:
+    """Check a parsed config against the tensor shapes of its checkpoint, before a model is
+    built: decoder layer count, hidden size, vocabulary, heads × head_dim (query and
+    key/value), MLP size, projector depth and widths, and the vision tower's layer count,
+    width, MLP size, patch size and position count.
+
+    shapes: {key: shape} of every tensor of the checkpoint directory, keys exactly as in
+        its files (`checkpoint_shapes(weight_files(directory))`).
+    layout: "original" or "transformers" (as `config.detect_layout` says); it picks the
+        key map, ORIGINAL_LAYOUT or TRANSFORMERS_LAYOUT, that names the tensors.
+    tower_shapes: the same for a separate CLIP tower directory (original LLaVA-1.5, whose
+        checkpoint has no `model.vision_tower.*`), read with CLIP_TOWER_LAYOUT; None when
+        the checkpoint carries its tower.
+
+    Only what the files hold is checked: tensors that are missing, unknown or given twice
+    are left to `Filler.finish`, which names them all. Reads shapes only and allocates
+    nothing. Raises ConfigError naming the config field when the checkpoint's tensors
+    agree with each other on a size and the config says another (e.g. "config.json says
+    num_hidden_layers=12 but the checkpoint has decoder layers 0..7"), CheckpointError
+    when single tensors disagree with an otherwise matching config. Heads alone (as
+    opposed to heads × head_dim) leave no trace in the shapes and cannot be checked.
+    """
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(_LAYOUTS)}, not {layout!r}")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}  # our name → (key, shape)
+    for source, key_map in ((shapes, KeyMap(_LAYOUTS[layout])),
+                            (tower_shapes or {}, KeyMap(CLIP_TOWER_LAYOUT))):
+        for key, shape in source.items():
+            name = key_map(key)
+            if isinstance(name, str):
+                tensors.setdefault(name, (key, tuple(shape)))
+
+    says = _config_sayer(layout, separate_tower=tower_shapes is not None)
+    problems, late = _layer_problems(config, tensors, says, layout)
+    quantities = _quantities(config, says)
+    seen: dict[str, Counter[int]] = {s: Counter() for s in quantities}
+    example: dict[tuple[str, int], tuple[str, tuple[int, ...]]] = {}
+    ruled: list[tuple[str, tuple[int, ...], tuple[str, ...]]] = []
+    for name, (key, shape) in tensors.items():
+        symbols = next((s for pattern, s in _SHAPE_RULES if pattern.match(name)), None)
+        if symbols is None:
+            continue
+        ruled.append((key, shape, symbols))
+        if len(shape) == len(symbols):
+            for symbol, size in zip(symbols, shape, strict=True):
+                seen[symbol][size] += 1
+                example.setdefault((symbol, size), (key, shape))
+    for symbol in _SYMBOL_ORDER:
+        if not seen[symbol]:
+            continue
+        expected, description = quantities[symbol]
+        # What most tensors say: one odd tensor is a broken checkpoint, not a wrong config.
+        size = seen[symbol].most_common(1)[0][0]
+        if size != expected:
+            key, shape = example[symbol, size]
+            problems.append(f"{description} but the checkpoint has {size} "
+                            f"({key} is {list(shape)})")
+    problems += late
+    if problems:
+        # The first disagreement is the telling one; the others mostly follow from it.
+        more = f" (and {len(problems) - 1} more disagreement(s))" if len(problems) > 1 else ""
+        raise ConfigError(f"{problems[0]}{more}. Check that config.json belongs to these weights.")
+
+    mismatched = []
+    for key, shape, symbols in ruled:
+        want = tuple(quantities[s][0] for s in symbols)
+        if shape != want:
+            mismatched.append(f"{key}: checkpoint {list(shape)} vs config {list(want)}")
+    if mismatched:
+        shown = ", ".join(mismatched[:4]) + (f", ... ({len(mismatched)} in all)"
+                                             if len(mismatched) > 4 else "")
+        raise CheckpointError(f"the checkpoint does not match its config (shape mismatch: {shown})")
+
+
+def expected_shape(config: LlavaConfig, name: str) -> tuple[int, ...] | None:
+    """The shape `config` gives our parameter `name` (e.g. "decoder.layers.0.attn.q_proj.weight"),
+    from the same table the checker uses; None for a name the table does not cover."""
+    symbols = next((s for pattern, s in _SHAPE_RULES if pattern.match(name)), None)
+    if symbols is None:
+        return None
+    quantities = _quantities(config, lambda where, what: what)
+    return tuple(quantities[s][0] for s in symbols)
+
+
+def _config_sayer(layout: str, separate_tower: bool) -> Callable[[str, str], str]:
+    """Where a field lives, for messages: says("text", "hidden_size=4096")."""
+    if layout == "transformers":
+        places = {"text": "config.json's text_config says", "vision": "config.json's vision_config says"}
+    else:
+        places = {"text": "config.json says", "vision": "the vision tower's config"
+                  + (".json" if separate_tower else "") + " says"}
+    return lambda where, what: f"{places[where]} {what}"
+
+
+def _quantities(config: LlavaConfig, says: Callable[[str, str], str]) -> dict[str, tuple[int, str]]:
+    """Symbol → (the size the config implies, how to name it in a message)."""
+    t, v = config.text, config.vision
+    q, k = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    selected = len(config.vision_select_layers)
+    return {
+        "V": (t.vocab_size, says("text", f"vocab_size={t.vocab_size}")),
+        "H": (t.hidden_size, says("text", f"hidden_size={t.hidden_size}")),
+        "Q": (q, says("text", f"num_attention_heads × head_dim = {t.heads} × {t.head_dim} = {q}")),
+        "K": (k, says("text", f"num_key_value_heads × head_dim = {t.kv_heads} × {t.head_dim} = {k}")),
+        "I": (t.intermediate_size, says("text", f"intermediate_size={t.intermediate_size}")),
+        "W": (v.width, says("vision", f"hidden_size={v.width}")),
+        "M": (v.mlp_dim, says("vision", f"intermediate_size={v.mlp_dim}")),
+        "N": (v.num_patches + 1, says("vision", f"image_size={v.image_size} and patch_size="
+                                                f"{v.patch_size}, so {v.num_patches + 1} positions")),
+        "P": (v.patch_size, says("vision", f"patch_size={v.patch_size}")),
+        "C": (v.channels, says("vision", f"num_channels={v.channels}")),
+        "F": (config.vision_feature_size, says("vision", f"hidden_size={v.width}") + (
+            f" and {selected} layers are selected" if selected > 1 else "")
+            + f", so the projector takes {config.vision_feature_size} features"),
+    }
+
+
+def _layer_problems(config: LlavaConfig, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+                    says: Callable[[str, str], str], layout: str) -> tuple[list[str], list[str]]:
+    """Layer counts of the decoder, the tower and the projector against the config: the
+    problems to report before the sizes', and those to report after them (a too-short
+    tower or projector is less telling than a width that disagrees)."""
+    indices: dict[str, set[int]] = {"decoder": set(), "vision": set()}
+    linears = set()
+    for name in tensors:
+        if m := _LAYER_INDEX.match(name):
+            indices[m[1]].add(int(m[2]))
+        elif m := _PROJECTOR_LINEAR.match(name):
+            linears.add(int(m[1]))
+    problems, late = [], []
+    decoder, tower = indices["decoder"], indices["vision"]
+    if decoder and max(decoder) + 1 != config.text.layers:
+        problems.append(says("text", f"num_hidden_layers={config.text.layers}")
+                        + f" but the checkpoint has decoder layers {_spans(decoder)}")
+    # A tower may stop after the deepest layer LLaVA reads (the rest is never run), but
+    # cannot have more layers than its config says.
+    if tower and max(tower) + 1 > config.vision.layers:
+        problems.append(says("vision", f"num_hidden_layers={config.vision.layers}")
+                        + f" but the checkpoint has tower layers {_spans(tower)}")
+    elif tower and max(tower) + 1 < config.vision_depth:
+        field = "mm_vision_select_layer" if layout == "original" else "vision_feature_layer"
+        selected = ", ".join(map(str, config.vision_select_layers))
+        late.append(f"config.json's {field}={selected} of a {config.vision.layers}-layer tower "
+                        f"needs tower layers 0..{config.vision_depth - 1} but the checkpoint has "
+                        f"{_spans(tower)}")
+    depth = projector_depth(config.projector)
+    if linears and len(linears) != depth:
+        kind = (f"config.json says mm_projector_type={config.projector!r}, {depth} linear layer(s),"
+                if layout == "original" else f"transformers' projector has {depth} linear layers")
+        late.append(f"{kind} but the checkpoint's projector has {len(linears)}")
+    return problems, late
+
+
+def _spans(indices: set[int]) -> str:
+    """{0, 1, 2, 3, 7} → '0..3, 7' (at most a few spans)."""
+    spans: list[str] = []
+    ordered = sorted(indices)
+    start = prev = ordered[0]
+    for i in [*ordered[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        spans.append(str(start) if start == prev else f"{start}..{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(spans[:4]) + (", ..." if len(spans) > 4 else "")

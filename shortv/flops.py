@@ -19,7 +19,7 @@ Convention (the one that reproduces every number of the ShortV paper's table, do
 - Causal masking is not accounted for: every query is charged for every key of its
   sequence, so the count depends only on *how many* tokens of each type a sequence has,
   not on where the visual block sits. (A causal kernel skips about half of the attention
-  term; that term is ~4 % of vanilla LLaVA-1.5 and ~11 % of vanilla LLaVA-NeXT prefill.)
+  term; that term is 2.0–2.5 % of vanilla LLaVA-1.5 and 8.7–10.7 % of vanilla LLaVA-NeXT prefill.)
 - Per layer, "queries" are the tokens whose hidden states the layer updates (attention
   query rows, Q/O projections, MLP) and "keys" are the tokens whose K and V the layer
   computes and attends to:

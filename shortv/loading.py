@@ -19,7 +19,8 @@ from .checkpoint import (
     TRANSFORMERS_LAYOUT,
     Filler,
     KeyMap,
-    tensor_keys,
+    check_config_against_checkpoint,
+    checkpoint_shapes,
     weight_files,
 )
 from .config import (
@@ -131,7 +132,16 @@ def load_directory(
     target_dtype = resolve_dtype(dtype, target)
     raw = read_config(directory)
     files = weight_files(directory)
-    config, layout, tower_dir = _parse(directory, raw, files)
+    shapes = checkpoint_shapes(files)
+    config, layout, tower_dir = _parse(directory, raw, shapes)
+    tower_files = weight_files(tower_dir) if tower_dir is not None else None
+    try:
+        # Before anything is built: a config that does not describe these tensors must not
+        # get to allocate (a layer count of 10**12 would take all memory).
+        check_config_against_checkpoint(
+            config, shapes, layout, checkpoint_shapes(tower_files) if tower_files else None)
+    except ShortVError as e:
+        raise type(e)(f"{directory}: {e}") from None
 
     model = build_empty(config)
     filler = Filler(model, target, target_dtype, ignore=_unused(config))
@@ -139,7 +149,7 @@ def load_directory(
         filler.params.pop("decoder.lm_head.weight", None)
     filler.fill_from(files, KeyMap(ORIGINAL_LAYOUT if layout == "original" else TRANSFORMERS_LAYOUT))
     if tower_dir is not None:
-        filler.fill_from(weight_files(tower_dir), KeyMap(CLIP_TOWER_LAYOUT))
+        filler.fill_from(tower_files, KeyMap(CLIP_TOWER_LAYOUT))
     filler.finish(str(directory) + (f" + tower {tower_dir}" if tower_dir else ""))
     if config.text.tie_word_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
@@ -189,10 +199,10 @@ def config_of_directory(directory: str | Path) -> LlavaConfig:
     return _parse(directory, read_config(directory), None)[0]
 
 
-def _parse(directory: Path, raw: dict[str, Any], files: list[Path] | None
+def _parse(directory: Path, raw: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None
            ) -> tuple[LlavaConfig, str, Path | None]:
-    """(config, layout, directory of a separate vision tower to load, if any). Without
-    `files` the tower's location is not needed, only its shape."""
+    """(config, layout, directory of a separate vision tower to load, if any). Without the
+    checkpoint's tensor `shapes` the tower's location is not needed, only its shape."""
     try:
         layout = detect_layout(raw)
         if layout == "transformers":
@@ -201,7 +211,7 @@ def _parse(directory: Path, raw: dict[str, Any], files: list[Path] | None
         if not tower_source:
             raise ConfigError(f"{directory}/config.json has no mm_vision_tower")
         tower_dir = None
-        if files is not None and not any(k.startswith(TOWER_PREFIX) for k in _keys(directory, files)):
+        if shapes is not None and not any(k.startswith(TOWER_PREFIX) for k in shapes):
             tower_dir = _locate_tower(tower_source, directory)
         vision = _tower_config(tower_source, tower_dir, directory)
         return from_original(raw, vision), layout, tower_dir
@@ -209,13 +219,6 @@ def _parse(directory: Path, raw: dict[str, Any], files: list[Path] | None
         raise
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ConfigError(f"{directory}/config.json is malformed: {e!r}") from None
-
-
-def _keys(directory: Path, files: list[Path]) -> list[str]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (directory / index).is_file():
-            return list(json.loads((directory / index).read_text())["weight_map"])
-    return [k for f in files for k in tensor_keys(f)]
 
 
 def _tower_config(source: str, tower_dir: Path | None, directory: Path) -> VisionConfig:

@@ -148,3 +148,40 @@ def test_ranking_strings_and_lists():
     assert load_ranking([3, 1]) == (3, 1)
     with pytest.raises(ConfigError, match="not found"):
         load_ranking("no-such-report.json")
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"num_hidden_layers": 12}, "num_hidden_layers"),
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers"),
+    ({"num_hidden_layers": 3.7e38}, "num_hidden_layers"),
+    ({"hidden_size": None}, "hidden_size"),
+    ({"intermediate_size": 200}, "intermediate_size"),
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    ({"vocab_size": -200}, "vocab_size"),
+])
+def test_mutated_config_is_one_config_error_before_building(tmp_path, change, needle):
+    """shortv.load on the demo with one config.json field changed: a ShortVError naming the
+    field, raised before the model is built (no unbounded allocation)."""
+    import json
+
+    from shortv import loading
+
+    bad = tmp_path / "demo"
+    shutil.copytree(DEMO, bad)
+    config = json.loads((bad / "config.json").read_text())
+    for field, value in change.items():
+        if value is None:
+            config.pop(field)
+        else:
+            config[field] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    built = []
+    real_build = loading.build_empty
+    loading.build_empty = lambda c: built.append(c) or real_build(c)
+    try:
+        with pytest.raises(ShortVError) as err:
+            shortv.load(bad, device="cpu")
+    finally:
+        loading.build_empty = real_build
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert built == []

@@ -24,12 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import shortv
-from shortv.checkpoint import CLIP_TOWER_LAYOUT, ORIGINAL_LAYOUT, open_clip_tower_state
+from shortv.checkpoint import CLIP_TOWER_LAYOUT, ORIGINAL_LAYOUT
 from shortv.clip import CLIPVisionTower
 from shortv.llama import Decoder, KVCache
 from shortv.token_types import TYPE_DTYPE, TokenType
 
 from . import checkpoints, oracles
+from .open_clip_tower import open_clip_tower_state
 
 LOGITS = dict(atol=1e-4, rtol=1e-4)
 FEATURES = dict(atol=1e-5, rtol=1e-5)

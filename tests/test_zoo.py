@@ -1,4 +1,4 @@
-"""The zoo: cards against DESIGN §5/§7 (typed in here), where weights are found, and a
+"""The zoo: cards against docs/design.md §5/§7 (typed in here), where weights are found, and a
 wheel built from the repo that still finds the cards and the demo weights."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from shortv import ModelNotFoundError, hub, zoo
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "weights" / "llava-tiny-demo"
 
-# DESIGN §7, the paper's rankings (first N frozen).
+# docs/design.md §7, the paper's rankings (first N frozen).
 PAPER = {
     "llava-v1.5-7b": (19, [31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19]),
     "llava-v1.5-13b": (24, [39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35,
@@ -31,7 +31,7 @@ PAPER = {
     "llava-v1.6-vicuna-13b": (24, [39, 32, 29, 36, 27, 30, 37, 23, 25, 31, 26, 2, 28, 22, 33, 35,
                                    34, 24, 38, 21, 20, 18, 1, 17]),
 }
-# DESIGN §5: Vicuna v1.5 decoders (layers, hidden, heads, MLP) and CLIP ViT-L/14-336.
+# docs/design.md §5: Vicuna v1.5 decoders (layers, hidden, heads, MLP) and CLIP ViT-L/14-336.
 VICUNA = {"7b": (32, 4096, 32, 11008), "13b": (40, 5120, 40, 13824)}
 NEXT_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 

@@ -1,0 +1,178 @@
+"""The shortv-vs-transformers benchmark scripts on tiny shapes: they run, print a table with
+every cell and finite positive ratios, and their logits agreement check is a real one.
+
+scripts/bench_vs_transformers.py --grid tiny and scripts/bench_gpu.py --device cpu --tiny
+--quick run as subprocesses, started together (each on one thread) so that they cost the
+wall-clock time of the slower one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import shortv
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+COMMANDS = {
+    "vs_transformers": [str(SCRIPTS / "bench_vs_transformers.py"), "--grid", "tiny"],
+    "gpu": [str(SCRIPTS / "bench_gpu.py"), "--device", "cpu", "--tiny", "--quick"],
+}
+
+
+def _script(name: str) -> ModuleType:
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))  # bench_gpu imports its sibling
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def outputs() -> dict[str, subprocess.CompletedProcess]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = {name: subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, cmd in COMMANDS.items()}
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+def table_rows(stdout: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the one markdown table in the output."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, stdout
+    split = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert all(c == "---" for c in split[1])
+    return split[0], split[2:]
+
+
+def positive(cell: str) -> float:
+    value = float(cell)
+    assert math.isfinite(value) and value > 0, cell
+    return value
+
+
+def test_vs_transformers_tiny_grid_table(outputs):
+    run = outputs["vs_transformers"]
+    assert run.returncode == 0, run.stderr
+    header, rows = table_rows(run.stdout)
+    assert header[header.index("prefill ms shortv") + 2] == "ratio"
+    assert len(rows) == 4  # LLaVA-1.5 and LLaVA-NeXT, batch 1 and 4
+    assert {(r[0], r[6]) for r in rows} == {("llava-1.5", "1"), ("llava-1.5", "4"),
+                                            ("llava-next", "1"), ("llava-next", "4")}
+    at = header.index("prefill ms shortv")
+    for row in rows:
+        ours, theirs, ratio = (positive(c) for c in row[at:at + 3])
+        assert ratio == pytest.approx(ours / theirs, rel=0.05, abs=0.01)
+        tok_ours, tok_theirs, dec_ratio = (positive(c) for c in row[at + 3:at + 6])
+        assert dec_ratio == pytest.approx(tok_theirs / tok_ours, rel=0.05, abs=0.01)
+        assert float(row[at + 6]) <= 1e-3  # the fp32 logits agreement
+    assert "torch " + torch.__version__ in run.stdout
+    assert "scripts/bench_vs_transformers.py --grid tiny" in run.stdout
+
+
+def test_gpu_script_tiny_on_cpu(outputs):
+    run = outputs["gpu"]
+    assert run.returncode == 0, run.stderr
+    header, rows = table_rows(run.stdout)
+    assert len(rows) == 10  # 2 models x (4 methods + transformers)
+    variants = [r[header.index("variant")] for r in rows]
+    for prefix in ("vanilla", "ShortV N=", "FastV k=2 r=50%", "VTW k=2", "transformers"):
+        assert sum(v.startswith(prefix) for v in variants) == 2, variants
+    assert {r[header.index("visual tokens")] for r in rows} == {"16", "88"}
+    for row in rows:
+        positive(row[header.index("first-token ms")])
+        positive(row[header.index("decode tok/s eager")])
+        positive(row[header.index("first token vs transformers")])
+        positive(row[header.index("decode vs transformers")])
+        compiled = row[header.index("decode tok/s compiled")]
+        assert compiled.startswith(("n/a", "eager only")) or positive(compiled)
+
+
+def test_gpu_script_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = subprocess.run([sys.executable, str(SCRIPTS / "bench_gpu.py"), "--quick"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "no CUDA GPU" in run.stderr and "--device cpu --tiny" in run.stderr
+
+
+def test_gpu_peaks_by_device_name():
+    gpu = _script("bench_gpu")
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert gpu.peak_tflops("NVIDIA H200") == 989
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert gpu.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert gpu.peak_tflops("Some Future GPU") is None
+
+
+def test_agreement_check_flags_a_perturbed_model(tmp_path: Path):
+    """Same checkpoint, same inputs: agreement; a slightly changed weight or different
+    pixels for one model: AgreementError."""
+    bvt = _script("bench_vs_transformers")
+    cell = bvt.Cell("llava-1.5", bvt.llama_like(64, 2, vocab=512), bvt.Prompt("llava-1.5", 24),
+                    2, "float32")
+    tower = bvt.TINY_TOWER
+    path = bvt.write_checkpoint(tmp_path / "ckpt", cell.arch, cell.decoder, tower)
+    pair = bvt.load_pair(path, cell.arch, tower, torch.device("cpu"), torch.float32)
+    inputs = bvt.make_inputs(cell, tower, pair.theirs.config.image_token_index, torch.device("cpu"))
+    assert bvt.prefill_agreement(pair, inputs) < 1e-5
+
+    other = bvt.make_inputs(cell, tower, pair.theirs.config.image_token_index,
+                            torch.device("cpu"), seed=1)
+    changed = bvt.Inputs(other.encoded, inputs.hf)  # other pixels and ids for shortv only
+    with pytest.raises(bvt.AgreementError, match="disagree"):
+        bvt.prefill_agreement(pair, changed)
+
+    pixels_only = bvt.Inputs([shortv.Encoded(e.input_ids, tuple(im + 0.05 for im in e.images),
+                                             e.image_sizes) for e in inputs.encoded], inputs.hf)
+    with pytest.raises(bvt.AgreementError):
+        bvt.prefill_agreement(pair, pixels_only)
+
+    with torch.no_grad():
+        pair.ours.decoder.layers[1].mlp.down_proj.weight.mul_(1.02)
+    with pytest.raises(bvt.AgreementError, match="max abs diff"):
+        bvt.prefill_agreement(pair, inputs)
+
+
+def test_check_agreement_edge_cases():
+    bvt = _script("bench_vs_transformers")
+    a = torch.zeros(2, 5)
+    assert bvt.check_agreement(a, a + 5e-4) == pytest.approx(5e-4)
+    with pytest.raises(bvt.AgreementError):
+        bvt.check_agreement(a, a + 2e-3)
+    with pytest.raises(bvt.AgreementError, match="shape"):
+        bvt.check_agreement(a, torch.zeros(1, 5))
+    with pytest.raises(bvt.AgreementError):
+        bvt.check_agreement(a, torch.full((2, 5), float("nan")))
+
+
+def test_grids():
+    bvt = _script("bench_vs_transformers")
+    quick = bvt.grid("quick", ["float32"])
+    assert len(quick) == 8
+    assert {(c.decoder.hidden, c.decoder.layers) for c in quick} == {(256, 2), (256, 8), (1024, 2), (1024, 8)}
+    assert {c.tokens(bvt.SMALL_TOWER) for c in quick} == {640}
+    full = bvt.grid("full", ["float32", "bfloat16"])
+    shapes = {(c.decoder.hidden, c.decoder.heads, c.decoder.head_dim, c.decoder.mlp) for c in full}
+    assert (4096, 32, 128, 11008) in shapes and (5120, 40, 128, 13824) in shapes
+    assert (256, 4, 64, 688) in shapes
+    assert max(c.decoder.layers for c in full) == 40
+    assert max(c.tokens(bvt.SMALL_TOWER) for c in full) == 64 + 2928
+    assert bvt.Prompt("llava-next", 64).visual(bvt.REAL_TOWER) == 2928
