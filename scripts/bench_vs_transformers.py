@@ -3,7 +3,7 @@ greedy decode speed, vanilla, one process, interleaved, medians.
 
     python scripts/bench_vs_transformers.py [--grid tiny|quick|full] [--dtype float32[,bfloat16]]
         [--device cpu|cuda] [--repeats 3] [--warmup 1] [--new-tokens 16] [--only prefill|decode]
-        [--real-tower] [--max-tflops X] [--plan] [--json]
+        [--real-tower] [--max-tflops X] [--hidden H,..] [--layers L,..] [--batch B,..] [--plan] [--json]
 
 For every decoder shape of the grid, a LLaVA-1.5 (`LlavaForConditionalGeneration`) or
 LLaVA-NeXT (`LlavaNextForConditionalGeneration`) model is built by transformers with
@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -685,6 +686,10 @@ def estimate_seconds(cells: Sequence[Cell], tower: Tower, rates: dict[str, tuple
 # ---- command line -----------------------------------------------------------------------------------
 
 
+def _chosen(wanted: str | None, value: int) -> bool:
+    return wanted is None or value in {int(v) for v in wanted.split(",")}
+
+
 def log(message: str) -> None:
     """Progress, on stderr (the table goes to stdout)."""
     print(message, file=sys.stderr, flush=True)
@@ -704,7 +709,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="CLIP ViT-L/14-336 (24 layers, 1024 wide) instead of a small tower")
     parser.add_argument("--max-tflops", type=float,
                         help="skip cells whose decoder prefill exceeds this many TFLOPs "
-                             "(default: 20 for the full grid on CPU)")
+                             "(see --plan for each cell's count and the run-time estimate)")
+    parser.add_argument("--hidden", help="only these decoder widths (comma-separated)")
+    parser.add_argument("--layers", help="only these depths (comma-separated)")
+    parser.add_argument("--batch", help="only these batch sizes (comma-separated)")
     parser.add_argument("--plan", action="store_true", help="list the cells and estimate the run time")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -729,9 +737,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = args.repeats or (1 if tiny else 3)
     new_tokens = args.new_tokens or (4 if tiny else 16)
     max_tflops = args.max_tflops
-    if max_tflops is None and args.grid == "full" and device.type == "cpu":
-        max_tflops = 20.0
-    cells = grid(args.grid, dtypes)
+    cells = [c for c in grid(args.grid, dtypes)
+             if _chosen(args.hidden, c.decoder.hidden) and _chosen(args.layers, c.decoder.layers)
+             and _chosen(args.batch, c.batch)]
+    if not cells:
+        print("bench_vs_transformers: error: no cell of the grid matches the filters", file=sys.stderr)
+        return 2
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -755,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{len(kept)} of {len(cells)} cells; estimated {seconds / 60:.0f} min")
         return 0
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     try:
         results = run_grid(cells, tower, device, repeats=repeats, warmup=args.warmup,
                            new_tokens=new_tokens, only=args.only, max_tflops=max_tflops, log=log)
@@ -762,6 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench_vs_transformers: FAILED: {e}", file=sys.stderr)
         return 1
     meta["seconds"] = time.perf_counter() - start
+    meta["load_average"] = [load_before, os.getloadavg()[0]]
     if args.json:
         print(json.dumps({**meta, "results": [r.as_dict() for r in results]}, indent=2))
         return 0
@@ -771,7 +784,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"after {args.warmup} warm-up, interleaved; decode: {new_tokens} new tokens "
           f"(tok/s over the {new_tokens - 1} steps after the first, all rows); "
           f"ratio = shortv time / transformers time; batch 4 rows have text lengths "
-          f"n, n-n/8, n-2n/8, n-3n/8 (left-padded); {meta['seconds']:.0f} s in all\n")
+          f"n, n-n/8, n-2n/8, n-3n/8 (left-padded); {meta['seconds']:.0f} s in all; "
+          f"1-min load average {load_before:.1f} before, {meta['load_average'][1]:.1f} after "
+          f"({os.cpu_count()} CPUs: above that, other processes shared the cores)\n")
     print(table(results, tower))
     return 0
 
