@@ -24,6 +24,11 @@ from .methods import VANILLA, Method
 from .ops import Linear
 from .token_types import TYPE_DTYPE, TokenType
 
+# The token types of a decode step. (Tensors are compared with the types' int values
+# throughout: torch.compile's tracer folds a tensor compared with an IntEnum member into a
+# Python bool.)
+TEXT_ONLY = frozenset({TokenType.TEXT})
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -191,9 +196,13 @@ class Segment:
         config: TextConfig,
         dtype: torch.dtype,
         past: LayerCache | None = None,
+        kinds: frozenset[TokenType] | None = None,
     ) -> Segment:
+        """`kinds`: the token types present, when the caller knows them (a decode step's are
+        TEXT alone): finding them out reads the types back to the host."""
         cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, dtype)
-        kinds = frozenset(TokenType(int(t)) for t in torch.unique(types).tolist())
+        if kinds is None:
+            kinds = frozenset(TokenType(int(t)) for t in torch.unique(types).tolist())
         past_valid = past.past_valid() if past is not None and past.length else None
         has_pad = TokenType.PAD in kinds or bool(past is not None and past.has_pad)
         return cls(types, positions, cos, sin, past_valid, has_pad, kinds)
@@ -205,7 +214,7 @@ class Segment:
     @property
     def key_valid(self) -> Tensor:
         """[B, P + T]: which keys exist (False for padding)."""
-        new = self.types != TokenType.PAD
+        new = self.types != int(TokenType.PAD)
         return new if self.past_valid is None else torch.cat((self.past_valid, new), dim=1)
 
     def all_rows(self) -> Rows:
@@ -215,7 +224,7 @@ class Segment:
             if not self.has_pad and (p == 0 or t == 1):
                 # No padding: plain causal attention (or a single new query seeing all keys),
                 # which lets SDPA pick its fastest kernels.
-                rows = Rows(self.cos, self.sin, None, causal=p == 0 and t > 1)
+                rows = Rows(self.cos, self.sin, None, causal=t > 1 and p == 0)
             else:
                 query_at = p + torch.arange(t, device=self.types.device).expand(b, t)
                 rows = Rows(self.cos, self.sin, self._mask(query_at), causal=False)
@@ -336,7 +345,7 @@ class DecoderLayer(nn.Module):
         h = self.attn_norm(x)
         k, v = self.attn.keys_values(h, seg.cos, seg.sin)
         if cache is not None:
-            k, v = cache.append(k, v, seg.types != TokenType.PAD, TokenType.PAD in seg.kinds)
+            k, v = cache.append(k, v, seg.types != int(TokenType.PAD), TokenType.PAD in seg.kinds)
         x_rows, h_rows = (x, h) if subset is None else (subset.take(x), subset.take(h))
         q = self.attn.queries(h_rows, rows.cos, rows.sin)
         out = x_rows + self.attn.attend(q, k, v, rows)
@@ -361,8 +370,8 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     def segment(self, types: Tensor, positions: Tensor, dtype: torch.dtype,
-                past: LayerCache | None = None) -> Segment:
-        return Segment.build(types, positions, self.config, dtype, past)
+                past: LayerCache | None = None, kinds: frozenset[TokenType] | None = None) -> Segment:
+        return Segment.build(types, positions, self.config, dtype, past, kinds)
 
     def forward(
         self,
@@ -399,7 +408,8 @@ class Decoder(nn.Module):
         positions [B, 1]) after what `cache` holds; next-token logits [B, vocab]."""
         x = self.embed_tokens(tokens[:, None])
         types = torch.full_like(positions, int(TokenType.TEXT), dtype=TYPE_DTYPE)
-        return self.head(self(x, types, positions, cache=cache, method=method)[:, -1])
+        hidden = self._run(x, types, positions, cache, method, None, False, None, TEXT_ONLY)
+        return self.head(hidden[:, -1])
 
     def _run(
         self,
@@ -411,21 +421,26 @@ class Decoder(nn.Module):
         layers: Iterable[int] | None,
         last_only: bool,
         inputs: list[Tensor] | None,
+        kinds: frozenset[TokenType] | None = None,
     ) -> Tensor:
         ids = list(range(len(self.layers)) if layers is None else layers)
         if not ids:
             return x
         cache_of = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
-        seg = self.segment(types, positions, x.dtype, cache_of(ids[0]))
+        seg = self.segment(types, positions, x.dtype, cache_of(ids[0]), kinds)
         scores: Tensor | None = None
         drops: list[tuple[Tensor, Subset]] = []
         for i in ids:
             if method.drops_at(i):
+                # The layers from here on hold other cache contents (a new segment); without
+                # visual tokens to drop, the token types stay what they were.
+                kinds = seg.kinds
                 if TokenType.VISUAL in seg.kinds:
                     kept = Subset.of(method.keep(seg.types, scores))
                     drops.append((x, kept))
                     x, types, positions = kept.take(x), _kept_types(kept, seg.types), kept.take(seg.positions)
-                seg = self.segment(types, positions, x.dtype, cache_of(i))
+                    kinds = None
+                seg = self.segment(types, positions, x.dtype, cache_of(i), kinds)
             rows = self._rows(seg, method.frozen_type(i), last_only and i == ids[-1])
             want = method.needs_scores_at(i) and TokenType.VISUAL in seg.kinds
             if inputs is not None:
@@ -443,9 +458,9 @@ class Decoder(nn.Module):
         frozen = frozen if frozen in seg.kinds else None
         if frozen is None:
             return seg.last_rows() if last_only else seg.all_rows()
-        active = seg.types != TokenType.PAD
+        active = seg.types != int(TokenType.PAD)
         if frozen is not None:
-            active = active & (seg.types != frozen)
+            active = active & (seg.types != int(frozen))
         if last_only:
             last = torch.zeros_like(active)
             last[:, -1] = True

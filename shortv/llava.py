@@ -124,6 +124,7 @@ class LLaVA(nn.Module):
         self.name = name
         self.method: Method = VANILLA
         self.checkpoint_dir: Path | None = None
+        self._compiled_step: Any = None  # set by compile()
         # Why there is no tokenizer, when there is none (what encode() reports).
         self.missing_tokenizer = "no tokenizer was attached; load the model with shortv.load(...)"
         self.eval()
@@ -293,9 +294,19 @@ class LLaVA(nn.Module):
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one new token per sequence (tokens [B]); next-token logits [B, vocab]."""
-        logits = self.decoder.step(tokens, state.positions, state.cache, self.method)
+        decode = self._compiled_step or self.decoder.step
+        logits = decode(tokens, state.positions, state.cache, self.method)
         state.positions = state.positions + 1
         return logits
+
+    def compile(self, **options: Any) -> LLaVA:
+        """Compile the decode step (`Decoder.step`) with torch.compile, as one graph
+        (fullgraph: it reads nothing back to the host). Shapes are dynamic, since the KV
+        cache grows by a token per step; the prefill stays eager. `options` go to
+        torch.compile. Returns the model; generation then gives the same tokens, faster
+        once compiled."""
+        self._compiled_step = torch.compile(self.decoder.step, fullgraph=True, dynamic=True, **options)
+        return self
 
     def token_types(self, encoded: Encoded) -> Tensor:
         """The token types [T] of one input after image expansion (runs the vision tower,

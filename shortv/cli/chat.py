@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_method, add_runtime, add_sampling, generation_options, method_options
+from .options import add_compile, add_method, add_runtime, add_sampling, generation_options, method_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image (repeat for several)")
     p.add_argument("--prompt", help="answer this and exit (otherwise: an interactive loop)")
+    add_compile(p)
     add_sampling(p, max_new_tokens=512)
     p.add_argument("--no-stream", action="store_true", help="print the answer when complete")
     add_runtime(p)
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     method = method_options(args, zoo.card(args.model))  # fail on bad options before loading
     images = [to_pil(path) for path in args.image]  # and on bad files
     model = load(args.model, device=args.device, dtype=args.dtype, **method)
+    if args.compile:
+        model.compile()
     if args.prompt is not None:
         _answer(model, args.prompt, images, [], options, args.no_stream)
         return 0

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from .options import (
+    add_compile,
     add_method,
     add_runtime,
     add_sampling,
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-folder", metavar="DIR",
                    help="where relative image paths resolve (default: the question file's folder)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1)
+    add_compile(p)
     add_sampling(p, max_new_tokens=128)
     p.add_argument("--limit", type=int_at_least(1), help="only the first N questions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     ranks = distributed.start(args.device)
     try:
         model = load(args.model, device=ranks.device or args.device, dtype=args.dtype, **method)
+        if args.compile:
+            model.compile()
         summary = evaluate(model, questions, args.answers_out, options=options,
                            batch_size=args.batch_size, ranks=ranks,
                            progress=not (args.quiet or args.json))

@@ -100,6 +100,12 @@ def add_sampling(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     p.add_argument("--seed", type=int)
 
 
+def add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (same tokens; pays off on "
+                        "long answers, after a one-time compilation)")
+
+
 def generation_options(args: argparse.Namespace) -> Any:
     """The GenerationOptions of the --max-new-tokens/--temperature/--top-p/--seed options."""
     from ..generate import GenerationOptions
