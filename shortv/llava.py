@@ -31,6 +31,9 @@ from .ops import Linear
 from .token_types import TYPE_DTYPE, TokenType
 from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
 
+# torch.compile modes that record CUDA graphs, which need the static KV cache.
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+
 ImageLike = Image.Image | str | os.PathLike
 Images = ImageLike | Sequence[ImageLike] | None
 
@@ -80,6 +83,20 @@ class DecodeState:
     prompt_lengths: list[int]
     budget: int
 
+    def join(self, other: DecodeState) -> DecodeState:
+        """One batch of this state's sequences followed by `other`'s, each with the room it
+        had (continuous batching: a newly prefilled batch joins the running one between
+        steps). The next tokens to `step` are this batch's, then other's. The result is
+        on a dynamic-mode cache; `budget` is the larger of the two."""
+        return DecodeState(self.cache.join(other.cache), torch.cat((self.positions, other.positions)),
+                           self.prompt_lengths + other.prompt_lengths, max(self.budget, other.budget))
+
+    def select(self, rows: Sequence[int]) -> DecodeState:
+        """The sequences at batch indices `rows`, in that order (finished ones leave)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.positions.device)
+        return DecodeState(self.cache.select(index), self.positions.index_select(0, index),
+                           [self.prompt_lengths[i] for i in rows], self.budget)
+
 
 class Projector(nn.Sequential):
     """'linear' or 'mlpNx_gelu': Linear, then (GELU, Linear) × (N - 1)."""
@@ -125,6 +142,7 @@ class LLaVA(nn.Module):
         self.method: Method = VANILLA
         self.checkpoint_dir: Path | None = None
         self._compiled_step: Any = None  # set by compile()
+        self._static_decode = False  # decode steps on a static cache (compile(static=True))
         # Why there is no tokenizer, when there is none (what encode() reports).
         self.missing_tokenizer = "no tokenizer was attached; load the model with shortv.load(...)"
         self.eval()
@@ -289,23 +307,40 @@ class LLaVA(nn.Module):
             return prepared.embeds.new_empty(b, 0), state
         hidden = self.decoder(prepared.embeds, prepared.types, prepared.positions, cache=cache,
                               method=self.method, last_only=True)
+        if self._static_decode:
+            cache.make_static()
         return self.decoder.head(hidden[:, -1]), state
 
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one new token per sequence (tokens [B]); next-token logits [B, vocab]."""
+        if self._static_decode and not state.cache.static:
+            state.cache.make_static()  # a joined or selected state starts dynamic
         decode = self._compiled_step or self.decoder.step
         logits = decode(tokens, state.positions, state.cache, self.method)
         state.positions = state.positions + 1
         return logits
 
-    def compile(self, **options: Any) -> LLaVA:
+    def compile(self, *, static: bool | None = None, **options: Any) -> LLaVA:
         """Compile the decode step (`Decoder.step`) with torch.compile, as one graph
-        (fullgraph: it reads nothing back to the host). Shapes are dynamic, since the KV
-        cache grows by a token per step; the prefill stays eager. `options` go to
-        torch.compile. Returns the model; generation then gives the same tokens, faster
-        once compiled."""
-        self._compiled_step = torch.compile(self.decoder.step, fullgraph=True, dynamic=True, **options)
+        (fullgraph: it reads nothing back to the host); the prefill stays eager. `options`
+        go to torch.compile. Returns the model; generation then gives the same tokens,
+        faster once compiled.
+
+        `static`: decode on a static KV cache (`KVCache.make_static`): every step has the
+        same shapes, so one graph serves every step and CUDA graphs can replay it. The
+        default is static for the modes that use CUDA graphs ("reduce-overhead", the
+        default mode on CUDA, and "max-autotune"); otherwise the cache is read up to its
+        current length and the graph is compiled for dynamic shapes, which costs less
+        attention on short answers.
+        """
+        if self.device.type == "cuda":
+            options.setdefault("mode", "reduce-overhead")
+        if static is None:
+            static = options.get("mode") in CUDA_GRAPH_MODES
+        options.setdefault("dynamic", not static)
+        self._static_decode = static
+        self._compiled_step = torch.compile(self.decoder.step, fullgraph=True, **options)
         return self
 
     def token_types(self, encoded: Encoded) -> Tensor:

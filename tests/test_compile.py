@@ -46,3 +46,25 @@ def test_compiled_generation_equals_eager(method):
     model.compile(backend="aot_eager")
     compiled = [r.token_ids for r in model.generate(PROMPTS, images, max_new_tokens=8)]
     assert compiled == eager and all(len(ids) > 2 for ids in eager)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_static_cache_decode_is_one_graph_for_every_step(method):
+    """compile(static=True), the CUDA-graph form: every step has the same shapes, so the
+    backend compiles once for the whole answer (with dynamic=False a shape that changed
+    would compile again), and the tokens are eager's. A padded batch; FastV and VTW hold
+    other lengths in the layers after their drop."""
+    compiled: list[int] = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        compiled.append(1)
+        return graph.forward
+
+    model = shortv.load("llava-tiny-demo", device="cpu", method=method)
+    images = [[IMAGE]] * len(PROMPTS)
+    eager = [r.token_ids for r in model.generate(PROMPTS, images, max_new_tokens=6, stop=["\x00"])]
+    model.compile(static=True, backend=counting_backend)
+    assert model._static_decode
+    static = [r.token_ids for r in model.generate(PROMPTS, images, max_new_tokens=6, stop=["\x00"])]
+    assert static == eager and max(len(ids) for ids in eager) >= 4
+    assert len(compiled) == 1
