@@ -34,7 +34,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # LLaVA-NeXT's grid pinpoints, (width, height) each, in the order the original searches them.
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
-ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
+# LLaVA-NeXT-34B (Nous-Hermes-2-Yi-34B, a Llama architecture) is an LlavaLlamaForCausalLM too;
+# LLaVA-NeXT-Mistral-7B is an LlavaMistralForCausalLM (model_type llava_mistral).
+ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
+ORIGINAL_MODEL_TYPES = ("llava_llama", "llava_mistral")
 TRANSFORMERS_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
 PROJECTOR_TYPES_HELP = "'linear' or 'mlpNx_gelu' (N >= 1)"
@@ -281,9 +284,40 @@ KNOWN_TOWERS = {
 }
 
 
+# What transformers assumes for a decoder field a config.json leaves out, by model_type: a
+# text_config saved sparsely omits the values equal to these. LlamaConfig's for Llama / Vicuna /
+# Yi (a Llama architecture); MistralConfig's for Mistral (llava-hf/llava-v1.6-mistral-7b-hf keeps
+# a text_config of model_type "mistral"; original LLaVA's llava_mistral writes every field).
+# None for num_key_value_heads means "as many as the query heads".
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+    "sliding_window": None,
+}
+MISTRAL_DEFAULTS: dict[str, Any] = {
+    **LLAMA_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8,
+    "max_position_embeddings": 4096 * 32, "sliding_window": 4096,
+}
+TEXT_DEFAULTS = {"mistral": MISTRAL_DEFAULTS, "llava_mistral": MISTRAL_DEFAULTS}
+TEXT_MODEL_TYPES = ("llama", "llava_llama", "llava", "mistral", "llava_mistral")
+
+
+def text_defaults(model_type: Any) -> dict[str, Any]:
+    """transformers' defaults for a decoder config of this model_type (LlamaConfig's unless
+    Mistral)."""
+    return TEXT_DEFAULTS.get(model_type, LLAMA_DEFAULTS) if isinstance(model_type, str) else LLAMA_DEFAULTS
+
+
 @dataclass(frozen=True)
 class TextConfig:
-    """A Llama / Vicuna decoder. Defaults are Vicuna-7B v1.5 (docs/design.md §5)."""
+    """A Llama-architecture decoder: Vicuna (Llama-2), Mistral, Yi. Defaults are Vicuna-7B v1.5
+    (docs/design.md §5). Grouped-query attention when `kv_heads` < `heads`.
+
+    `sliding_window`: Mistral's attention window, or None. shortv computes full causal
+    attention, which equals sliding-window attention for sequences of at most that many
+    tokens, so `max_position_embeddings` (the longest sequence shortv accepts) may not exceed
+    it; `from_hf` caps the context at the window."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -301,6 +335,7 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         where = "text config"
@@ -326,17 +361,40 @@ class TextConfig:
             if value is not None:
                 # -1 is how some older Llama configs say "no padding token".
                 _check_int(where, name, value, -1, MAX_TOKEN_ID)
+        if self.sliding_window is not None:
+            _check_int(where, "sliding_window", self.sliding_window, 1, MAX_POSITIONS)
+            if self.max_position_embeddings > self.sliding_window:
+                raise ConfigError(
+                    f"{where}: max_position_embeddings={self.max_position_embeddings} exceeds "
+                    f"sliding_window={self.sliding_window}; shortv attends over the whole "
+                    "sequence, which is the sliding-window attention only up to the window, so "
+                    "the context must not be longer than it")
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query (and attention output) projection: heads × head_dim."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of each of the key and value projections: kv_heads × head_dim (smaller than
+        q_dim with grouped-query attention)."""
+        return self.kv_heads * self.head_dim
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], *, defaults: dict[str, Any] | None = None) -> TextConfig:
-        """From Llama fields as transformers writes them (flat or in `text_config`).
+        """From Llama / Mistral fields as transformers writes them (flat or in `text_config`).
 
-        A missing field takes the default of transformers' LlamaConfig, as transformers does
-        when it reads a sparsely saved text_config. Every value is checked (see
-        `__post_init__`); head_dim, when not given, is hidden_size / num_attention_heads and
-        must then divide evenly."""
+        A missing field takes the default of transformers' config class for the config's
+        `model_type` (`text_defaults`: LlamaConfig's, MistralConfig's for mistral /
+        llava_mistral), as transformers does when it reads a sparsely saved text_config. Every
+        value is checked (see `__post_init__`); head_dim, when not given, is hidden_size /
+        num_attention_heads and must then divide evenly. A `sliding_window` (Mistral) caps the
+        context: max_position_embeddings becomes min(max_position_embeddings, sliding_window)."""
         w = "text config"
-        d = {**(defaults or {}), **_object(d, "the text config")}
+        given = {**(defaults or {}), **_object(d, "the text config")}
+        base = text_defaults(given.get("model_type"))
+        d = {**base, **given}
         hidden = _int(d, "hidden_size", 4096, w)
         heads = _int(d, "num_attention_heads", 32, w)
         act = d.get("hidden_act", "silu")
@@ -348,11 +406,12 @@ class TextConfig:
         if rope_type not in (None, "default"):
             raise ConfigError(
                 f"text config: rope_scaling type {_show(rope_type)} is not supported; only plain "
-                "RoPE (Vicuna/Llama-2)"
+                "RoPE (Vicuna/Llama-2, Mistral, Yi)"
             )
-        theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        # transformers' LlamaConfig: None (or absent) means "as many as the query heads" and
-        # "hidden_size / heads"; any other value is taken as given, and 0 is refused.
+        # rope_parameters (transformers v5) holds the theta when the flat field is absent.
+        theta = given.get("rope_theta", rope_params.get("rope_theta", base["rope_theta"]))
+        # transformers: None means "as many as the query heads"; any other value is taken as
+        # given, and 0 is refused.
         kv_heads = heads if d.get("num_key_value_heads") is None else _int(d, "num_key_value_heads", 0, w)
         if d.get("head_dim") is None:
             # The sizes must be valid before they are divided.
@@ -365,6 +424,11 @@ class TextConfig:
             head_dim = hidden // heads
         else:
             head_dim = _int(d, "head_dim", 0, w)
+        window = d.get("sliding_window")
+        window = None if window is None else _as_int("sliding_window", window, w)
+        context = _int(d, "max_position_embeddings", 2048, w)
+        if window is not None and isinstance(context, int) and window >= 1:
+            context = min(context, window)
         return cls(
             vocab_size=_int(d, "vocab_size", 32000, w),
             hidden_size=hidden,
@@ -375,13 +439,14 @@ class TextConfig:
             head_dim=head_dim,
             rms_norm_eps=_float(d, "rms_norm_eps", 1e-6, w),
             rope_theta=_float({"rope_theta": theta}, "rope_theta", 10000.0, w),
-            max_position_embeddings=_int(d, "max_position_embeddings", 2048, w),
+            max_position_embeddings=context,
             attention_bias=_bool(d, "attention_bias", False, w),
             mlp_bias=_bool(d, "mlp_bias", False, w),
             tie_word_embeddings=_bool(d, "tie_word_embeddings", False, w),
             bos_token_id=_optional_int(d, "bos_token_id", 1, w),
             eos_token_id=_optional_int(d, "eos_token_id", 2, w),
             pad_token_id=_optional_int(d, "pad_token_id", None, w),
+            sliding_window=window,
         )
 
 
@@ -494,7 +559,8 @@ def detect_layout(config_json: dict[str, Any]) -> str:
         raise ConfigError(f"config.json's architectures={_show(archs)} is not a list of names")
     if not isinstance(model_type, str):
         raise ConfigError(f"config.json's model_type={_show(model_type)} is not a string")
-    if any(a in ORIGINAL_ARCHITECTURES for a in archs) or "mm_vision_tower" in config_json:
+    if (any(a in ORIGINAL_ARCHITECTURES for a in archs) or "mm_vision_tower" in config_json
+            or model_type in ORIGINAL_MODEL_TYPES):
         return "original"
     if any(a in TRANSFORMERS_ARCHITECTURES for a in archs) or model_type in ("llava", "llava_next"):
         return "transformers"

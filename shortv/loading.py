@@ -65,15 +65,22 @@ def load(
         raise ConfigError(f"source must be a zoo name, a directory or a repo id, got {source!r}")
     source = str(source)
     card = zoo.card(source)
+
+    def chosen(num_layers: int) -> Method:
+        return choose_method(
+            num_layers, n_frozen=n_frozen, frozen_layers=frozen_layers, ranking=ranking,
+            method=method, default_ranking=card.ranking if card is not None else (),
+            model_name=card.name if card is not None else source,
+        )
+
+    # A zoo card knows the depth: a method that cannot work is refused before the weights
+    # are looked for (or downloaded).
+    fitted = chosen(card.config.text.layers) if card is not None else None
     model = load_directory(zoo.locate(source), device=device, dtype=dtype)
     model.name = card.name if card is not None else source
     if card is not None:
         model.template = get_template(card.template)
-    model.set_method(choose_method(
-        model.num_layers, n_frozen=n_frozen, frozen_layers=frozen_layers, ranking=ranking,
-        method=method, default_ranking=card.ranking if card is not None else (),
-        model_name=model.name,
-    ))
+    model.set_method(fitted if fitted is not None else chosen(model.num_layers))
     return model
 
 

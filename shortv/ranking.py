@@ -98,15 +98,25 @@ def resolve_frozen_layers(
     else:
         order = tuple(default_ranking)
     if n_frozen and not order:
-        raise ConfigError(
-            "n_frozen needs a ranking and this model's card has none: compute one with "
-            "`shortv lc MODEL --data calib.jsonl --out lc.json` and pass it (ranking= or "
-            "--ranking lc.json), or name the layers (frozen_layers= or --frozen-layers)"
-        )
+        raise ConfigError(no_ranking_message(model_name))
     check_layer_ids(order, num_layers)
     if n_frozen > len(order):
         raise ConfigError(f"n_frozen={n_frozen} but the ranking lists only {len(order)} layers")
     return tuple(sorted(order[:n_frozen]))
+
+
+def no_ranking_message(model_name: str | None = None) -> str:
+    """What to do when n_frozen is asked for but no ranking is known (a zoo card without a
+    published one, or a checkpoint directory): compute one with `shortv lc`."""
+    model = model_name or "MODEL"
+    whose = f"{model!r} has" if model_name else "this model has"
+    return (
+        f"n_frozen needs a ranking of the layers and {whose} none published: compute one with "
+        f"`shortv lc {model} --data calib.jsonl --out lc.json` (calib.jsonl: one "
+        '{"image": ..., "prompt": ...} per line; the paper used 40 samples) and pass it '
+        "(ranking='lc.json' or --ranking lc.json), or name the layers (frozen_layers= or "
+        "--frozen-layers)"
+    )
 
 
 def choose_method(

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from tokenizers.models import BPE
 
 from .errors import CheckpointError
 
-__all__ = ["decoding_flags", "load_sentencepiece", "special_ids"]
+__all__ = ["decoding_flags", "load_sentencepiece", "special_ids", "special_pieces"]
 
 SPACE = "\u2581"
 
@@ -306,6 +306,14 @@ def special_ids(path: str | os.PathLike) -> dict[str, int | None]:
     return {key: value if 0 <= value < size else None for key, value in ids.items()}
 
 
+def special_pieces(path: str | os.PathLike) -> dict[str, str | None]:
+    """The pieces (strings) of the ``bos``, ``eos``, ``unk`` and ``pad`` ids of
+    ``special_ids``; None where the model has no such id."""
+    model, _, _ = _load(path)
+    return {key: None if index is None else model.pieces[index].piece
+            for key, index in special_ids(path).items()}
+
+
 def decoding_flags(path: str | os.PathLike) -> dict[str, bool]:
     """Return the model's ``add_dummy_prefix`` and ``remove_extra_whitespaces``
     normalizer flags, which decide the leading "▁" SentencePiece's decoder drops
@@ -358,7 +366,12 @@ def _regex_literal(text: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):X}}}" for c in text)
 
 
-def load_sentencepiece(path: str | os.PathLike, *, legacy: bool = True) -> Tokenizer:
+def load_sentencepiece(
+    path: str | os.PathLike,
+    *,
+    legacy: bool = True,
+    added_tokens: Sequence[tuple[str, bool]] | None = None,
+) -> Tokenizer:
     """Build a ``tokenizers.Tokenizer`` equivalent to a SentencePiece BPE model.
 
     ``legacy`` picks the slow ``LlamaTokenizer`` behaviour around special
@@ -369,6 +382,19 @@ def load_sentencepiece(path: str | os.PathLike, *, legacy: bool = True) -> Token
     Text without special tokens encodes the same either way, and the same as
     ``SentencePieceProcessor.encode``. (For a model without a dummy prefix,
     ``legacy=False`` prepends nothing.)
+
+    ``added_tokens``: (content, special) of every token the slow tokenizer
+    declares (its bos / eos / unk / pad tokens, tokenizer_config.json's
+    ``added_tokens_decoder``, ``added_tokens.json``), such as Yi's
+    ``<|im_start|>`` and ``<|im_end|>``. The slow tokenizer cuts the raw text at
+    each of them before SentencePiece sees it, so the text after one is a new
+    segment (with ``legacy=True`` it gets its own dummy prefix); text that spells
+    an undeclared control piece is ordinary text to it. Declared tokens that are
+    pieces of the model are matched the same way here, keeping their ids; others
+    (tokens appended after the vocabulary, such as llava-hf's ``<image>``) are
+    left out, since LLaVA's prompts never hand them to the tokenizer. None (the
+    default): the model's control and unknown pieces are the special tokens, as
+    for Llama, whose slow tokenizer declares exactly those.
 
     The tokenizer adds no BOS/EOS and has no decoder: decode its ids with
     ``shortv.Tokenizer.decode``.
@@ -417,7 +443,13 @@ def load_sentencepiece(path: str | os.PathLike, *, legacy: bool = True) -> Token
     charsmap = (
         [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
     )
-    user = [p.piece for p in pieces if p.type == _USER_DEFINED]
+    if added_tokens is None:
+        declared = {p.piece: True for p in pieces if p.type in (_CONTROL, _UNKNOWN)}
+    else:
+        declared = {content: special for content, special in added_tokens if content in vocab}
+    # A declared user-defined piece is cut from the raw text like the other declared tokens,
+    # before normalization; the others are matched by SentencePiece in the normalized text.
+    user = [p.piece for p in pieces if p.type == _USER_DEFINED and p.piece not in declared]
     if legacy:
         # Normalizers run on each stretch of text between special tokens
         # separately, which is exactly "SentencePiece-encode every segment".
@@ -466,11 +498,17 @@ def load_sentencepiece(path: str | os.PathLike, *, legacy: bool = True) -> Token
     # only marks them as matched in raw text before any normalization.
     tokenizer.add_special_tokens(
         [
-            AddedToken(p.piece, special=True, normalized=False, lstrip=False, rstrip=False)
-            for p in pieces
-            if p.type in (_CONTROL, _UNKNOWN)
+            AddedToken(piece, special=True, normalized=False, lstrip=False, rstrip=False)
+            for piece, special in declared.items()
+            if special
         ]
     )
+    plain = [c for c, special in declared.items() if not special]
+    if plain:
+        tokenizer.add_tokens(
+            [AddedToken(c, special=False, normalized=False, lstrip=False, rstrip=False)
+             for c in plain]
+        )
     # SentencePiece matches user-defined pieces in the normalized text, after
     # the dummy prefix and with spaces already "▁", and never merges across
     # them.

@@ -70,16 +70,32 @@ class Tokenizer:
         """tokenizer.model (preferred: it is what original LLaVA used) or tokenizer.json."""
         directory = Path(directory)
         settings = _read_json(directory / "tokenizer_config.json")
+        # special_tokens_map.json overrides tokenizer_config.json, as in transformers.
+        settings = {**settings, **_read_json(directory / "special_tokens_map.json")}
         sp_model, fast = directory / "tokenizer.model", directory / "tokenizer.json"
         add_bos = bool(settings.get("add_bos_token", True))
         if sp_model.is_file():
-            from .sentencepiece import decoding_flags, load_sentencepiece, special_ids
+            from .sentencepiece import (
+                decoding_flags,
+                load_sentencepiece,
+                special_ids,
+                special_pieces,
+            )
 
             # The slow Llama tokenizer treated a missing `legacy` as legacy=True.
             legacy = settings.get("legacy")
-            backend = load_sentencepiece(sp_model, legacy=True if legacy is None else bool(legacy))
             ids = special_ids(sp_model)
-            return cls(backend, bos_id=ids.get("bos"), eos_id=ids.get("eos"), add_bos=add_bos,
+            # The slow tokenizer's own special tokens default to the model's pieces.
+            own = [(piece, True) for key, piece in special_pieces(sp_model).items()
+                   if piece is not None and key != "pad"]
+            backend = load_sentencepiece(sp_model, legacy=True if legacy is None else bool(legacy),
+                                         added_tokens=own + declared_tokens(directory, settings))
+            # BOS / EOS are the tokenizer's bos_token / eos_token when it names them (Yi's
+            # chat models end a turn with <|im_end|>, not the model's own </s>-like piece).
+            bos = _special(settings, "bos_token", backend, None)
+            eos = _special(settings, "eos_token", backend, None)
+            return cls(backend, bos_id=ids.get("bos") if bos is None else bos,
+                       eos_id=ids.get("eos") if eos is None else eos, add_bos=add_bos,
                        source=str(sp_model), pieces=PieceDecoding(**decoding_flags(sp_model)))
         if fast.is_file():
             try:
@@ -197,8 +213,44 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _special(settings: dict, key: str, backend: tokenizers.Tokenizer, default: str) -> int | None:
-    token = settings.get(key, default)
-    if isinstance(token, dict):  # AddedToken serialised as a dict
+def _special(settings: dict, key: str, backend: tokenizers.Tokenizer, default: str | None
+             ) -> int | None:
+    token = _content(settings.get(key, default))
+    return backend.token_to_id(token) if token is not None else None
+
+
+def _content(token: object) -> str | None:
+    """A token as tokenizer_config.json writes it: a string, or an AddedToken as a dict."""
+    if isinstance(token, dict):
         token = token.get("content")
-    return backend.token_to_id(token) if isinstance(token, str) else None
+    return token if isinstance(token, str) and token else None
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def declared_tokens(directory: Path, settings: dict | None = None) -> list[tuple[str, bool]]:
+    """(content, special) of every token the slow tokenizer adds to its SentencePiece model:
+    tokenizer_config.json's added_tokens_decoder (with its "special" flags), added_tokens.json,
+    and the special tokens (bos / eos / unk / pad and additional_special_tokens, also from
+    special_tokens_map.json). The slow tokenizer cuts the text at these before SentencePiece
+    encodes it."""
+    if settings is None:
+        settings = {**_read_json(directory / "tokenizer_config.json"),
+                    **_read_json(directory / "special_tokens_map.json")}
+    out: dict[str, bool] = {}
+    decoder = settings.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for entry in decoder.values():
+            if (content := _content(entry)) is not None:
+                out[content] = bool(entry.get("special", False)) if isinstance(entry, dict) else False
+    for content in _read_json(directory / "added_tokens.json"):
+        if isinstance(content, str) and content:
+            out.setdefault(content, False)
+    extra = settings.get("additional_special_tokens")
+    special = [settings.get(k) for k in SPECIAL_TOKEN_KEYS]
+    special += extra if isinstance(extra, list) else []
+    for token in special:
+        if (content := _content(token)) is not None:
+            out[content] = True
+    return list(out.items())

@@ -85,9 +85,11 @@ class Card:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> Card:
+        """A card from its TOML tables; ConfigError when the template is unknown or the
+        ranking does not fit the decoder (ids out of range or repeated, n_frozen beyond it)."""
         source = d.get("source", {})
         shortv = d.get("shortv", {})
-        return cls(
+        card = cls(
             name=d["name"],
             description=d.get("description", ""),
             template=d.get("template", "vicuna_v1"),
@@ -100,6 +102,29 @@ class Card:
             ranking_source=shortv.get("source", ""),
             path=path,
         )
+        card._check()
+        return card
+
+    def _check(self) -> None:
+        from .conversation import get_template
+
+        get_template(self.template)
+        layers = self.config.text.layers
+        if len(set(self.ranking)) != len(self.ranking) or not all(
+                0 <= i < layers for i in self.ranking):
+            raise ConfigError(f"card {self.name!r}: its ranking must list distinct layer ids "
+                              f"of its {layers} layers, got {list(self.ranking)}")
+        if self.n_frozen is not None and not 0 <= self.n_frozen <= len(self.ranking):
+            raise ConfigError(f"card {self.name!r}: n_frozen={self.n_frozen} but its ranking "
+                              f"lists {len(self.ranking)} layers")
+
+    @property
+    def ranking_origin(self) -> str:
+        """Where the card's frozen-layer ranking comes from: "paper" (the ShortV paper's),
+        "shortv lc" (computed with `shortv lc`), or "none" (compute one with `shortv lc`)."""
+        if not self.ranking:
+            return "none"
+        return "paper" if "paper" in self.ranking_source.lower() else "shortv lc"
 
     def summary(self) -> dict[str, Any]:
         """What `shortv zoo --json` prints for this card."""
@@ -112,10 +137,13 @@ class Card:
             "vision_tower": self.vision_tower,
             "layers": c.text.layers,
             "hidden_size": c.text.hidden_size,
+            "heads": c.text.heads,
+            "kv_heads": c.text.kv_heads,
             "image_aspect_ratio": c.image_aspect_ratio,
             "template": self.template,
             "n_frozen": self.n_frozen,
             "ranking": list(self.ranking),
+            "ranking_origin": self.ranking_origin,
             "ranking_source": self.ranking_source,
             "local_weights": str(p) if (p := local_weights(self.name)) else None,
         }
@@ -153,10 +181,12 @@ def cards() -> list[Card]:
 
 
 def card(name: str) -> Card | None:
+    """The zoo card of that name, or None."""
     return _cards().get(name)
 
 
 def get_card(name: str) -> Card:
+    """The zoo card of that name; ModelNotFoundError listing the zoo's names."""
     found = card(name)
     if found is None:
         raise ModelNotFoundError(

@@ -69,10 +69,13 @@ def sp_vocab_size(model: Path) -> int:
 
 
 def make_llava(out: Path, tokenizer_model: Path, *, next_: bool = False, seed: int = 0,
-               text: dict | None = None, vision: dict | None = None, **config) -> Path:
+               text: dict | None = None, vision: dict | None = None, text_model: str = "llama",
+               tokenizer_config: dict | None = None, **config) -> Path:
     """A transformers Llava (or LlavaNext) checkpoint with random weights, saved by
     transformers, plus the SentencePiece tokenizer. The image token is the id after the
-    tokenizer's vocabulary, like llava-hf's 32000."""
+    tokenizer's vocabulary, like llava-hf's 32000. text_model: "llama" (LlamaConfig: Vicuna,
+    Yi) or "mistral" (MistralConfig); tokenizer_config: the tokenizer_config.json to write
+    (default: legacy false, BOS added)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -80,12 +83,14 @@ def make_llava(out: Path, tokenizer_model: Path, *, next_: bool = False, seed: i
         LlavaForConditionalGeneration,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
+        MistralConfig,
     )
 
     vocab = sp_vocab_size(tokenizer_model)
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(**{**VISION, **(vision or {})})
-    tc = LlamaConfig(**{**TEXT, **(text or {}), "vocab_size": vocab + 1})
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig}[text_model]
+    tc = text_class(**{**TEXT, **(text or {}), "vocab_size": vocab + 1})
     if next_:
         cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=vocab,
                               image_grid_pinpoints=PINPOINTS, **config)
@@ -96,7 +101,8 @@ def make_llava(out: Path, tokenizer_model: Path, *, next_: bool = False, seed: i
     _randomize(model, seed)
     model.save_pretrained(out)
     shutil.copy(tokenizer_model, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps({"legacy": False, "add_bos_token": True}))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        tokenizer_config if tokenizer_config is not None else {"legacy": False, "add_bos_token": True}))
     return out
 
 
@@ -174,9 +180,10 @@ def to_original(hf_dir: Path, out: Path, *, fmt: str = "safetensors", shards: in
         _write_clip(tower_path, hf_config["vision_config"], tower_state)
         tower_name = tower_dir_name if relative_tower else str(tower_path)
     next_ = hf_config.get("model_type") == "llava_next"
+    mistral = text.get("model_type") == "mistral"  # liuhaotian/llava-v1.6-mistral-7b
     config = {
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "model_type": "llava_llama",
+        "architectures": ["LlavaMistralForCausalLM" if mistral else "LlavaLlamaForCausalLM"],
+        "model_type": "llava_mistral" if mistral else "llava_llama",
         **{k: v for k, v in text.items() if k not in ("model_type", "architectures")},
         "mm_vision_tower": tower_name,
         "mm_projector_type": "mlp2x_gelu",
@@ -193,7 +200,8 @@ def to_original(hf_dir: Path, out: Path, *, fmt: str = "safetensors", shards: in
         config["image_grid_pinpoints"] = hf_config["image_grid_pinpoints"]
     (out / "config.json").write_text(json.dumps(config, indent=2))
     _write_weights(out, renamed, fmt, shards)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json"):
         if (hf_dir / name).exists():
             shutil.copy(hf_dir / name, out / name)
     return out

@@ -23,6 +23,8 @@ IMAGE = DEMO / "example.png"
 CPU = ["--device", "cpu", "--dtype", "float32"]
 PAPER_MODELS = {"llava-v1.5-7b": 19, "llava-v1.5-13b": 24, "llava-v1.6-vicuna-7b": 19,
                 "llava-v1.6-vicuna-13b": 24}
+# Cards without a published ranking: (layers, KV heads).
+UNRANKED_MODELS = {"llava-v1.6-mistral-7b": (32, 8), "llava-v1.6-34b": (60, 8)}
 
 
 def shortv_cli(*args: str, stdin: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -51,10 +53,14 @@ def demo() -> shortv.LLaVA:
 def test_zoo_table():
     run = shortv_cli("zoo")
     assert run.returncode == 0, run.stderr
-    rows = run.stdout.strip().splitlines()
-    assert len(rows) == 1 + 5  # header + one row per card
-    for name in [*PAPER_MODELS, "llava-tiny-demo"]:
+    table, _, note = run.stdout.strip().partition("\n\n")  # the table, then a note
+    rows = table.splitlines()
+    assert len(rows) == 1 + 7  # header + one row per card
+    for name in [*PAPER_MODELS, *UNRANKED_MODELS, "llava-tiny-demo"]:
         assert sum(row.split()[0] == name for row in rows) == 1
+    for name in UNRANKED_MODELS:  # no published ranking: the table says so and how to get one
+        assert "none (run shortv lc)" in next(row for row in rows if row.split()[0] == name)
+    assert "shortv lc" in note and "--ranking" in note
 
 
 def test_zoo_json():
@@ -62,10 +68,16 @@ def test_zoo_json():
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)  # one JSON object, nothing else on stdout
     models = {m["name"]: m for m in report["models"]}
-    assert set(models) == {*PAPER_MODELS, "llava-tiny-demo"}
+    assert set(models) == {*PAPER_MODELS, *UNRANKED_MODELS, "llava-tiny-demo"}
     for name, n in PAPER_MODELS.items():
         assert models[name]["n_frozen"] == n and len(models[name]["ranking"]) == n
         assert models[name]["layers"] == (40 if "13b" in name else 32)
+        assert models[name]["ranking_origin"] == "paper"
+    for name, (layers, kv_heads) in UNRANKED_MODELS.items():
+        assert models[name]["ranking"] == [] and models[name]["n_frozen"] is None
+        assert models[name]["ranking_origin"] == "none"
+        assert (models[name]["layers"], models[name]["kv_heads"]) == (layers, kv_heads)
+    assert models["llava-tiny-demo"]["ranking_origin"] == "shortv lc"
     assert models["llava-tiny-demo"]["local_weights"] is not None
     assert Path(models["llava-tiny-demo"]["local_weights"]).resolve() == DEMO.resolve()
 

@@ -39,13 +39,14 @@ NEXT_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 def test_every_card_parses():
     files = sorted((REPO / "models").glob("*.toml"))
     raw = {tomllib.loads(f.read_text())["name"]: f for f in files}
-    assert len(raw) == len(files) == 5
-    assert set(raw) == {*PAPER, "llava-tiny-demo"}
+    assert len(raw) == len(files) == 7
+    assert set(raw) == {*PAPER, "llava-tiny-demo", "llava-v1.6-mistral-7b", "llava-v1.6-34b"}
     assert [c.name for c in zoo.cards()] == sorted(raw)
+    templates = {"llava-v1.6-mistral-7b": "mistral_instruct", "llava-v1.6-34b": "chatml_direct"}
     for name, path in raw.items():
         card = zoo.get_card(name)
         assert card == zoo.Card.from_toml(path)
-        assert card.template == "vicuna_v1"
+        assert card.template == templates.get(name, "vicuna_v1")
         shortv.get_template(card.template)  # a template that exists
 
 
@@ -280,5 +281,5 @@ def test_installed_wheel_finds_cards_and_demo(wheel, tmp_path):
     assert Path(report["file"]).is_relative_to(target)
     assert report["name"] == "llava-tiny-demo"
     assert Path(report["dir"]).is_relative_to(target / "shortv" / "_data" / "weights")
-    assert sorted(report["cards"]) == sorted([*PAPER, "llava-tiny-demo"])
+    assert sorted(report["cards"]) == sorted(p.stem for p in (REPO / "models").glob("*.toml"))
     assert isinstance(report["answer"], str)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_method, int_at_least, method_for, model_config, print_json
+from ..errors import ConfigError
+from ..methods import ShortV
+from .options import (
+    add_method,
+    int_at_least,
+    method_for,
+    method_options,
+    model_config,
+    print_json,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,14 +31,36 @@ def run(args: argparse.Namespace) -> int:
     from ..flops import default_n_visual, flops_report, format_flops
 
     config, card = model_config(args.model)
-    method = method_for(args, config.text.layers, card)
+    layers = config.text.layers
+    note = None
+    if _unranked_n_frozen(args, card):
+        # Which N layers are frozen does not change the count (docs/design.md §8), so a model
+        # without a ranking (a card without a published one, a checkpoint directory) is
+        # counted with any N layers instead of asking for `shortv lc` first.
+        method_options(args, card)  # the same option checks as every command
+        if args.n_frozen > layers:
+            raise ConfigError(f"--n-frozen {args.n_frozen} is more than the model's {layers} layers")
+        method = ShortV(tuple(range(layers - args.n_frozen, layers))).for_layers(layers)
+        note = (f"no ranking needed: any {args.n_frozen} frozen layers cost the same "
+                f"(to run ShortV, compute a ranking with `shortv lc {args.model}`)")
+    else:
+        method = method_for(args, layers, card)
     n_visual = default_n_visual(config) if args.n_visual is None else args.n_visual
     report = flops_report(config.text, method, args.n_text, n_visual)
     report["model"] = args.model
+    if note:
+        report["method"] = f"shortv(n_frozen={args.n_frozen})"
+        report["note"] = note
     if args.json:
         print_json(report)
     else:
-        print(f"{args.model}, {method.describe()}, {args.n_text} text + {n_visual} visual tokens: "
+        print(f"{args.model}, {report['method']}, {args.n_text} text + {n_visual} visual tokens: "
               f"{format_flops(report['tflops'])} ({report['ratio']:.0%} of vanilla "
-              f"{format_flops(report['vanilla_tflops'])})")
+              f"{format_flops(report['vanilla_tflops'])})" + (f"; {note}" if note else ""))
     return 0
+
+
+def _unranked_n_frozen(args: argparse.Namespace, card: object) -> bool:
+    """--n-frozen N asked for without --ranking, and no card ranking to take the N from."""
+    return (args.n_frozen is not None and args.ranking is None and args.frozen_layers is None
+            and args.method in (None, "shortv") and not getattr(card, "ranking", ()))

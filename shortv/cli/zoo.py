@@ -26,22 +26,26 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"models": [c.summary() for c in cards]})
         return 0
-    rows = [("name", "layers", "images", "paper N", "ranking", "weights", "source")]
+    rows = [("name", "layers", "heads/kv", "images", "template", "N", "ranking", "weights",
+             "source")]
     for c in cards:
         s = c.summary()
-        rows.append((c.name, str(s["layers"]), s["image_aspect_ratio"], str(s["n_frozen"] or "-"),
+        rows.append((c.name, str(s["layers"]), f"{s['heads']}/{s['kv_heads']}",
+                     s["image_aspect_ratio"], c.template, str(s["n_frozen"] or "-"),
                      _ranking_origin(c), "local" if s["local_weights"] else "hub",
                      c.repo or "embedded"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    if any(not c.ranking for c in cards):
+        print("\nranking \"none\": no published ranking; compute one with "
+              "`shortv lc NAME --data calib.jsonl --out lc.json`, then freeze with "
+              "`--ranking lc.json --n-frozen N`")
     return 0
 
 
 def _ranking_origin(card) -> str:
-    if not card.ranking:
-        return "none (run shortv lc)"
-    return "paper" if "paper" in card.ranking_source.lower() else "shortv lc"
+    return {"none": "none (run shortv lc)"}.get(card.ranking_origin, card.ranking_origin)
 
 
 def run_download(args: argparse.Namespace) -> int:
