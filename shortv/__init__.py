@@ -12,7 +12,7 @@ from .generate import GenerationOptions, GenerationResult
 from .lc import LCReport, layer_contribution
 from .llava import Encoded, LLaVA
 from .loading import load
-from .methods import VTW, FastV, Method, ShortV, Vanilla
+from .methods import VTW, Compose, FastV, Method, ShortV, Vanilla, compose
 from .token_types import TokenType
 from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
 
@@ -23,6 +23,7 @@ __all__ = [
     "IMAGE_TOKEN",
     "VTW",
     "CheckpointError",
+    "Compose",
     "ConfigError",
     "Encoded",
     "FastV",
@@ -42,6 +43,7 @@ __all__ = [
     "Tokenizer",
     "Vanilla",
     "VisionConfig",
+    "compose",
     "get_template",
     "layer_contribution",
     "load",

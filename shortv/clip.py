@@ -8,6 +8,8 @@ the deepest selected one are built and run; CLIP's final LayerNorm is never used
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +35,10 @@ class VisionAttention(nn.Module):
         self.v_proj = Linear(c.width, c.width)
         self.out_proj = Linear(c.width, c.width)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, capture: list[Tensor] | None = None) -> Tensor:
+        """Self-attention over x [N, T, width]. With `capture`, also append the class
+        token's attention probabilities over every token [N, heads, T] and the keys
+        [N, heads, T, head_dim] (what VisionZip reads)."""
         b, t, d = x.shape
 
         def split(y: Tensor) -> Tensor:
@@ -41,6 +46,9 @@ class VisionAttention(nn.Module):
 
         q, k, v = (split(proj(x, contiguous=True)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v)
+        if capture is not None:
+            logits = q[:, :, :1].float() @ k.float().transpose(-1, -2) / math.sqrt(d // self.heads)
+            capture += [logits.softmax(dim=-1)[:, :, 0], k]
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -65,8 +73,8 @@ class VisionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(c.width, eps=c.norm_eps)
         self.mlp = VisionMLP(c)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, capture: list[Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), capture)
         return x + self.mlp(self.norm2(x))
 
 
@@ -83,9 +91,12 @@ class CLIPVisionTower(nn.Module):
         self.pre_norm = nn.LayerNorm(c.width, eps=c.norm_eps)
         self.layers = nn.ModuleList(VisionLayer(c) for _ in range(depth))
 
-    def forward(self, pixels: Tensor, hidden_indices: tuple[int, ...]) -> list[Tensor]:
+    def forward(self, pixels: Tensor, hidden_indices: tuple[int, ...],
+                capture: list[Tensor] | None = None) -> list[Tensor]:
         """Hidden states [N, 1 + patches, width] at `hidden_indices` (0 = the embeddings
-        after the pre-norm, i = the output of layer i) for images [N, 3, S, S]."""
+        after the pre-norm, i = the output of layer i) for images [N, 3, S, S]. With
+        `capture`, the layer that outputs the last of them appends its class-token
+        attention and keys to it (`VisionAttention.forward`)."""
         if max(hidden_indices) > len(self.layers):
             raise ValueError(f"hidden state {max(hidden_indices)} needs more than {len(self.layers)} layers")
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
@@ -94,6 +105,6 @@ class CLIPVisionTower(nn.Module):
         x = self.pre_norm(x)
         states = {0: x}
         for i, layer in enumerate(self.layers[: max(hidden_indices)], start=1):
-            x = layer(x)
+            x = layer(x, capture if i == hidden_indices[-1] else None)
             states[i] = x
         return [states[i] for i in hidden_indices]

@@ -14,8 +14,8 @@ Convention (the one that reproduces every number of the ShortV paper's table, do
   MLP term counting all three SwiGLU matrices, doubled.
 - Not counted: the LM head (2 · d · vocab per position it is applied to), embeddings,
   RMSNorm, RoPE, softmax, SiLU and the residual additions, biases, the vision tower and the
-  projector. FastV's ranking (the last query's attention in layer K − 1) is part of the
-  normal attention already.
+  projector, and what a method captures to rank tokens (FastV's last-query attention in
+  layer K − 1: one more Q-projection row and its scores, 2·q_dim·(d + n) FLOPs).
 - Causal masking is not accounted for: every query is charged for every key of its
   sequence, so the count depends only on *how many* tokens of each type a sequence has,
   not on where the visual block sits. (A causal kernel skips about half of the attention
@@ -29,7 +29,8 @@ Convention (the one that reproduces every number of the ShortV paper's table, do
     * FastV(k, r): layers ≥ k see the text tokens plus round((1 − r) · n_visual) visual ones;
     * VTW(k): layers ≥ k see the text tokens only.
   The per-layer counts are derived from the `Method` interface itself (`frozen_type`,
-  `drops_at`, `keep`), so any method built on it is counted the same way.
+  `drops_at`, `capture`, `keep`, and `image_tokens` for a reduction before the language
+  model), so any method built on it, and any composition, is counted the same way.
 - TFLOPs are 10¹² FLOPs. With n_text = 64 and n_visual = 576 (LLaVA-1.5) or 2880
   (LLaVA-NeXT) this gives every printed TFLOPs value of the table rounded to one decimal
   (largest deviation 0.047 TFLOPs: LLaVA-NeXT-7B VTW, 21.753 vs 21.8).
@@ -49,7 +50,7 @@ import torch
 
 from .config import LlavaConfig, TextConfig
 from .errors import ConfigError
-from .methods import Method, Vanilla
+from .methods import Capture, LayerView, Method, Queries, Vanilla
 from .token_types import TokenType
 
 TERA = 1e12
@@ -91,24 +92,46 @@ def layer_flops(config: TextConfig, queries: int, keys: int) -> int:
 
 
 def layer_tokens(config: TextConfig, method: Method, types: torch.Tensor) -> list[LayerTokens]:
-    """Per-layer (queries, keys) for one sequence of token types (1-D; PAD is ignored).
+    """Per-layer (queries, keys) for one sequence of token types (1-D; PAD is ignored),
+    as they enter the language model (after any image reduction).
 
-    Drops are simulated with `method.keep` on placeholder (all-zero) scores: which tokens
-    survive does not change the FLOPs, only how many of each type.
+    Drops are simulated with `method.keep` on placeholder inputs (seeded random hidden
+    states, keys and scores of what the method captures): which tokens survive does not
+    change the FLOPs, only how many of each type.
     """
     method = method.for_layers(config.layers)
     types = _row(types)
     types = types[types != TokenType.PAD]
+    g = torch.Generator().manual_seed(0)
+    capture: Capture | None = None
     out = []
     for layer in range(config.layers):
-        if method.drops_at(layer):
-            keep = method.keep(types[None], torch.zeros(1, types.numel()))[0]
-            types = types[keep]
+        if method.drops_at(layer) and bool((types == TokenType.VISUAL).any()):
+            keep = method.keep(_placeholder_view(layer, types, capture, g))
+            types = types[keep[0]]
+            capture = None
         keys = types.numel()
         frozen = method.frozen_type(layer)
         queries = keys - (int((types == frozen).sum()) if frozen is not None else 0)
         out.append(LayerTokens(queries=queries, keys=keys))
+        capture = method.capture(layer) or capture
     return out
+
+
+def _placeholder_view(layer: int, types: torch.Tensor, capture: Capture | None,
+                      g: torch.Generator) -> LayerView:
+    t, width = types.numel(), 8
+    view = LayerView(layer, types[None], torch.randn(1, t, width, generator=g), lambda x: x)
+    if capture is not None and capture.keys:
+        view.keys = torch.randn(1, t, 1, width, generator=g)
+    if capture is not None and capture.queries is not None:
+        at = torch.arange(t) if capture.queries == Queries.TEXT else torch.tensor([t - 1])
+        if capture.queries == Queries.TEXT:
+            at = at[types == TokenType.TEXT]
+        scores = torch.rand(1, at.numel(), t, generator=g)
+        view.scores = scores / scores.sum(-1, keepdim=True)
+        view.query_positions, view.query_real = at[None], torch.ones(1, at.numel(), dtype=torch.bool)
+    return view
 
 
 def decoder_flops(config: TextConfig, method: Method, n_text: int, n_visual: int) -> float:
@@ -117,6 +140,7 @@ def decoder_flops(config: TextConfig, method: Method, n_text: int, n_visual: int
         if isinstance(value, bool) or not hasattr(value, "__index__") or value < 0:
             raise ConfigError(f"{name}={value!r} must be a non-negative integer token count")
     n_text, n_visual = operator.index(n_text), operator.index(n_visual)
+    n_visual = method.for_layers(config.layers).image_tokens(n_visual)
     types = torch.cat([
         torch.full((n_text,), int(TokenType.TEXT), dtype=torch.int8),
         torch.full((n_visual,), int(TokenType.VISUAL), dtype=torch.int8),
@@ -163,16 +187,20 @@ def flops_report(config: TextConfig, method: Method, n_text: int, n_visual: int)
     }
 
 
-def input_flops(config: TextConfig, method: Method, types: torch.Tensor) -> dict[str, Any]:
-    """Prefill FLOPs of one concrete input (its token types [T] after image expansion)
-    under `method`, next to vanilla.
+def input_flops(config: TextConfig, method: Method, types: torch.Tensor,
+                vanilla_types: torch.Tensor | None = None) -> dict[str, Any]:
+    """Prefill FLOPs of one concrete input (its token types [T] after image expansion, as
+    the language model receives them under `method`) next to vanilla's, on
+    `vanilla_types` when the method reduced the images before the model (default: the
+    same types).
 
-    Keys: tflops, vanilla_tflops, ratio, method, n_text, n_visual.
+    Keys: tflops, vanilla_tflops, ratio, method, n_text, n_visual (under the method).
     """
     types = _row(types)
+    full = types if vanilla_types is None else _row(vanilla_types)
     method = method.for_layers(config.layers)
     flops = sequence_flops(config, method, types)
-    vanilla = sequence_flops(config, Vanilla(), types)
+    vanilla = sequence_flops(config, Vanilla(), full)
     return {
         "tflops": flops / TERA, "vanilla_tflops": vanilla / TERA,
         "ratio": flops / vanilla if vanilla else 1.0, "method": method.describe(),

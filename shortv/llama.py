@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TextConfig
-from .methods import VANILLA, Method
+from .methods import VANILLA, Capture, LayerView, Method, Queries
 from .ops import Linear
 from .token_types import TYPE_DTYPE, TokenType
 
@@ -340,7 +340,7 @@ class Segment:
                 rows = Rows(self.cos, self.sin, None, causal=t > 1 and p == 0)
             else:
                 query_at = p + torch.arange(t, device=self.types.device).expand(b, t)
-                rows = Rows(self.cos, self.sin, self._mask(query_at), causal=False)
+                rows = Rows(self.cos, self.sin, self.query_mask(query_at), causal=False)
             self._rows["all"] = rows
         return self._rows["all"]
 
@@ -351,10 +351,20 @@ class Segment:
             b, t = self.types.shape
             index = torch.full((b, 1), t - 1, dtype=torch.long, device=self.types.device)
             subset = Subset(index, torch.ones(b, 1, dtype=torch.bool, device=index.device), True)
-            mask = self._mask(self.past_length + index) if self.has_pad else None
+            mask = self.query_mask(self.past_length + index) if self.has_pad else None
             self._rows["last"] = Rows(self.cos[:, -1:], self.sin[:, -1:], mask, causal=False,
                                       subset=subset)
         return self._rows["last"]
+
+    def query_subset(self, queries: Queries) -> Subset:
+        """The positions of a `Capture`'s query rows in this pass."""
+        b, t = self.types.shape
+        if queries == Queries.LAST:
+            index = torch.full((b, 1), t - 1, dtype=torch.long, device=self.types.device)
+            return Subset(index, torch.ones_like(index, dtype=torch.bool), True)
+        if queries == Queries.TEXT:
+            return Subset.of(self.types == int(TokenType.TEXT))
+        raise ValueError(f"unknown query rows {queries!r}")
 
     def rows_where(self, active: Tensor, key: object) -> Rows:
         """Rows for the positions where `active` [B, T] is True (memoised under `key`)."""
@@ -365,9 +375,9 @@ class Segment:
     def _gathered_rows(self, active: Tensor) -> Rows:
         subset = Subset.of(active)
         cos, sin = subset.take(self.cos), subset.take(self.sin)
-        return Rows(cos, sin, self._mask(self.past_length + subset.index), causal=False, subset=subset)
+        return Rows(cos, sin, self.query_mask(self.past_length + subset.index), causal=False, subset=subset)
 
-    def _mask(self, query_at: Tensor) -> Tensor:
+    def query_mask(self, query_at: Tensor) -> Tensor:
         """[B, 1, Q, S]: causal over sequence order, no padding keys, and each query may
         always see itself so that padding rows stay finite."""
         keys = torch.arange(self.past_length + self.types.shape[1], device=query_at.device)
@@ -414,13 +424,22 @@ class Attention(nn.Module):
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
-    def last_query_scores(self, q: Tensor, k: Tensor, rows: Rows) -> Tensor:
-        """Attention probabilities of the last query over all keys, mean over heads: [B, S]."""
+    def query_scores(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+        """Attention probabilities of queries q [B, H, Q, D] over keys k [B, H_kv, S, D]
+        under mask [B, 1, Q, S], mean over heads, in fp32: [B, Q, S]."""
         k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        logits = (q[:, :, -1:].float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
-        if rows.mask is not None:
-            logits = logits.masked_fill(~rows.mask[:, :, -1:], float("-inf"))
-        return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+        logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+        return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1).mean(dim=1)
+
+
+@dataclass
+class Captured:
+    """What a layer reported for a later drop (see `methods.Capture` and `LayerView`)."""
+
+    scores: Tensor | None = None  # [B, Q, T] over this pass's tokens
+    query_positions: Tensor | None = None  # [B, Q]
+    query_real: Tensor | None = None  # [B, Q]
+    keys: Tensor | None = None  # [B, T, H_kv, D]
 
 
 class MLP(nn.Module):
@@ -448,23 +467,35 @@ class DecoderLayer(nn.Module):
         seg: Segment,
         rows: Rows,
         cache: LayerCache | None = None,
-        want_scores: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        capture: Capture | None = None,
+    ) -> tuple[Tensor, Captured | None]:
         """One layer. Keys and values come from every token; queries, the output projection
-        and the MLP only from `rows`; other positions pass through unchanged."""
+        and the MLP only from `rows`; other positions pass through unchanged. With a
+        `capture`, also what it asks for (computed for the asked query rows only)."""
         subset = rows.subset
         if subset is not None and subset.size == 0:
             return x, None
         h = self.attn_norm(x)
-        k, v = self.attn.keys_values(h, seg.cos, seg.sin)
+        k_new, v = self.attn.keys_values(h, seg.cos, seg.sin)
+        k = k_new
         if cache is not None:
-            k, v = cache.append(k, v, seg.types != int(TokenType.PAD), TokenType.PAD in seg.kinds)
+            k, v = cache.append(k_new, v, seg.types != int(TokenType.PAD), TokenType.PAD in seg.kinds)
         x_rows, h_rows = (x, h) if subset is None else (subset.take(x), subset.take(h))
         q = self.attn.queries(h_rows, rows.cos, rows.sin)
         out = x_rows + self.attn.attend(q, k, v, rows)
         out = out + self.mlp(self.mlp_norm(out))
-        scores = self.attn.last_query_scores(q, k, rows) if want_scores else None
-        return (out if subset is None else subset.put_back(x, out)), scores
+        captured = self._capture(capture, h, k_new, k, seg) if capture is not None else None
+        return (out if subset is None else subset.put_back(x, out)), captured
+
+    def _capture(self, capture: Capture, h: Tensor, k_new: Tensor, k: Tensor, seg: Segment) -> Captured:
+        got = Captured(keys=k_new.transpose(1, 2) if capture.keys else None)
+        if capture.queries is not None:
+            chosen = seg.query_subset(capture.queries)
+            q = self.attn.queries(chosen.take(h), chosen.take(seg.cos), chosen.take(seg.sin))
+            probs = self.attn.query_scores(q, k, seg.query_mask(seg.past_length + chosen.index))
+            got.scores = probs[:, :, seg.past_length:] * chosen.real[..., None]
+            got.query_positions, got.query_real = chosen.index, chosen.real
+        return got
 
 
 class Decoder(nn.Module):
@@ -541,7 +572,7 @@ class Decoder(nn.Module):
             return x
         cache_of = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
         seg = self.segment(types, positions, x.dtype, cache_of(ids[0]), kinds)
-        scores: Tensor | None = None
+        captured: Captured | None = None
         drops: list[tuple[Tensor, Subset]] = []
         for i in ids:
             if method.drops_at(i):
@@ -549,22 +580,28 @@ class Decoder(nn.Module):
                 # visual tokens to drop, the token types stay what they were.
                 kinds = seg.kinds
                 if TokenType.VISUAL in seg.kinds:
-                    kept = Subset.of(method.keep(seg.types, scores))
+                    kept = Subset.of(method.keep(self._view(i, seg, x, captured)))
                     drops.append((x, kept))
                     x, types, positions = kept.take(x), _kept_types(kept, seg.types), kept.take(seg.positions)
-                    kinds = None
+                    kinds, captured = None, None
                 seg = self.segment(types, positions, x.dtype, cache_of(i), kinds)
             rows = self._rows(seg, method.frozen_type(i), last_only and i == ids[-1])
-            want = method.needs_scores_at(i) and TokenType.VISUAL in seg.kinds
+            capture = method.capture(i) if TokenType.VISUAL in seg.kinds else None
             if inputs is not None:
                 inputs.append(x)
-            x, layer_scores = self.layers[i](x, seg, rows, cache_of(i), want)
-            if layer_scores is not None:
-                scores = layer_scores[:, seg.past_length:]
+            x, got = self.layers[i](x, seg, rows, cache_of(i), capture)
+            captured = got if got is not None else captured
         # Dropped tokens keep the hidden state they had when they were dropped.
         for full, kept in reversed(drops):
             x = kept.put_back(full, x)
         return x
+
+    def _view(self, layer: int, seg: Segment, x: Tensor, captured: Captured | None) -> LayerView:
+        view = LayerView(layer, seg.types, x, self.norm)
+        if captured is not None:
+            view.scores, view.keys = captured.scores, captured.keys
+            view.query_positions, view.query_real = captured.query_positions, captured.query_real
+        return view
 
     @staticmethod
     def _rows(seg: Segment, frozen: TokenType | None, last_only: bool) -> Rows:

@@ -26,7 +26,7 @@ from .errors import InputError
 from .generate import GenerationOptions, GenerationResult, generate, stream
 from .image import ImageProcessor, grid_shape, load_image, unpad_slices
 from .llama import Decoder, KVCache
-from .methods import VANILLA, Method, ShortV
+from .methods import VANILLA, ImageView, Method, ShortV
 from .ops import Linear
 from .token_types import TYPE_DTYPE, TokenType
 from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
@@ -182,18 +182,40 @@ class LLaVA(nn.Module):
     # ---- images → visual tokens ----------------------------------------------------------
 
     def image_features(
-        self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]]
+        self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *, reduce: bool = True
     ) -> list[Tensor]:
-        """Visual tokens [N_i, D] per image; all crops of all images in one tower call."""
+        """Visual tokens [N_i, D] per image; all crops of all images in one tower call.
+        `reduce`: apply the method's image reduction (VisionZip), if it has one."""
         if not images:
             return []
         crops = [im if im.dim() == 4 else im[None] for im in images]
         pixels = torch.cat(crops).to(self.device, self.dtype)
+        counts = [c.shape[0] for c in crops]
+        if reduce and self.method.reduces_images:
+            return self._reduced_image_features(pixels, counts)
         hidden = torch.cat(self.vision(pixels, self.config.vision_hidden_indices), dim=-1)
         if self.config.vision_select_feature == "patch":
             hidden = hidden[:, 1:]
-        features = self.projector(hidden).split([c.shape[0] for c in crops])
+        features = self.projector(hidden).split(counts)
         return [self._merge_crops(f, size) for f, size in zip(features, sizes, strict=True)]
+
+    def _reduced_image_features(self, pixels: Tensor, counts: list[int]) -> list[Tensor]:
+        """Visual tokens per image after the method's `reduce_image` (VisionZip), which
+        sees each image's crops at the select layer with that layer's class-token
+        attention and keys. The reduced tokens of an image's crops are concatenated in
+        crop order (there is no grid left to unpad)."""
+        if self.config.vision_select_feature != "patch" or len(self.config.vision_hidden_indices) != 1:
+            raise InputError(f"{self.method.describe()} needs a tower read at one layer without the "
+                             "class token (select_feature 'patch')")
+        capture: list[Tensor] = []
+        (hidden,) = self.vision(pixels, self.config.vision_hidden_indices, capture)
+        cls_attention, keys = capture[0][..., 1:], capture[1][:, :, 1:]
+        out = []
+        for h, a, k in zip(hidden[:, 1:].split(counts), cls_attention.split(counts), keys.split(counts),
+                           strict=True):
+            reduced = self.method.reduce_image(ImageView(h, a, k))
+            out.append(self.projector(reduced).flatten(0, 1))
+        return out
 
     def _merge_crops(self, feats: Tensor, size: tuple[int, int]) -> Tensor:
         """One image's crop features [C, P, D] as a token sequence, the original's way."""
@@ -225,12 +247,13 @@ class LLaVA(nn.Module):
 
     # ---- assembly --------------------------------------------------------------------------
 
-    def prepare(self, batch: Sequence[Encoded]) -> Prepared:
+    def prepare(self, batch: Sequence[Encoded], *, reduce_images: bool = True) -> Prepared:
         """Embeddings with visual tokens spliced in, token types and positions; sequences
-        are left-padded to the longest (padding has type PAD)."""
+        are left-padded to the longest (padding has type PAD). `reduce_images`: apply the
+        method's image reduction, if any."""
         images = [im for e in batch for im in e.images]
         sizes = [s for e in batch for s in e.image_sizes]
-        features = iter(self.image_features(images, sizes))
+        features = iter(self.image_features(images, sizes, reduce=reduce_images))
         embeds, types = [], []
         for e in batch:
             x, t = self._splice(e.input_ids.to(self.device), features)
@@ -343,18 +366,21 @@ class LLaVA(nn.Module):
         self._compiled_step = torch.compile(self.decoder.step, fullgraph=True, **options)
         return self
 
-    def token_types(self, encoded: Encoded) -> Tensor:
+    def token_types(self, encoded: Encoded, *, reduce_images: bool = True) -> Tensor:
         """The token types [T] of one input after image expansion (runs the vision tower,
-        since anyres images have a size-dependent number of tokens)."""
+        since anyres images have a size-dependent number of tokens), and after the
+        method's image reduction unless `reduce_images` is False."""
         with torch.inference_mode():
-            return self.prepare([encoded]).types[0].cpu()
+            return self.prepare([encoded], reduce_images=reduce_images).types[0].cpu()
 
     def flops(self, encoded: Encoded) -> dict[str, Any]:
         """Analytic decoder prefill FLOPs of this input under the current method next to
         vanilla (`shortv.flops.input_flops`)."""
         from .flops import input_flops
 
-        return input_flops(self.config.text, self.method, self.token_types(encoded))
+        types = self.token_types(encoded)
+        full = self.token_types(encoded, reduce_images=False) if self.method.reduces_images else types
+        return input_flops(self.config.text, self.method, types, vanilla_types=full)
 
     # ---- text side ----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from shortv.flops import (
     printed_percent,
     sequence_flops,
 )
-from shortv.methods import VTW, FastV, Method, ShortV, Vanilla, fastv_kept
+from shortv.methods import VTW, FastV, LayerView, Method, Queries, ShortV, Vanilla, fastv_kept
 from shortv.token_types import TokenType
 
 T, V, P = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)
@@ -261,6 +261,20 @@ def test_no_visual_tokens_means_vanilla(method: Method) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def _view(layer, types, x, k, capture, g) -> LayerView:
+    """What a method's keep sees: this sequence's hidden states, and for what it captured,
+    the keys of the last layer and random attention rows (the counts do not depend on them)."""
+    view = LayerView(layer, types[None], x[None], lambda y: y)
+    if capture is not None and capture.keys:
+        view.keys = k.transpose(0, 1)[None]
+    if capture is not None and capture.queries is not None:
+        last = torch.tensor([types.numel() - 1])
+        rows = (types == T).nonzero()[:, 0] if capture.queries == Queries.TEXT else last
+        view.scores = torch.rand(1, rows.numel(), types.numel(), generator=g).softmax(-1)
+        view.query_positions, view.query_real = rows[None], torch.ones(1, rows.numel(), dtype=torch.bool)
+    return view
+
+
 def _reference_decoder(config: TextConfig, method: Method, types: torch.Tensor,
                        lm_head: bool = False) -> torch.Tensor:
     """A standalone Llama decoder prefill in plain torch matmuls, for one sequence.
@@ -278,10 +292,11 @@ def _reference_decoder(config: TextConfig, method: Method, types: torch.Tensor,
 
     types = types[types != P]
     x = torch.randn(types.numel(), d, generator=g)
+    capture, k = None, None
     for layer in range(config.layers):
-        if method.drops_at(layer):
-            keep = method.keep(types[None], torch.rand(1, types.numel(), generator=g))[0]
-            x, types = x[keep], types[keep]
+        if method.drops_at(layer) and bool((types == V).any()):
+            keep = method.keep(_view(layer, types, x, k, capture, g))[0]
+            x, types, capture = x[keep], types[keep], None
         frozen = method.frozen_type(layer)
         active = torch.ones_like(types, dtype=torch.bool) if frozen is None else types != frozen
         wq, wk, wv, wo = w(h * hd, d), w(kvh * hd, d), w(kvh * hd, d), w(d, h * hd)
@@ -293,6 +308,7 @@ def _reference_decoder(config: TextConfig, method: Method, types: torch.Tensor,
         scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(hd)
         attn = torch.matmul(scores.softmax(-1), v).transpose(0, 1).reshape(-1, h * hd)
         y = x[active] + attn @ wo.T
+        capture = method.capture(layer) or capture
         yn = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
         y = y + (torch.nn.functional.silu(yn @ wg.T) * (yn @ wu.T)) @ wd.T
         x = x.clone()

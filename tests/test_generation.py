@@ -143,11 +143,11 @@ class PinnedFastV(FastV):
 
     pinned: dict = field(default_factory=dict, compare=False, hash=False)
 
-    def keep(self, types, scores):
+    def keep(self, view):
         if "mask" not in self.pinned:
-            self.pinned["mask"] = super().keep(types, scores)
+            self.pinned["mask"] = super().keep(view)
         mask = self.pinned["mask"]
-        more = torch.ones(mask.shape[0], types.shape[1] - mask.shape[1], dtype=torch.bool)
+        more = torch.ones(mask.shape[0], view.types.shape[1] - mask.shape[1], dtype=torch.bool)
         return torch.cat([mask, more], dim=1)
 
 

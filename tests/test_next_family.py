@@ -598,7 +598,7 @@ def test_load_refuses_n_frozen_without_a_ranking_before_looking_for_weights(tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SHORTV_WEIGHTS", str(tmp_path / "store"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(shortv.ConfigError, match="shortv lc llava-v1.6-34b"):
+    with pytest.raises(shortv.ConfigError, match=r"shortv lc llava-v1\.6-34b"):
         shortv.load("llava-v1.6-34b", n_frozen=20)
     with pytest.raises(shortv.ModelNotFoundError):
         shortv.load("llava-v1.6-34b")

@@ -12,7 +12,19 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import VANILLA, Method, Vanilla, check_layer_ids, layer_ids, parse_layer_list
+from .base import (
+    VANILLA,
+    Capture,
+    ImageView,
+    LayerView,
+    Method,
+    Queries,
+    Vanilla,
+    check_layer_ids,
+    layer_ids,
+    parse_layer_list,
+)
+from .compose import Compose, compose
 from .fastv import FastV, fastv_kept
 from .shortv import ShortV
 from .vtw import VTW
@@ -32,11 +44,17 @@ __all__ = [
     "METHODS",
     "VANILLA",
     "VTW",
+    "Capture",
+    "Compose",
     "FastV",
+    "ImageView",
+    "LayerView",
     "Method",
+    "Queries",
     "ShortV",
     "Vanilla",
     "check_layer_ids",
+    "compose",
     "fastv_kept",
     "layer_ids",
     "method_class",

@@ -1,15 +1,26 @@
 """The interface every method implements, and the vanilla model.
 
-The decoder asks a method four questions at every layer (see `Method`); a method answers
-from its own parameters, so adding one touches its module and the registry in
-`shortv.methods`, not the decoder.
+A method answers the decoder's questions at three hook points (docs/design.md §9):
+
+- before the language model, on one image's visual tokens (`reduce_image`: select or
+  merge them, reading the vision tower's attention and keys at the select layer);
+- at layer boundaries, per sequence (`drops_at` / `keep`: which tokens survive, reading
+  what an earlier layer was asked to `capture`: attention from chosen query rows, keys;
+  the layer's input hidden states are always at hand);
+- inside a layer (`frozen_type`: the token type whose updates the layer skips).
+
+A method answers from its own parameters, so adding one touches its module and the
+registry in `shortv.methods`, not the decoder. `Compose` runs a layer-wise method with
+token-wise ones.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -18,27 +29,102 @@ from ..errors import ConfigError
 from ..token_types import TokenType
 
 
+class Queries(StrEnum):
+    """Query rows whose attention a layer can report."""
+
+    LAST = "last"  # each sequence's last position (at prefill: the last prompt token)
+    TEXT = "text"  # every text token
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What a layer must report for a later drop: the attention probabilities of some query
+    rows (mean over heads), and/or its rotated keys. Only what is asked for is computed."""
+
+    queries: Queries | None = None
+    keys: bool = False
+
+
+@dataclass
+class LayerView:
+    """What `Method.keep` sees before layer `layer`, for the B sequences of one pass.
+
+    types [B, T] and hidden [B, T, D] (the layer's input) are always given; `norm` is the
+    decoder's final RMSNorm. From the last layer that captured (since the previous drop):
+    scores [B, Q, T] (attention of the query rows at query_positions [B, Q] over this pass's
+    tokens; rows where query_real is False are filler, all zero) and keys
+    [B, T, kv_heads, head_dim] (after RoPE)."""
+
+    layer: int
+    types: Tensor
+    hidden: Tensor
+    norm: Callable[[Tensor], Tensor]
+    scores: Tensor | None = None
+    query_positions: Tensor | None = None
+    query_real: Tensor | None = None
+    keys: Tensor | None = None
+
+    def visual(self) -> Tensor:
+        """[B, T] True at visual tokens."""
+        return self.types == int(TokenType.VISUAL)
+
+    def require_scores(self, who: str) -> Tensor:
+        if self.scores is None:
+            raise RuntimeError(f"{who} needs the attention scores it captures before layer {self.layer}")
+        return self.scores
+
+
+@dataclass
+class ImageView:
+    """One image's crops at the vision tower's select layer, for `Method.reduce_image`.
+
+    features [C, N, width]: the patch tokens LLaVA reads (no class token); cls_attention
+    [C, heads, N]: the class token's attention over the patches in the layer that produced
+    them; keys [C, heads, N, head_dim]: that layer's keys of the patches."""
+
+    features: Tensor
+    cls_attention: Tensor
+    keys: Tensor
+
+
 @dataclass(frozen=True)
 class Method:
-    """Base class; the decoder asks these four questions at every layer."""
+    """Base class: the vanilla answer to every hook (see the module docstring)."""
 
     name = "method"
+    # The hook points this method uses: "image" (reduce_image), "tokens" (drops_at, capture,
+    # keep), "layers" (frozen_type). `Compose` combines methods with disjoint hooks.
+    hooks: ClassVar[frozenset[str]] = frozenset()
 
     def frozen_type(self, layer: int) -> TokenType | None:
         """The token type whose updates `layer` skips, if any."""
         return None
 
     def drops_at(self, layer: int) -> bool:
-        """Whether tokens are dropped before `layer`."""
+        """Whether tokens may be dropped before `layer`."""
         return False
 
-    def needs_scores_at(self, layer: int) -> bool:
-        """Whether `layer` must report the last query's attention over its keys."""
+    def capture(self, layer: int) -> Capture | None:
+        """What `layer` must report for a later `keep`, if anything."""
+        return None
+
+    def keep(self, view: LayerView) -> Tensor:
+        """Which tokens [B, T] survive the drop before `view.layer`."""
+        return torch.ones_like(view.types, dtype=torch.bool)
+
+    @property
+    def reduces_images(self) -> bool:
+        """Whether `reduce_image` changes images (the tower then reports its attention)."""
         return False
 
-    def keep(self, types: Tensor, scores: Tensor | None) -> Tensor:
-        """Which tokens [B, T] survive a drop (scores: [B, T] or None)."""
-        return torch.ones_like(types, dtype=torch.bool)
+    def reduce_image(self, image: ImageView) -> Tensor:
+        """One image's visual tokens before the projector: [C, N', width]."""
+        return image.features
+
+    def image_tokens(self, n_visual: int) -> int:
+        """How many visual tokens an image of `n_visual` has after `reduce_image` (what
+        the analytic FLOPs count)."""
+        return n_visual
 
     def validate(self, num_layers: int) -> None:
         """Raise ConfigError if this method does not fit a decoder of `num_layers`."""

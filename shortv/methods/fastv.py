@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..token_types import TokenType
-from .base import Method
+from .base import Capture, LayerView, Method, Queries
 
 
 @dataclass(frozen=True)
@@ -26,25 +25,18 @@ class FastV(Method):
     k: int = 2
     r: float = 0.5
     name = "fastv"
+    hooks = frozenset({"tokens"})
 
     def drops_at(self, layer: int) -> bool:
         return layer == self.k
 
-    def needs_scores_at(self, layer: int) -> bool:
-        return layer == self.k - 1
+    def capture(self, layer: int) -> Capture | None:
+        return Capture(queries=Queries.LAST) if layer == self.k - 1 else None
 
-    def keep(self, types: Tensor, scores: Tensor | None) -> Tensor:
-        if scores is None:
-            raise RuntimeError("FastV needs the attention scores of layer k - 1")
-        visual = types == TokenType.VISUAL
-        n_keep = fastv_kept(visual.sum(dim=1), self.r)
-        # Rank visual tokens by score (non-visual ones last) and keep each row's top n_keep.
-        ranked = scores.float().masked_fill(~visual, float("-inf"))
-        order = ranked.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-        )
-        return ~visual | (rank < n_keep[:, None])
+    def keep(self, view: LayerView) -> Tensor:
+        scores = view.require_scores("FastV")[:, 0]
+        visual = view.visual()
+        return ~visual | top_visual(scores, visual, fastv_kept(visual.sum(dim=1), self.r))
 
     def validate(self, num_layers: int) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int):
@@ -58,6 +50,17 @@ class FastV(Method):
 
     def describe(self) -> str:
         return f"fastv(k={self.k}, r={self.r})"
+
+
+def top_visual(scores: Tensor, visual: Tensor, n_keep: Tensor) -> Tensor:
+    """[B, T] True at each row's n_keep[b] visual tokens of highest score (ties: the
+    earlier position first)."""
+    ranked = scores.float().masked_fill(~visual, float("-inf"))
+    order = ranked.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return visual & (rank < n_keep[:, None])
 
 
 def fastv_kept(n_visual: Tensor, r: float) -> Tensor:

@@ -20,6 +20,7 @@ class ShortV(Method):
 
     layers: tuple[int, ...] = ()
     name = "shortv"
+    hooks = frozenset({"layers"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted(layer_ids(self.layers))))

@@ -10,8 +10,7 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..token_types import TokenType
-from .base import Method
+from .base import LayerView, Method
 
 
 @dataclass(frozen=True)
@@ -21,6 +20,7 @@ class VTW(Method):
 
     k: int | None = None
     name = "vtw"
+    hooks = frozenset({"tokens"})
 
     def for_layers(self, num_layers: int) -> VTW:
         fitted = replace(self, k=num_layers // 2) if self.k is None else self
@@ -30,8 +30,8 @@ class VTW(Method):
     def drops_at(self, layer: int) -> bool:
         return layer == self.k
 
-    def keep(self, types: Tensor, scores: Tensor | None) -> Tensor:
-        return types != TokenType.VISUAL
+    def keep(self, view: LayerView) -> Tensor:
+        return ~view.visual()
 
     def validate(self, num_layers: int) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 <= self.k < num_layers:
