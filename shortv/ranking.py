@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError
-from .methods import VANILLA, Method, ShortV, check_layer_ids, layer_ids, parse_layer_list
+from .methods import VANILLA, Method, ShortV, check_layer_ids, compose, layer_ids, parse_layer_list
 
 RankingLike = str | os.PathLike | Sequence[int]
 
@@ -135,10 +135,9 @@ def choose_method(
         num_layers, n_frozen=n_frozen, frozen_layers=frozen_layers, ranking=ranking,
         default_ranking=default_ranking, model_name=model_name,
     )
-    if method is not None and layers is not None:
-        raise ConfigError("give either method= or n_frozen/frozen_layers, not both")
     if method is not None and not isinstance(method, Method):
-        raise ConfigError(f"method must be a shortv method (Vanilla, ShortV, FastV, VTW), got {method!r}")
+        raise ConfigError(f"method must be a shortv method (Vanilla, ShortV, FastV, ...), got {method!r}")
     if layers is not None:
-        method = ShortV(layers)
+        # With a token-wise method too: both, composed (ShortV's layers, the method's drops).
+        method = ShortV(layers) if method is None else compose(ShortV(layers), method)
     return (method or VANILLA).for_layers(num_layers)

@@ -1,18 +1,22 @@
 """What the commands share: one-line usage errors, option types, and the method options
-(--method/--n-frozen/--frozen-layers/--ranking/--k/--r) turned into a method."""
+(--method/--n-frozen/--frozen-layers/--ranking/--k/--r/--budget/--param) turned into a
+method."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import ConfigError
 from ..loading import DTYPES
-from ..methods import METHODS, VTW, FastV, Method, Vanilla, parse_layer_list
+from ..methods import METHODS, Method, compose, parse_layer_list
 from ..ranking import choose_method
 
 EXIT_USAGE = 2
@@ -116,8 +120,8 @@ def generation_options(args: argparse.Namespace) -> Any:
 
 
 def add_method(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("method (vanilla, ShortV, FastV, VTW)")
-    g.add_argument("--method", choices=tuple(METHODS),
+    g = p.add_argument_group(f"method ({', '.join(METHODS)}; compose with +, e.g. shortv+fastv)")
+    g.add_argument("--method", type=method_spec, metavar="NAME[+NAME]",
                    help="default: shortv if --n-frozen/--frozen-layers is given, else vanilla")
     g.add_argument("--n-frozen", type=int_at_least(0), metavar="N",
                    help="ShortV: freeze the first N layers of the ranking")
@@ -130,36 +134,122 @@ def add_method(p: argparse.ArgumentParser) -> None:
                                                       "VTW default half the layers)")
     g.add_argument("--r", type=float_in(0.0, 1.0), help="FastV fraction of visual tokens "
                                                         "dropped (default 0.5)")
+    g.add_argument("--budget", type=int_at_least(1), metavar="N",
+                   help="visual tokens kept, for the methods with a token budget")
+    g.add_argument("--param", action="append", default=[], metavar="[METHOD.]NAME=VALUE",
+                   help="any other method parameter (repeatable), e.g. --param pdrop.lam=0.5")
+
+
+def method_spec(text: str) -> tuple[str, ...]:
+    """"shortv+fastv" → ("shortv", "fastv"): registered names, each once."""
+    names = tuple(n.strip() for n in text.split("+"))
+    for name in names:
+        if name not in METHODS:
+            raise argparse.ArgumentTypeError(
+                f"unknown method {name!r}; use one of {', '.join(METHODS)}, or several joined by +")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a method twice")
+    return names
 
 
 def method_options(args: argparse.Namespace, card: Any = None) -> dict[str, Any]:
     """The method options as `shortv.load` keyword arguments (n_frozen, frozen_layers,
-    ranking, method). --method shortv without N or layers takes the card's paper N."""
-    name = args.method
+    ranking, method). --method shortv without N or layers takes the card's paper N; other
+    methods are built from --k/--r/--budget/--param and composed (`shortv.compose`)."""
     freezing = args.n_frozen is not None or args.frozen_layers is not None
-    if name is None:
-        name = "shortv" if freezing else "vanilla"
-    if name != "shortv" and (freezing or args.ranking is not None):
-        raise ConfigError(f"--n-frozen/--frozen-layers/--ranking are for --method shortv, not {name}")
-    if name in ("vanilla", "shortv") and (args.k is not None or args.r is not None):
+    names = args.method or (("shortv",) if freezing else ("vanilla",))
+    if isinstance(names, str):
+        names = method_spec(names)
+    if "shortv" not in names and (freezing or args.ranking is not None):
+        raise ConfigError("--n-frozen/--frozen-layers/--ranking are for --method shortv, "
+                          f"not {'+'.join(names)}")
+    if not {"fastv", "vtw"} & set(names) and (args.k is not None or args.r is not None):
         raise ConfigError("--k/--r are for --method fastv or vtw")
-    if name == "vtw" and args.r is not None:
+    if "fastv" not in names and args.r is not None:
         raise ConfigError("--r is for --method fastv")
-    method: Method | None = None
+    if "vanilla" in names and len(names) > 1:
+        raise ConfigError("vanilla cannot be composed with other methods")
+    params = _params(getattr(args, "param", None) or [], names)
+    budget = getattr(args, "budget", None)
+    others = [_build(name, args, budget, params.get(name, {})) for name in names if name != "shortv"]
+    if budget is not None and not any(_has_field(METHODS[n], "budget") for n in names):
+        raise ConfigError(f"--budget is for methods with a token budget, not {'+'.join(names)}")
+    method: Method | None = others[0] if len(others) == 1 else compose(*others) if others else None
     n_frozen = args.n_frozen
-    if name == "shortv" and not freezing:
+    if "shortv" in names and not freezing:
         n_frozen = card.n_frozen if card is not None else None
         if n_frozen is None:
             raise ConfigError("--method shortv needs --n-frozen N (with the card's or your "
                               "--ranking) or --frozen-layers I,J,...")
-    elif name == "fastv":
-        method = FastV(k=2 if args.k is None else args.k, r=0.5 if args.r is None else args.r)
-    elif name == "vtw":
-        method = VTW(k=args.k)
-    elif name == "vanilla":
-        method = Vanilla()
     return {"n_frozen": n_frozen, "frozen_layers": args.frozen_layers, "ranking": args.ranking,
             "method": method}
+
+
+def _has_field(cls: type, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(cls)}
+
+
+def _params(entries: list[str], names: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """--param [METHOD.]NAME=VALUE entries by method; an unqualified NAME goes to the one
+    method of `names` that has such a parameter."""
+    out: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        key, eq, value = entry.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--param {entry!r}: expected NAME=VALUE or METHOD.NAME=VALUE")
+        owner, dot, field = key.strip().rpartition(".")
+        if dot:
+            if owner not in names:
+                raise ConfigError(f"--param {entry!r}: {owner!r} is not one of the methods "
+                                  f"({'+'.join(names)})")
+            owners = [owner] if _has_field(METHODS[owner], field) else []
+        else:
+            owners = [n for n in names if _has_field(METHODS[n], field)]
+        if not owners:
+            known = {n: [f.name for f in dataclasses.fields(METHODS[n])] for n in names}
+            raise ConfigError(f"--param {entry!r}: no parameter {field!r}; the methods have " + "; ".join(
+                f"{n}: {', '.join(fs) or 'none'}" for n, fs in known.items()))
+        if len(owners) > 1:
+            raise ConfigError(f"--param {entry!r}: {'+'.join(owners)} all have {field!r}; "
+                              f"write METHOD.{field}=...")
+        out.setdefault(owners[0], {})[field] = value.strip()
+    return out
+
+
+def _build(name: str, args: argparse.Namespace, budget: int | None, params: dict[str, str]) -> Method:
+    """One registered method from the options (its dataclass fields, coerced from text)."""
+    cls = METHODS[name]
+    kwargs: dict[str, Any] = {}
+    if name == "fastv":
+        kwargs = {"k": 2 if args.k is None else args.k, "r": 0.5 if args.r is None else args.r}
+    elif name == "vtw":
+        kwargs = {"k": args.k}
+    if budget is not None and _has_field(cls, "budget"):
+        kwargs["budget"] = budget
+    hints = typing.get_type_hints(cls)
+    for field, text in params.items():
+        kwargs[field] = _coerce(f"{name}.{field}", text, hints.get(field))
+    return cls(**kwargs)
+
+
+def _coerce(where: str, text: str, kind: Any) -> Any:
+    """A parameter's text as its field's type: int, float, bool, tuple of ints, or None."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if type(None) in options and text.lower() in ("none", ""):
+        return None
+    for option in options:
+        try:
+            if option is bool:
+                if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+                    return text.lower() in ("true", "1", "yes")
+            elif option in (int, float):
+                return option(text)
+            elif typing.get_origin(option) is tuple:
+                return tuple(int(p) if typing.get_args(option)[0] is int else float(p)
+                             for p in text.split(",") if p.strip())
+        except ValueError:
+            continue
+    raise ConfigError(f"--param {where}={text!r}: not a valid value for this parameter")
 
 
 def method_for(args: argparse.Namespace, num_layers: int, card: Any = None,

@@ -18,6 +18,7 @@ there are several processes, and a single process needs none.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import types
@@ -32,13 +33,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import zoo
-from ..cli.options import method_options
+from ..cli.options import method_options, method_spec
 from ..conversation import get_template
 from ..errors import ConfigError, InputError, ShortVError
 from ..generate import GenerationOptions
 from ..llava import Encoded, LLaVA, to_pil
 from ..loading import DTYPES, load
-from ..methods import METHODS, parse_layer_list
+from ..methods import parse_layer_list
 
 MODEL_ID = "shortv"
 
@@ -105,6 +106,7 @@ class ShortVLMM(lmms):
         ranking: str | None = None,
         k: int | str | None = None,
         r: float | str | None = None,
+        budget: int | str | None = None,
         dtype: str | None = None,
         device: str | None = None,
         conv_template: str | None = None,
@@ -116,7 +118,7 @@ class ShortVLMM(lmms):
         if unknown:
             raise ConfigError(
                 f"unknown model_args {', '.join(sorted(unknown))} for --model {MODEL_ID}; use "
-                "pretrained, method, n_frozen, frozen_layers, ranking, k, r, dtype, device, "
+                "pretrained, method, n_frozen, frozen_layers, ranking, k, r, budget, dtype, device, "
                 "conv_template, batch_size")
         if pretrained is None or not str(pretrained).strip():
             raise ConfigError(f"--model {MODEL_ID} needs model_args pretrained=NAME (a zoo name, "
@@ -124,12 +126,13 @@ class ShortVLMM(lmms):
         pretrained = str(pretrained)
         # Every value is checked before the (possibly long) load.
         options = types.SimpleNamespace(
-            method=_choice("method", method, tuple(METHODS)),
+            method=_method_spec(method),
             n_frozen=_integer("n_frozen", n_frozen, low=0),
             frozen_layers=_layers("frozen_layers", frozen_layers),
             ranking=None if ranking is None else str(ranking),
             k=_integer("k", k, low=0),
             r=_number("r", r, low=0.0, high=1.0),
+            budget=_integer("budget", budget, low=1),
         )
         dtype = _choice("dtype", dtype, tuple(DTYPES))
         template = None
@@ -411,6 +414,16 @@ def _number(name: str, value: Any, *, low: float, high: float | None = None,
         bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ConfigError(f"{what} {name}={number} must be {bounds}")
     return number
+
+
+def _method_spec(value: Any) -> tuple[str, ...] | None:
+    """model_args method=NAME or NAME+NAME (e.g. shortv+fastv)."""
+    if value is None:
+        return None
+    try:
+        return method_spec(str(value))
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"model_args method={value!r}: {e}") from None
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> str | None:
