@@ -12,13 +12,14 @@ from .generate import GenerationOptions, GenerationResult
 from .lc import LCReport, layer_contribution
 from .llava import Encoded, LLaVA
 from .loading import load
-from .methods import VTW, Compose, FastV, Method, ShortV, Vanilla, compose
+from .methods import DART, VTW, Compose, FastV, Method, PDrop, ShortV, SparseVLM, Vanilla, VisionZip, compose
 from .token_types import TokenType
 from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DART",
     "IMAGE_PLACEHOLDER",
     "IMAGE_TOKEN",
     "VTW",
@@ -35,14 +36,17 @@ __all__ = [
     "LlavaConfig",
     "Method",
     "ModelNotFoundError",
+    "PDrop",
     "ShortV",
     "ShortVError",
+    "SparseVLM",
     "Template",
     "TextConfig",
     "TokenType",
     "Tokenizer",
     "Vanilla",
     "VisionConfig",
+    "VisionZip",
     "compose",
     "get_template",
     "layer_contribution",

@@ -14,8 +14,13 @@ Convention (the one that reproduces every number of the ShortV paper's table, do
   MLP term counting all three SwiGLU matrices, doubled.
 - Not counted: the LM head (2 · d · vocab per position it is applied to), embeddings,
   RMSNorm, RoPE, softmax, SiLU and the residual additions, biases, the vision tower and the
-  projector, and what a method captures to rank tokens (FastV's last-query attention in
-  layer K − 1: one more Q-projection row and its scores, 2·q_dim·(d + n) FLOPs).
+  projector, and the rest of a method's own ranking arithmetic (norms, similarities,
+  top-k).
+- Counted on top (`capture_flops`): what a method captures to rank tokens. Query rows it
+  asks for are projected again and scored against every key: 2·rows·q_dim·(d + n)
+  (FastV's last query in layer K − 1: 2·q_dim·(d + n), 0.04 GFLOPs at 7B, invisible in
+  the table); a capture before a drop (PDrop's stage layers) also projects the keys of
+  all n tokens, 2·n·d·kv_dim.
 - Causal masking is not accounted for: every query is charged for every key of its
   sequence, so the count depends only on *how many* tokens of each type a sequence has,
   not on where the visual block sits. (A causal kernel skips about half of the attention
@@ -78,6 +83,7 @@ class LayerTokens:
 
     queries: int  # tokens the layer updates: Q/O projections, attention rows, MLP
     keys: int  # tokens whose K/V the layer computes and attends to
+    ranking: int = 0  # FLOPs of what a method captures in this layer to rank tokens
 
 
 def layer_flops(config: TextConfig, queries: int, keys: int) -> int:
@@ -106,16 +112,41 @@ def layer_tokens(config: TextConfig, method: Method, types: torch.Tensor) -> lis
     capture: Capture | None = None
     out = []
     for layer in range(config.layers):
+        ranking = 0
         if method.drops_at(layer) and bool((types == TokenType.VISUAL).any()):
+            early = method.capture(layer)
+            if early is not None and early.before_drop:
+                capture = early
+                ranking += capture_flops(config, early, types)
             keep = method.keep(_placeholder_view(layer, types, capture, g))
             types = types[keep[0]]
             capture = None
         keys = types.numel()
         frozen = method.frozen_type(layer)
         queries = keys - (int((types == frozen).sum()) if frozen is not None else 0)
-        out.append(LayerTokens(queries=queries, keys=keys))
-        capture = method.capture(layer) or capture
+        after = method.capture(layer) if bool((types == TokenType.VISUAL).any()) else None
+        if after is not None and not after.before_drop:
+            capture = after
+            ranking += capture_flops(config, after, types)
+        out.append(LayerTokens(queries=queries, keys=keys, ranking=ranking))
     return out
+
+
+def capture_flops(config: TextConfig, capture: Capture, types: torch.Tensor) -> int:
+    """FLOPs of a capture over a layer's tokens `types`: the asked query rows' Q projection
+    and their scores over every key; before a drop, also the K projection of every token
+    (the layer computes its keys again for the tokens that survive)."""
+    n = types.numel()
+    rows = 0
+    if capture.queries == Queries.LAST:
+        rows = 1
+    elif capture.queries == Queries.TEXT:
+        rows = int((types == TokenType.TEXT).sum())
+    q_dim, kv_dim = config.heads * config.head_dim, config.kv_heads * config.head_dim
+    flops = 2 * rows * config.hidden_size * q_dim + 2 * rows * n * q_dim
+    if capture.before_drop:
+        flops += 2 * n * config.hidden_size * kv_dim
+    return flops
 
 
 def _placeholder_view(layer: int, types: torch.Tensor, capture: Capture | None,
@@ -230,7 +261,8 @@ def printed_percent(tflops: float, vanilla_tflops: float) -> int | None:
 
 
 def _flops(config: TextConfig, method: Method, types: torch.Tensor) -> int:
-    return sum(layer_flops(config, t.queries, t.keys) for t in layer_tokens(config, method, types))
+    return sum(layer_flops(config, t.queries, t.keys) + t.ranking
+               for t in layer_tokens(config, method, types))
 
 
 def _row(types: torch.Tensor) -> torch.Tensor:

@@ -411,10 +411,15 @@ class Attention(nn.Module):
         # unfused math path for other layouts).
         return apply_rope(self._heads(self.q_proj(h, contiguous=True), self.heads), cos, sin).transpose(1, 2)
 
+    def keys(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """[B, H_kv, T, D] rotated keys."""
+        k = self._heads(self.k_proj(h, contiguous=True), self.kv_heads)
+        return apply_rope(k, cos, sin).transpose(1, 2)
+
     def keys_values(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """[B, H_kv, T, D] rotated keys and values."""
-        k = apply_rope(self._heads(self.k_proj(h, contiguous=True), self.kv_heads), cos, sin).transpose(1, 2)
-        return k, self._heads(self.v_proj(h, contiguous=True), self.kv_heads).transpose(1, 2)
+        v = self._heads(self.v_proj(h, contiguous=True), self.kv_heads)
+        return self.keys(h, cos, sin), v.transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rows: Rows) -> Tensor:
         out = F.scaled_dot_product_attention(
@@ -486,6 +491,16 @@ class DecoderLayer(nn.Module):
         out = out + self.mlp(self.mlp_norm(out))
         captured = self._capture(capture, h, k_new, k, seg) if capture is not None else None
         return (out if subset is None else subset.put_back(x, out)), captured
+
+    def observe(self, x: Tensor, seg: Segment, capture: Capture, cache: LayerCache | None) -> Captured:
+        """What `capture` asks of this layer on input x, without running the layer (and
+        without touching its cache): for a drop that ranks with the layer's own attention."""
+        h = self.attn_norm(x)
+        k_new = self.attn.keys(h, seg.cos, seg.sin)
+        k = k_new
+        if cache is not None and cache.k is not None and cache.length:
+            k = torch.cat((cache.k[:, :, : cache.length], k_new), dim=2)
+        return self._capture(capture, h, k_new, k, seg)
 
     def _capture(self, capture: Capture, h: Tensor, k_new: Tensor, k: Tensor, seg: Segment) -> Captured:
         got = Captured(keys=k_new.transpose(1, 2) if capture.keys else None)
@@ -574,19 +589,25 @@ class Decoder(nn.Module):
         seg = self.segment(types, positions, x.dtype, cache_of(ids[0]), kinds)
         captured: Captured | None = None
         drops: list[tuple[Tensor, Subset]] = []
+        embeds = x  # the tokens' inputs to the first layer run, gathered along with each drop
         for i in ids:
             if method.drops_at(i):
                 # The layers from here on hold other cache contents (a new segment); without
                 # visual tokens to drop, the token types stay what they were.
                 kinds = seg.kinds
                 if TokenType.VISUAL in seg.kinds:
-                    kept = Subset.of(method.keep(self._view(i, seg, x, captured)))
+                    early = method.capture(i)
+                    if early is not None and early.before_drop:
+                        captured = self.layers[i].observe(x, seg, early, cache_of(i))
+                    kept = Subset.of(method.keep(self._view(i, seg, x, embeds, captured)))
                     drops.append((x, kept))
+                    embeds = kept.take(embeds)
                     x, types, positions = kept.take(x), _kept_types(kept, seg.types), kept.take(seg.positions)
                     kinds, captured = None, None
                 seg = self.segment(types, positions, x.dtype, cache_of(i), kinds)
             rows = self._rows(seg, method.frozen_type(i), last_only and i == ids[-1])
             capture = method.capture(i) if TokenType.VISUAL in seg.kinds else None
+            capture = None if capture is not None and capture.before_drop else capture
             if inputs is not None:
                 inputs.append(x)
             x, got = self.layers[i](x, seg, rows, cache_of(i), capture)
@@ -596,8 +617,9 @@ class Decoder(nn.Module):
             x = kept.put_back(full, x)
         return x
 
-    def _view(self, layer: int, seg: Segment, x: Tensor, captured: Captured | None) -> LayerView:
-        view = LayerView(layer, seg.types, x, self.norm)
+    def _view(self, layer: int, seg: Segment, x: Tensor, embeds: Tensor,
+              captured: Captured | None) -> LayerView:
+        view = LayerView(layer, seg.types, x, self.norm, embeddings=embeds)
         if captured is not None:
             view.scores, view.keys = captured.scores, captured.keys
             view.query_positions, view.query_real = captured.query_positions, captured.query_real

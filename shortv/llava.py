@@ -211,9 +211,9 @@ class LLaVA(nn.Module):
         (hidden,) = self.vision(pixels, self.config.vision_hidden_indices, capture)
         cls_attention, keys = capture[0][..., 1:], capture[1][:, :, 1:]
         out = []
-        for h, a, k in zip(hidden[:, 1:].split(counts), cls_attention.split(counts), keys.split(counts),
+        for h, a, k in zip(hidden.split(counts), cls_attention.split(counts), keys.split(counts),
                            strict=True):
-            reduced = self.method.reduce_image(ImageView(h, a, k))
+            reduced = self.method.reduce_image(ImageView(h[:, 1:], a, k, cls_features=h[:, 0]))
             out.append(self.projector(reduced).flatten(0, 1))
         return out
 

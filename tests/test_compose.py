@@ -96,6 +96,8 @@ def test_flops_count_both(demo, images):  # noqa: F811
         n = n_text + n_vis
         queries = n - n_vis if layer in FROZEN else n
         expected += shortv.flops.layer_flops(c, queries, n)
+    # FastV's ranking in layer 1: the last query's Q row and its scores over every key
+    expected += 2 * c.heads * c.head_dim * (c.hidden_size + n_text + n_visual)
     assert decoder_flops(c, both, n_text, n_visual) == expected
     prepared, _ = prepared_and_types(demo, [two_image_prompt(demo, images)])
     measured = counted_flops(demo, prepared, both)

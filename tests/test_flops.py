@@ -222,11 +222,14 @@ def test_shortv_keeps_kv_of_frozen_tokens() -> None:
 
 def test_fastv_counts() -> None:
     vanilla = decoder_flops(VICUNA_7B, Vanilla(), 64, 576)
-    assert decoder_flops(VICUNA_7B, FastV(k=2, r=0.0), 64, 576) == vanilla
+    # FastV's ranking in layer k - 1: the last query's Q row and its scores over 640 keys
+    c = VICUNA_7B
+    ranking = 2 * c.heads * c.head_dim * (c.hidden_size + 640)
+    assert decoder_flops(VICUNA_7B, FastV(k=2, r=0.0), 64, 576) == vanilla + ranking
     for k in (1, 2, 16, 31):
-        # r = 1 keeps no visual token: the same as dropping them all at k.
+        # r = 1 keeps no visual token: the same as dropping them all at k (plus the ranking).
         assert decoder_flops(VICUNA_7B, FastV(k=k, r=1.0), 64, 576) == decoder_flops(
-            VICUNA_7B, VTW(k=k), 64, 576)
+            VICUNA_7B, VTW(k=k), 64, 576) + ranking
     per_layer = layer_tokens(TINY, FastV(k=2, r=0.3), _layout((T, 5), (V, 9)))
     kept = int(fastv_kept(torch.tensor([9]), 0.3))
     assert kept == 6
@@ -292,23 +295,43 @@ def _reference_decoder(config: TextConfig, method: Method, types: torch.Tensor,
 
     types = types[types != P]
     x = torch.randn(types.numel(), d, generator=g)
+    def norm(y: torch.Tensor) -> torch.Tensor:
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+    def keys_of(hn: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+        return (hn @ wk.T).view(-1, kvh, hd).transpose(0, 1).repeat_interleave(h // kvh, 0)
+
+    def ranking(capture, hn, wq, keys, types) -> None:
+        """The capture's query rows, projected again and scored against every key."""
+        if capture.queries is not None:
+            rows = (types == T).nonzero()[:, 0] if capture.queries == Queries.TEXT else [types.numel() - 1]
+            torch.matmul((hn[rows] @ wq.T).view(-1, h, hd).transpose(0, 1), keys.transpose(1, 2))
+
     capture, k = None, None
     for layer in range(config.layers):
+        wq, wk, wv, wo = w(h * hd, d), w(kvh * hd, d), w(kvh * hd, d), w(d, h * hd)
+        wg, wu, wd = w(m, d), w(m, d), w(d, m)
         if method.drops_at(layer) and bool((types == V).any()):
+            early = method.capture(layer)
+            if early is not None and early.before_drop:
+                capture, hn = early, norm(x)
+                k = keys_of(hn, wk)
+                ranking(capture, hn, wq, k, types)
             keep = method.keep(_view(layer, types, x, k, capture, g))[0]
             x, types, capture = x[keep], types[keep], None
         frozen = method.frozen_type(layer)
         active = torch.ones_like(types, dtype=torch.bool) if frozen is None else types != frozen
-        wq, wk, wv, wo = w(h * hd, d), w(kvh * hd, d), w(kvh * hd, d), w(d, h * hd)
-        wg, wu, wd = w(m, d), w(m, d), w(d, m)
-        hn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
-        k = (hn @ wk.T).view(-1, kvh, hd).transpose(0, 1).repeat_interleave(h // kvh, 0)
+        hn = norm(x)
+        k = keys_of(hn, wk)
         v = (hn @ wv.T).view(-1, kvh, hd).transpose(0, 1).repeat_interleave(h // kvh, 0)
         q = (hn[active] @ wq.T).view(-1, h, hd).transpose(0, 1)
         scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(hd)
         attn = torch.matmul(scores.softmax(-1), v).transpose(0, 1).reshape(-1, h * hd)
         y = x[active] + attn @ wo.T
-        capture = method.capture(layer) or capture
+        after = method.capture(layer) if bool((types == V).any()) else None
+        if after is not None and not after.before_drop:
+            capture = after
+            ranking(capture, hn, wq, k, types)
         yn = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
         y = y + (torch.nn.functional.silu(yn @ wg.T) * (yn @ wu.T)) @ wd.T
         x = x.clone()

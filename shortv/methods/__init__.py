@@ -1,10 +1,20 @@
-"""Inference methods: how the decoder treats visual tokens layer by layer.
+"""Inference methods: how the model treats visual tokens, at three hook points
+(`methods.base`, docs/design.md §9).
 
 - `Vanilla()`: every token computed in every layer.
 - `ShortV(layers)`: visual tokens frozen in the named layers (`methods/shortv.py`).
 - `FastV(k, r)`: at layer k drop the fraction r of visual tokens least attended by the
   last token (`methods/fastv.py`).
 - `VTW(k)`: drop all visual tokens from layer k on (`methods/vtw.py`).
+- `PDrop(layers, lam)`: PyramidDrop's stages, each keeping λ of the visual tokens by the
+  last token's attention (`methods/pdrop.py`).
+- `VisionZip(budget)`: before the language model, dominant tokens by class-token attention
+  plus contextual tokens merged by key similarity (`methods/visionzip.py`).
+- `DART(k, budget)`: at layer k keep the tokens least duplicated with pivot tokens
+  (`methods/dart.py`).
+- `SparseVLM(layers, budget)`: text raters score the visual tokens at its pruning layers
+  (`methods/sparsevlm.py`).
+- `compose(...)`: a layer-wise method with token-wise ones (`methods/compose.py`).
 
 `METHODS` maps each command-line name to its class.
 """
@@ -25,15 +35,22 @@ from .base import (
     parse_layer_list,
 )
 from .compose import Compose, compose
+from .dart import DART
 from .fastv import FastV, fastv_kept
+from .pdrop import PDrop
 from .shortv import ShortV
+from .sparsevlm import SparseVLM
+from .visionzip import VisionZip
 from .vtw import VTW
 
-METHODS: dict[str, type[Method]] = {"vanilla": Vanilla, "shortv": ShortV, "fastv": FastV, "vtw": VTW}
+METHODS: dict[str, type[Method]] = {
+    "vanilla": Vanilla, "shortv": ShortV, "fastv": FastV, "vtw": VTW,
+    "pdrop": PDrop, "visionzip": VisionZip, "dart": DART, "sparsevlm": SparseVLM,
+}
 
 
 def method_class(name: str) -> type[Method]:
-    """The method class registered under `name` ("vanilla", "shortv", "fastv", "vtw")."""
+    """The method class registered under `name` (a key of `METHODS`)."""
     try:
         return METHODS[name]
     except KeyError:
@@ -41,6 +58,7 @@ def method_class(name: str) -> type[Method]:
 
 
 __all__ = [
+    "DART",
     "METHODS",
     "VANILLA",
     "VTW",
@@ -50,9 +68,12 @@ __all__ = [
     "ImageView",
     "LayerView",
     "Method",
+    "PDrop",
     "Queries",
     "ShortV",
+    "SparseVLM",
     "Vanilla",
+    "VisionZip",
     "check_layer_ids",
     "compose",
     "fastv_kept",

@@ -39,10 +39,15 @@ class Queries(StrEnum):
 @dataclass(frozen=True)
 class Capture:
     """What a layer must report for a later drop: the attention probabilities of some query
-    rows (mean over heads), and/or its rotated keys. Only what is asked for is computed."""
+    rows (mean over heads), and/or its rotated keys. Only what is asked for is computed.
+
+    before_drop: asked of a layer that also drops (`drops_at`), the layer's own attention
+    on its input, before the drop, for that very drop (PDrop ranks so); otherwise the
+    layer reports after it ran, for a later drop."""
 
     queries: Queries | None = None
     keys: bool = False
+    before_drop: bool = False
 
 
 @dataclass
@@ -53,12 +58,14 @@ class LayerView:
     decoder's final RMSNorm. From the last layer that captured (since the previous drop):
     scores [B, Q, T] (attention of the query rows at query_positions [B, Q] over this pass's
     tokens; rows where query_real is False are filler, all zero) and keys
-    [B, T, kv_heads, head_dim] (after RoPE)."""
+    [B, T, kv_heads, head_dim] (after RoPE). `embeddings` [B, T, D]: the same tokens'
+    inputs to the first layer (what SparseVLM rates with)."""
 
     layer: int
     types: Tensor
     hidden: Tensor
     norm: Callable[[Tensor], Tensor]
+    embeddings: Tensor | None = None
     scores: Tensor | None = None
     query_positions: Tensor | None = None
     query_real: Tensor | None = None
@@ -80,11 +87,13 @@ class ImageView:
 
     features [C, N, width]: the patch tokens LLaVA reads (no class token); cls_attention
     [C, heads, N]: the class token's attention over the patches in the layer that produced
-    them; keys [C, heads, N, head_dim]: that layer's keys of the patches."""
+    them; keys [C, heads, N, head_dim]: that layer's keys of the patches; cls_features
+    [C, width]: the class token's hidden state there (VisionZip keeps it)."""
 
     features: Tensor
     cls_attention: Tensor
     keys: Tensor
+    cls_features: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,166 @@
+"""DART (Stop Looking for Important Tokens in Multimodal Language Models: Duplication
+Matters More, 2025): keep the visual tokens least duplicated with a few pivot tokens.
+
+The paper's rule: at layer K choose pivot tokens (default: largest key norm), then keep
+the visual tokens whose hidden states are least similar (cosine) to the pivots; drop the
+rest for layers K.. (hidden states and KV cache). Kept tokens keep their RoPE positions.
+
+What the official code does (ZichenWen1/DART, read from its copy xqy1111111/DART
+llava/model/language_model/modeling_llama_self.py `get_retained_image_token` and
+`DART_K_norm.forward`, llava/eval/model_vqa_loader.py; mirrored by ModelTC/llmc
+llmc/compression/token_reduction/dart.py), which this module follows:
+
+1. Before layer K (`pruned_layer` = 2): the keys of layer K − 1 (after RoPE; the code
+   takes them after `repeat_kv`, all heads concatenated) give each token's L1 norm. Ours
+   sums |k| over the KV heads of the captured keys; repeating each KV head `group` times
+   multiplies every token's L1 norm by `group`, so the ranking is the same.
+2. Pivots: the `pivot_image_token` (4) visual tokens of largest key norm, and the
+   `pivot_text_token` (4) tokens of largest key norm among the tokens after the image.
+3. The hidden states entering layer K (`layer_outputs[0]` of layer K − 1), passed through
+   the model's *final* RMSNorm, are compared by cosine similarity.
+4. For each pivot in turn, the TOKEN_TOPK visual tokens least similar to it among those
+   not yet chosen (image pivots excluded from the start) are added, TOKEN_TOPK =
+   `max_num_trunction // (pivot_image_token + pivot_text_token)` (LLaVA-1.5: 128 // 8 =
+   16; LLaVA-NeXT: `min(retain_token_num_for_llava_next, n − pivot_image_token) // 8`,
+   320 // 8 = 40). The text pivots are removed at the end: the retained visual tokens are
+   the image pivots plus everything added, pivot_image_token + 8 · TOKEN_TOPK in all
+   (132 for max_num_trunction 128, 324 for 320).
+
+`budget` is the code's max_num_trunction (per sequence): this method keeps
+`pivot_image + (pivot_image + pivot_text) · (budget // (pivot_image + pivot_text))`
+visual tokens (at most all of them), i.e. 196 / 132 / 68 for the field's 192 / 128 / 64 and
+644 / 324 / 164 for NeXT's 640 / 320 / 160, as DART's own code keeps when its paper reports
+192 / 128 / 64 (we follow the code). Without a budget, `reduction_ratio` (the code's 0.778)
+sets it to round(n · (1 − reduction_ratio)) for a sequence of n visual tokens: 128 for 576,
+the code's LLaVA-1.5 default max_num_trunction.
+
+Where ours is defined beyond the code (which handles one image of a batch of one):
+
+- Pivot order: the code loops over a Python `set` of the pivot indices (CPython's hash
+  order of ints, effectively arbitrary); ours takes the image pivots by decreasing key
+  norm, then the text pivots likewise (the order of the list the code builds the set from).
+- Ties (key norms, similarities): stable, the earlier position first (the code's `topk`
+  leaves them unspecified).
+- Batches and several images: per sequence, over all its visual tokens (every image of
+  the sequence, one budget per sequence); the text pivots are chosen among the text tokens
+  after the sequence's last visual token. If fewer than pivot_text_token follow, the rest
+  come from the sequence's other text tokens (largest key norm) so that the number kept
+  depends only on the sequence's token counts, not on where the images sit (the code would
+  fail: `topk` of more than there is). A pivot round takes min(TOKEN_TOPK, what is left).
+- Generation: the code prunes only in the prefill (`seq_length > 1`); so do we. The kept
+  set is chosen once; recomputing a longer sequence would pick other text pivots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..token_types import TokenType
+from .base import Capture, LayerView, Method
+
+
+@dataclass(frozen=True)
+class DART(Method):
+    """At layer `k`, keep the visual tokens least duplicated (cosine) with the key-norm
+    pivots, `budget` (the code's max_num_trunction) setting how many (module docstring)."""
+
+    k: int = 2
+    budget: int | None = None
+    pivot_image: int = 4
+    pivot_text: int = 4
+    reduction_ratio: float = 0.778
+    name = "dart"
+    hooks = frozenset({"tokens"})
+
+    def drops_at(self, layer: int) -> bool:
+        return layer == self.k
+
+    def capture(self, layer: int) -> Capture | None:
+        return Capture(keys=True) if layer == self.k - 1 else None
+
+    def keep(self, view: LayerView) -> Tensor:
+        if view.keys is None:
+            raise RuntimeError(f"DART needs the keys it captures before layer {view.layer}")
+        norms = view.keys.float().abs().sum(dim=(2, 3))  # [B, T] L1 over KV heads and dims
+        normed = view.norm(view.hidden).float()
+        visual = view.visual()
+        text = view.types == int(TokenType.TEXT)
+        kept = ~visual
+        for b in range(visual.shape[0]):
+            kept[b] |= self._retained(norms[b], normed[b], visual[b], text[b])
+        return kept
+
+    def _retained(self, norms: Tensor, normed: Tensor, visual: Tensor, text: Tensor) -> Tensor:
+        """[T] the visual tokens one sequence retains."""
+        n_visual = int(visual.sum())
+        chosen = torch.zeros_like(visual)
+        if n_visual == 0:
+            return chosen
+        t = visual.shape[0]
+        positions = torch.arange(t, device=visual.device)
+        image_pivots = _ranked(norms, visual)[: self.pivot_image]
+        last_visual = int(positions[visual].max())
+        after = text & (positions > last_visual)
+        # text after the images first (by norm), then the other text tokens (by norm)
+        text_order = torch.cat((_ranked(norms, after), _ranked(norms, text & ~after)))
+        pivots = torch.cat((image_pivots, text_order[: self.pivot_text]))
+        chosen[image_pivots] = True
+        pivot_count = self.pivot_image + self.pivot_text
+        topk = dart_budget(n_visual, self.budget, self.reduction_ratio) // pivot_count
+        for pivot in pivots.tolist():
+            left = visual & ~chosen
+            if topk == 0 or not bool(left.any()):
+                break
+            sim = F.cosine_similarity(normed[pivot][None], normed, dim=-1)
+            least = _ranked(-sim, left)[:topk]
+            chosen[least] = True
+        return chosen
+
+    def validate(self, num_layers: int) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise ConfigError(f"DART k={self.k!r} must be an integer layer id")
+        if not 1 <= self.k < num_layers:
+            raise ConfigError(f"DART k={self.k} must be in [1, {num_layers}) (it reads layer k - 1's keys)")
+        for field in ("pivot_image", "pivot_text"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"DART {field}={value!r} must be a non-negative integer")
+        if self.pivot_image + self.pivot_text < 1:
+            raise ConfigError("DART needs at least one pivot (pivot_image + pivot_text >= 1)")
+        if self.budget is not None and (
+                isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0):
+            raise ConfigError(f"DART budget={self.budget!r} must be a non-negative token count")
+        r = self.reduction_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+            raise ConfigError(f"DART reduction_ratio={r!r} must be a fraction in [0, 1]")
+
+    def describe(self) -> str:
+        budget = f"reduction_ratio={self.reduction_ratio}" if self.budget is None else f"budget={self.budget}"
+        return f"dart(k={self.k}, {budget}, pivots={self.pivot_image}+{self.pivot_text})"
+
+
+def dart_budget(n_visual: int, budget: int | None, reduction_ratio: float) -> int:
+    """The code's max_num_trunction for a sequence of n_visual visual tokens."""
+    return budget if budget is not None else round(n_visual * (1.0 - reduction_ratio))
+
+
+def dart_kept(n_visual: int, n_text: int, budget: int | None = None, pivot_image: int = 4,
+              pivot_text: int = 4, reduction_ratio: float = 0.778) -> int:
+    """Visual tokens DART retains of a sequence with n_visual visual and n_text text tokens."""
+    if n_visual == 0:
+        return 0
+    pivots = min(pivot_image, n_visual) + min(pivot_text, n_text)
+    topk = dart_budget(n_visual, budget, reduction_ratio) // (pivot_image + pivot_text)
+    return min(n_visual, min(pivot_image, n_visual) + pivots * topk)
+
+
+def _ranked(scores: Tensor, where: Tensor) -> Tensor:
+    """Positions where `where` [T] is True, by decreasing score (ties: earlier first)."""
+    index = torch.nonzero(where).flatten()
+    order = scores[index].float().argsort(descending=True, stable=True)
+    return index[order]

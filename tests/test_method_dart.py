@@ -1,0 +1,268 @@
+"""DART against references that do not use the code under test.
+
+- Kept set: DART's rule written out per sequence on explicit float64 quantities: layer
+  K − 1's rotated keys computed here from its input (`reference_decoder`), repeated to the
+  query heads and concatenated as the official code does, their L1 norms; the input of
+  layer K through the model's final RMSNorm; cosine similarities; pivots and rounds with
+  Python lists.
+- Outputs: `reference_decoder` with the dropped tokens hidden as keys from layer K on
+  (1e-5; the demo model in float64, as in tests/test_methods.py).
+- Generation with the KV cache equals recomputation with the prefill's kept set pinned;
+  a padded batch equals one-by-one; FLOPs from FlopCounterMode agree with
+  `sequence_flops`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import shortv
+from shortv import ConfigError
+from shortv.flops import layer_tokens, sequence_flops
+from shortv.methods.base import LayerView
+from shortv.methods.dart import DART, dart_kept
+from tests import test_methods
+from tests.test_methods import (
+    P_,
+    T_,
+    V_,
+    _rms,
+    _rope,
+    assert_rows_close,
+    batch_prompts,
+    cached_tokens,
+    closed_form_layer,
+    counted_flops,
+    grown,
+    prepared_and_types,
+    reference_decoder,
+    reference_head,
+    two_image_prompt,
+)
+
+# pytest fixtures shared with tests/test_methods.py
+demo, demo_model, gqa_model, images = (test_methods.demo, test_methods.demo_model, test_methods.gqa_model,
+                                       test_methods.images)
+
+
+def explicit_keys(model: shortv.LLaVA, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, T, heads · head_dim]: the layer's rotated keys of input x, repeated to the query
+    heads (`repeat_kv`) and concatenated over heads, as DART's code reads them."""
+    c = model.config.text
+    w = model.decoder.layers[layer]
+    h = _rms(x.double(), w.attn_norm.weight, c.rms_norm_eps)
+    b, t, _ = h.shape
+    k = (h @ w.attn.k_proj.weight.double().T).view(b, t, c.kv_heads, c.head_dim).transpose(1, 2)
+    k = _rope(k, positions, c.rope_theta).repeat_interleave(c.heads // c.kv_heads, dim=1)
+    return k.transpose(1, 2).reshape(b, t, c.heads * c.head_dim)
+
+
+def reference_dropped(model: shortv.LLaVA, prepared, types: torch.Tensor, method: DART):
+    """(dropped [B, T], smallest gap at any ranking boundary) by DART's rule."""
+    _, inputs = reference_decoder(model, prepared, types)
+    l1 = explicit_keys(model, method.k - 1, inputs[method.k - 1], prepared.positions).abs().sum(-1)
+    normed = _rms(inputs[method.k], model.decoder.norm.weight, model.config.text.rms_norm_eps)
+    dropped = torch.zeros_like(types, dtype=torch.bool)
+    gaps = [math.inf]
+
+    def top(candidates: list[int], score, n: int) -> list[int]:
+        ranked = sorted(candidates, key=lambda i: -score(i))
+        if 0 < n < len(ranked):
+            gaps.append(abs(score(ranked[n - 1]) - score(ranked[n])))
+        return ranked[:n]
+
+    for b in range(types.shape[0]):
+        row = types[b].tolist()
+        visual = [i for i, ty in enumerate(row) if ty == V_]
+        if not visual:
+            continue
+        text_after = [i for i, ty in enumerate(row) if ty == T_ and i > max(visual)]
+        text_before = [i for i, ty in enumerate(row) if ty == T_ and i < max(visual)]
+
+        def norm(i, b=b):
+            return float(l1[b, i])
+
+        image_pivots = top(visual, norm, method.pivot_image)
+        text_pivots = top(text_after, norm, method.pivot_text)
+        if len(text_pivots) < method.pivot_text:
+            text_pivots += top(text_before, norm, method.pivot_text - len(text_pivots))
+        budget = method.budget
+        if budget is None:
+            budget = round(len(visual) * (1 - method.reduction_ratio))
+        per_pivot = budget // (method.pivot_image + method.pivot_text)
+        retained = list(image_pivots)
+        for p in image_pivots + text_pivots:
+            left = [i for i in visual if i not in retained]
+
+            def dissimilarity(i, p=p, b=b):
+                a, v = normed[b, p], normed[b, i]
+                return -float(a @ v / (a.norm() * v.norm()))
+
+            retained += top(left, dissimilarity, per_pivot)
+        assert len(retained) == dart_kept(len(visual), len(text_after) + len(text_before), method.budget,
+                                          method.pivot_image, method.pivot_text, method.reduction_ratio)
+        for i in visual:
+            dropped[b, i] = i not in retained
+    return dropped, min(gaps)
+
+
+def observe(model: shortv.LLaVA, prepared, method: DART):
+    """Run DART; the (positions, types) of the tokens that reach layer k."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module, args):
+        seen["positions"], seen["types"] = args[1].positions.clone(), args[1].types.clone()
+
+    handle = model.decoder.layers[method.k].register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            out = model.hidden_states(prepared, method=method)
+    finally:
+        handle.remove()
+    return out, seen
+
+
+CASES = {
+    "k2-b16": DART(k=2, budget=16),
+    "k1-b8-2+2": DART(k=1, budget=8, pivot_image=2, pivot_text=2),
+    "k3-ratio0.5": DART(k=3, reduction_ratio=0.5),
+    "k7-b5-1+3": DART(k=7, budget=5, pivot_image=1, pivot_text=3),
+    "k2-b0": DART(k=2, budget=0),
+}
+
+
+@pytest.mark.parametrize("method", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("case", ["two-images", "batch"])
+def test_dart_kept_set_and_outputs(demo, images, method, case):
+    batch = [two_image_prompt(demo, images)] if case == "two-images" else batch_prompts(demo, images)
+    check_kept_set_and_outputs(demo, batch, method)
+
+
+def test_dart_on_gqa_model(gqa_model, images):
+    """Grouped-query attention: the L1 norm over the KV heads ranks like the code's norm
+    over keys repeated to the query heads."""
+    check_kept_set_and_outputs(gqa_model, batch_prompts(gqa_model, images), DART(k=1, budget=8))
+
+
+def check_kept_set_and_outputs(model: shortv.LLaVA, batch, method: DART) -> None:
+    prepared, types = prepared_and_types(model, batch)
+    ours, seen = observe(model, prepared, method)
+    dropped, gap = reference_dropped(model, prepared, types, method)
+    assert gap > 1e-8, "near tie at a ranking boundary: choose other test data"
+    b, t = types.shape
+    pad = [t - n for n in prepared.lengths]
+    for row in range(b):
+        seg_types, seg_pos = seen["types"][row], seen["positions"][row]
+        kept = set((seg_pos[seg_types == V_] + pad[row]).tolist())
+        assert kept == set(torch.nonzero((types[row] == V_) & ~dropped[row]).flatten().tolist()), f"row {row}"
+        assert set((seg_pos[seg_types == T_] + pad[row]).tolist()) == \
+            set(torch.nonzero(types[row] == T_).flatten().tolist())
+    hide = {i: dropped for i in range(method.k, model.num_layers)}
+    ref, inputs = reference_decoder(model, prepared, types, hide)
+    survivors = (types == T_) | ((types == V_) & ~dropped)
+    assert_rows_close(ours, ref, survivors)
+    if bool(dropped.any()):
+        assert_rows_close(ours, inputs[method.k], dropped)
+        if method.k < model.num_layers - 1:
+            vanilla, _ = reference_decoder(model, prepared, types)
+            assert (vanilla - ref)[types == T_].abs().max() > 1e-4  # the drop matters
+
+
+def test_dart_generation_with_cache_equals_recomputation(demo, images):
+    batch = batch_prompts(demo, images)
+    method = DART(k=2, budget=12)
+    demo.set_method(method)
+    n = 8
+    got = cached_tokens(demo, batch, n)
+    for enc, tokens in zip(batch, got, strict=True):
+        prepared, types = prepared_and_types(demo, [enc])
+        dropped, _ = reference_dropped(demo, prepared, types, method)
+        out: list[int] = []
+        for _ in range(n):
+            p, t = prepared_and_types(demo, [grown(enc, out)])
+            hide = torch.cat((dropped, torch.zeros(1, t.shape[1] - dropped.shape[1], dtype=torch.bool)), 1)
+            hidden, _ = reference_decoder(demo, p, t, {i: hide for i in range(method.k, demo.num_layers)})
+            logits = reference_head(demo, hidden[0, -1])
+            top = logits.topk(2).values
+            assert top[0] - top[1] > 1e-5
+            out.append(int(logits.argmax()))
+        assert tokens == out
+    assert cached_tokens(demo, batch[1:2], n)[0] == got[1]  # a batch of one, no padding
+
+
+def test_dart_batch_equals_one_by_one(demo, images):
+    batch = batch_prompts(demo, images)
+    prepared, _ = prepared_and_types(demo, batch)
+    method = DART(k=2, budget=16)
+    together, seen = observe(demo, prepared, method)
+    for row, enc in enumerate(batch):
+        p1, t1 = prepared_and_types(demo, [enc])
+        alone, seen1 = observe(demo, p1, method)
+        n = t1.shape[1]
+        assert_rows_close(together[row, -n:], alone[0], t1[0] != P_)
+        kept = seen["positions"][row][seen["types"][row] == V_]
+        assert torch.equal(kept, seen1["positions"][0][seen1["types"][0] == V_])
+
+
+@pytest.mark.parametrize("method", [DART(k=2, budget=16), DART(k=1, reduction_ratio=0.5),
+                                    DART(k=3, budget=200)], ids=["b16", "ratio", "all"])
+def test_flop_counter_agrees_with_sequence_flops(demo, images, method):
+    prepared, types = prepared_and_types(demo, [two_image_prompt(demo, images)])
+    measured = counted_flops(demo, prepared, method)
+    analytic = sequence_flops(demo.config.text, method, prepared.types[0])
+    assert abs(measured - analytic) <= 0.02 * analytic
+    c = demo.config.text
+    n, n_text = types.shape[1], int((types == T_).sum())
+    kept = n_text + dart_kept(n - n_text, n_text, method.budget, method.pivot_image, method.pivot_text,
+                              method.reduction_ratio)
+    expected = sum(closed_form_layer(c, *((n, n) if i < method.k else (kept, kept))) for i in range(c.layers))
+    assert analytic == expected
+    assert measured == expected  # DART captures keys only: no extra matmul
+
+
+def test_kept_count_depends_on_counts_not_layout():
+    """Text before the images only (the FLOPs placeholder's layout) or after: the same
+    number kept, the text pivots topped up from the text before the images."""
+    torch.manual_seed(0)
+    method = DART(k=2, budget=32)
+    for layout in (["T"] * 10 + ["V"] * 80, ["T"] * 3 + ["V"] * 80 + ["T"] * 2,
+                   ["T"] * 5 + ["V"] * 40 + ["T"] * 4 + ["V"] * 40 + ["T"] * 1, ["V"] * 80 + ["T"] * 10):
+        types = torch.tensor([[T_ if x == "T" else V_ for x in layout]])
+        t = types.shape[1]
+        view = LayerView(2, types, torch.randn(1, t, 8), lambda x: x, keys=torch.randn(1, t, 1, 8))
+        kept = method.keep(view)
+        assert bool(kept[types != V_].all())
+        assert int((kept & (types == V_)).sum()) == dart_kept(80, 10, 32) == 4 + 8 * 4
+    assert dart_kept(80, 2, 32) == 4 + 6 * 4  # fewer text tokens than text pivots
+    assert dart_kept(576, 64, 128) == 132 and dart_kept(576, 64) == 132  # the code's default
+    assert dart_kept(2880, 64, 320) == 324 and dart_kept(10, 64, 128) == 10
+    vicuna = shortv.config.TextConfig()
+    counts = [x.keys for x in layer_tokens(vicuna, DART(budget=64), torch.tensor([T_] * 64 + [V_] * 576))]
+    assert counts[:2] == [640, 640] and set(counts[2:]) == {64 + 68}
+
+
+@pytest.mark.parametrize("bad", [dict(k=0), dict(k=8), dict(k=True), dict(k=1.0), dict(budget=-1),
+                                 dict(budget=3.0), dict(pivot_image=-1), dict(pivot_image=0, pivot_text=0),
+                                 dict(pivot_text=1.5), dict(reduction_ratio=1.2), dict(reduction_ratio=-0.1)])
+def test_invalid_parameters(bad):
+    with pytest.raises(ConfigError):
+        DART(**bad).for_layers(8)
+
+
+def test_describe():
+    assert DART().describe() == "dart(k=2, reduction_ratio=0.778, pivots=4+4)"
+    assert DART(budget=128).describe() == "dart(k=2, budget=128, pivots=4+4)"
+
+
+def test_bf16_smoke(images):
+    model = shortv.load("llava-tiny-demo", device="cpu", dtype=torch.bfloat16)
+    batch = batch_prompts(model, images)
+    prepared, types = prepared_and_types(model, batch)
+    with torch.no_grad():
+        out = model.hidden_states(prepared, method=DART(k=2, budget=16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out[types != P_]).all()
+    model.set_method(DART(k=2, budget=16))
+    assert all(len(s) == 3 for s in cached_tokens(model, batch, 3))
