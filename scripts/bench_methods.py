@@ -1,12 +1,19 @@
-"""The paper's comparison on one model: vanilla, FastV, VTW and ShortV prefill.
+"""The paper's comparison on one model: vanilla, FastV, VTW and ShortV prefill (or any
+methods, e.g. the field's at its standard budgets).
 
     python scripts/bench_methods.py llava-v1.5-7b [--share-layers] [--layers L] [--dtype D]
         [--device D] [--n-text 64] [--n-visual V] [--repeats 3] [--json]
+        [--methods "fastv; vtw; shortv; visionzip budget=64; pdrop layers=2,8,16 budget=64"]
 
-Random weights in the zoo model's shapes (see `shortv bench --random-weights`); the four
-methods run interleaved in one process (several rounds, medians). Methods as in the
-paper's table: FastV k=2 r=0.5, VTW k = half the layers, ShortV with the card's N and
-ranking. Reports TFLOPs, the FLOPs ratio to vanilla, measured ms and speedup.
+Random weights in the zoo model's shapes (see `shortv bench --random-weights`); the
+methods run interleaved in one process (several rounds, medians), after vanilla. Default
+methods as in the paper's table: FastV k=2 r=0.5, VTW k = half the layers, ShortV with the
+card's N and ranking. `--methods`: ";"-separated entries, each a method name as
+`--method` takes it (shortv+fastv composes) followed by NAME=VALUE parameters (budget=N,
+k=, r=, or any field, as `--param`). A method that reduces images before the language
+model (VisionZip) is timed on the decoder with its reduced visual count; its FLOPs ratio
+is against vanilla on the full image. Reports TFLOPs, the FLOPs ratio to vanilla,
+measured ms and speedup.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import sys
 from dataclasses import replace
 
 from shortv import bench, zoo
+from shortv.cli.options import method_options, method_spec
 from shortv.errors import ShortVError
 from shortv.flops import default_n_visual, sequence_flops
 from shortv.loading import resolve_device, resolve_dtype
-from shortv.methods import VANILLA, VTW, FastV, ShortV
+from shortv.methods import VANILLA, Method
+from shortv.ranking import choose_method
 
 
 def main() -> int:
@@ -36,6 +45,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--methods", help='";"-separated method entries (see above)')
     args = parser.parse_args()
     try:
         card = zoo.get_card(args.model)
@@ -43,23 +53,19 @@ def main() -> int:
         dtype = resolve_dtype(args.dtype, device)
         text = card.config.text if args.layers is None else replace(card.config.text, layers=args.layers)
         n_visual = default_n_visual(card.config) if args.n_visual is None else args.n_visual
-        methods = {
-            "vanilla": VANILLA,
-            "fastv": FastV(k=2, r=0.5),
-            "vtw": VTW().for_layers(text.layers),  # k = half the layers, as in the paper
-            "shortv": ShortV(tuple(i for i in card.ranking if i < text.layers)[: card.n_frozen]),
-        }
+        entries = args.methods.split(";") if args.methods else ["fastv", "vtw", "shortv"]
+        methods = [VANILLA] + [_method(e.split(), card, text.layers) for e in entries if e.strip()]
         decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
-        types = bench.layout(args.n_text, n_visual, device)
-        runs = bench.time_methods(decoder, list(methods.values()), types,
-                                  repeats=args.repeats, warmup=args.warmup)
+        full = bench.layout(args.n_text, n_visual, device)
+        layouts = [bench.layout(args.n_text, m.image_tokens(n_visual), device) for m in methods]
+        runs = bench.time_methods(decoder, methods, layouts, repeats=args.repeats, warmup=args.warmup)
     except ShortVError as e:
         print(f"bench_methods: error: {e}", file=sys.stderr)
         return 2
-    vanilla_flops = sequence_flops(text, VANILLA, types[0])
+    vanilla_flops = sequence_flops(text, VANILLA, full[0])
     vanilla_ms = statistics.median(runs[0])
     rows = []
-    for method, times in zip(methods.values(), runs, strict=True):
+    for method, types, times in zip(methods, layouts, runs, strict=True):
         flops = sequence_flops(text, method, types[0])
         ms = statistics.median(times)
         rows.append({"method": method.describe(), "tflops": flops / 1e12,
@@ -78,6 +84,23 @@ def main() -> int:
         print(f"{r['method'][:58]:<58} {r['tflops']:>7.2f} {r['flops_ratio']:>6.0%} "
               f"{r['ms']:>9.1f} {r['speedup']:>7.2f}x")
     return 0
+
+
+def _method(words: list[str], card: zoo.Card, num_layers: int) -> Method:
+    """One --methods entry: "NAME[+NAME] [PARAM=VALUE ...]" as the command line builds it
+    (ShortV: the card's N and ranking, restricted to the layers benchmarked)."""
+    spec, params = words[0], words[1:]
+    fields = dict(p.split("=", 1) for p in params if "=" in p)
+    args = argparse.Namespace(
+        method=method_spec(spec), n_frozen=None, frozen_layers=None, ranking=None,
+        k=None, r=None, budget=int(fields.pop("budget")) if "budget" in fields else None,
+        param=[f"{k}={v}" for k, v in fields.items()],
+    )
+    names = args.method
+    if "shortv" in names:
+        args.frozen_layers = list(tuple(i for i in card.ranking if i < num_layers)[: card.n_frozen])
+    options = method_options(args, card)
+    return choose_method(num_layers, **options, default_ranking=card.ranking, model_name=card.name)
 
 
 if __name__ == "__main__":

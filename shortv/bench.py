@@ -100,25 +100,28 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 
 @torch.inference_mode()
-def time_methods(decoder: Decoder, methods: Sequence[Method], types: Tensor, *,
+def time_methods(decoder: Decoder, methods: Sequence[Method], types: Tensor | Sequence[Tensor], *,
                  repeats: int = 5, warmup: int = 1, seed: int = 0) -> list[list[float]]:
     """Prefill milliseconds of `decoder` on random hidden states with token types
-    `types` [1, T], for each method: `repeats` rounds after `warmup`, the methods
-    interleaved within a round and their order reversed every other round."""
+    `types` [1, T] (or one layout per method: a method that reduces images before the
+    decoder sees fewer visual tokens), for each method: `repeats` rounds after `warmup`,
+    the methods interleaved within a round and their order reversed every other round."""
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     methods = [method.for_layers(len(decoder.layers)) for method in methods]
+    layouts = [types] * len(methods) if isinstance(types, Tensor) else list(types)
     weight = decoder.embed_tokens.weight
     g = torch.Generator(device=weight.device).manual_seed(seed)
-    x = torch.randn(*types.shape, decoder.config.hidden_size, generator=g,
-                    device=weight.device).to(weight.dtype)
-    positions = torch.arange(types.shape[1], device=weight.device)[None]
+    inputs = []
+    for t in layouts:
+        x = torch.randn(*t.shape, decoder.config.hidden_size, generator=g, device=weight.device)
+        inputs.append((x.to(weight.dtype), t, torch.arange(t.shape[1], device=weight.device)[None]))
     runs: list[list[float]] = [[] for _ in methods]
     timed = _timer(weight.device)
     order = list(range(len(methods)))
     for i in range(warmup + repeats):
         for j in order if i % 2 == 0 else order[::-1]:
-            ms = timed(lambda m=methods[j]: decoder(x, types, positions, method=m))
+            ms = timed(lambda m=methods[j], a=inputs[j]: decoder(*a, method=m))
             if i >= warmup:
                 runs[j].append(ms)
     return runs
@@ -126,12 +129,19 @@ def time_methods(decoder: Decoder, methods: Sequence[Method], types: Tensor, *,
 
 def bench_prefill(decoder: Decoder, method: Method, types: Tensor, *, repeats: int = 5,
                   warmup: int = 1, seed: int = 0) -> BenchResult:
-    """Median prefill milliseconds, vanilla vs `method`, interleaved, with FLOPs."""
+    """Median prefill milliseconds, vanilla vs `method`, interleaved, with FLOPs. A method
+    that reduces images before the language model (VisionZip) runs on its reduced count
+    of visual tokens."""
     method = method.for_layers(len(decoder.layers))
-    vanilla_runs, method_runs = time_methods(decoder, [VANILLA, method], types,
+    reduced = types
+    if method.reduces_images:
+        visual = int((types[0] == int(TokenType.VISUAL)).sum())
+        reduced = layout(int((types[0] == int(TokenType.TEXT)).sum()), method.image_tokens(visual),
+                         types.device)
+    vanilla_runs, method_runs = time_methods(decoder, [VANILLA, method], [types, reduced],
                                              repeats=repeats, warmup=warmup, seed=seed)
     vanilla_flops = sequence_flops(decoder.config, VANILLA, types[0])
-    method_flops = sequence_flops(decoder.config, method, types[0])
+    method_flops = sequence_flops(decoder.config, method, reduced[0])
     return BenchResult(
         vanilla_ms=statistics.median(vanilla_runs),
         method_ms=statistics.median(method_runs),

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     method = method_for(args, text.layers, card, model_name=card.name if card else args.model)
     if method.name == "vanilla":
         raise ConfigError("bench compares vanilla with a method: give --n-frozen, "
-                          "--frozen-layers or --method shortv|fastv|vtw")
+                          "--frozen-layers or --method NAME")
     n_visual = default_n_visual(config) if args.n_visual is None else args.n_visual
     types = bench.layout(args.n_text, n_visual, device)
 
