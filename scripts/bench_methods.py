@@ -25,12 +25,11 @@ import sys
 from dataclasses import replace
 
 from shortv import bench, zoo
-from shortv.cli.options import method_options, method_spec
+from shortv.cli.options import method_entry
 from shortv.errors import ShortVError
 from shortv.flops import default_n_visual, sequence_flops
 from shortv.loading import resolve_device, resolve_dtype
-from shortv.methods import VANILLA, Method
-from shortv.ranking import choose_method
+from shortv.methods import VANILLA
 
 
 def main() -> int:
@@ -54,7 +53,7 @@ def main() -> int:
         text = card.config.text if args.layers is None else replace(card.config.text, layers=args.layers)
         n_visual = default_n_visual(card.config) if args.n_visual is None else args.n_visual
         entries = args.methods.split(";") if args.methods else ["fastv", "vtw", "shortv"]
-        methods = [VANILLA] + [_method(e.split(), card, text.layers) for e in entries if e.strip()]
+        methods = [VANILLA] + [method_entry(e, card, text.layers) for e in entries if e.strip()]
         decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
         full = bench.layout(args.n_text, n_visual, device)
         layouts = [bench.layout(args.n_text, m.image_tokens(n_visual), device) for m in methods]
@@ -84,23 +83,6 @@ def main() -> int:
         print(f"{r['method'][:58]:<58} {r['tflops']:>7.2f} {r['flops_ratio']:>6.0%} "
               f"{r['ms']:>9.1f} {r['speedup']:>7.2f}x")
     return 0
-
-
-def _method(words: list[str], card: zoo.Card, num_layers: int) -> Method:
-    """One --methods entry: "NAME[+NAME] [PARAM=VALUE ...]" as the command line builds it
-    (ShortV: the card's N and ranking, restricted to the layers benchmarked)."""
-    spec, params = words[0], words[1:]
-    fields = dict(p.split("=", 1) for p in params if "=" in p)
-    args = argparse.Namespace(
-        method=method_spec(spec), n_frozen=None, frozen_layers=None, ranking=None,
-        k=None, r=None, budget=int(fields.pop("budget")) if "budget" in fields else None,
-        param=[f"{k}={v}" for k, v in fields.items()],
-    )
-    names = args.method
-    if "shortv" in names:
-        args.frozen_layers = list(tuple(i for i in card.ranking if i < num_layers)[: card.n_frozen])
-    options = method_options(args, card)
-    return choose_method(num_layers, **options, default_ranking=card.ranking, model_name=card.name)
 
 
 if __name__ == "__main__":

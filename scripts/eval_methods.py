@@ -5,24 +5,27 @@ engine — accuracy, analytic prefill FLOPs ratio and measured prefill speedup s
     python scripts/eval_methods.py llava-tiny-demo --questions /tmp/demo-eval/questions.jsonl \
         --out /tmp/demo-eval-answers [--batch-size 16] [--json]
 
-The model is loaded once; each method writes its own answer file (`<out>/<method>.jsonl`,
-resumed if present, so delete the folder to re-measure). Methods: vanilla, ShortV with the
-card's N, FastV k=2 r=0.5, VTW k = half the layers.
+The model is loaded once; each method writes its own answer file (`<out>/<label>.jsonl`,
+resumed if present, so delete the folder to re-measure). Methods: vanilla, then by default
+ShortV with the card's N, FastV k=2 r=0.5, VTW k = half the layers; or `--methods` entries
+as scripts/bench_methods.py takes them ("visionzip budget=18; pdrop layers=2,4,6").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import shortv
+from shortv.cli.options import method_entry
 from shortv.errors import ShortVError
 from shortv.eval.questions import read_questions
 from shortv.eval.runner import evaluate
 from shortv.generate import GenerationOptions
-from shortv.methods import VTW, FastV, ShortV, Vanilla
+from shortv.methods import Vanilla
 
 
 def main() -> int:
@@ -33,13 +36,14 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--methods", help='";"-separated method entries (see above)')
     args = parser.parse_args()
     try:
         questions = read_questions(args.questions)
         model = shortv.load(args.model, device="cpu")
         card = shortv.zoo.get_card(args.model)
-        methods = {"vanilla": Vanilla(), f"shortv N={card.n_frozen}": ShortV(card.ranking[: card.n_frozen]),
-                   "fastv k=2 r=0.5": FastV(k=2, r=0.5), "vtw": VTW()}
+        entries = [e.strip() for e in (args.methods or "shortv; fastv; vtw").split(";") if e.strip()]
+        methods = {"vanilla": Vanilla(), **{e: method_entry(e, card, model.num_layers) for e in entries}}
         args.out.mkdir(parents=True, exist_ok=True)
         # Warm-up (first calls allocate and pick kernels), so the first method is not charged for it.
         warm = questions[: args.batch_size]
@@ -47,7 +51,8 @@ def main() -> int:
         rows = []
         for label, method in methods.items():
             model.set_method(method)
-            summary = evaluate(model, questions, args.out / f"{method.name}.jsonl",
+            answers = args.out / (re.sub(r"[^A-Za-z0-9=.,+-]+", "_", label) + ".jsonl")
+            summary = evaluate(model, questions, answers,
                                options=GenerationOptions(max_new_tokens=args.max_new_tokens),
                                batch_size=args.batch_size, progress=not args.json)
             rows.append({"label": label, **summary})

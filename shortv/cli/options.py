@@ -185,6 +185,25 @@ def method_options(args: argparse.Namespace, card: Any = None) -> dict[str, Any]
             "method": method}
 
 
+def method_entry(text: str, card: Any, num_layers: int) -> Method:
+    """A method from one line of a benchmark's method list: "NAME[+NAME] [PARAM=VALUE ...]"
+    (budget= as --budget, any other field as --param; ShortV takes the card's N and
+    ranking restricted to the first `num_layers`), fitted to `num_layers`."""
+    spec, *params = text.split()
+    fields = dict(p.split("=", 1) for p in params if "=" in p)
+    if len(fields) != len(params):
+        raise ConfigError(f"method entry {text!r}: parameters are NAME=VALUE")
+    args = argparse.Namespace(
+        method=method_spec(spec), n_frozen=None, frozen_layers=None, ranking=None, k=None, r=None,
+        budget=int(fields.pop("budget")) if "budget" in fields else None,
+        param=[f"{k}={v}" for k, v in fields.items()])
+    if "shortv" in args.method:
+        ranking = tuple(i for i in (card.ranking if card is not None else ()) if i < num_layers)
+        args.frozen_layers = list(ranking[: card.n_frozen or 0]) if card is not None else []
+    return choose_method(num_layers, **method_options(args, card),
+                         default_ranking=card.ranking if card is not None else ())
+
+
 def _has_field(cls: type, name: str) -> bool:
     return name in {f.name for f in dataclasses.fields(cls)}
 
