@@ -1,4 +1,4 @@
-"""The `shortv` command line: chat, zoo, download, eval, flops, bench, lc.
+"""The `shortv` command line: chat, zoo, download, eval, flops, bench, lc, serve.
 
 Every command that reports numbers takes --json and then prints one JSON object on
 stdout. Errors print one line on stderr and exit with status 2. One module per command;
@@ -12,15 +12,15 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ShortVError
-from . import bench, chat, eval, flops, lc, zoo
+from . import bench, chat, eval, flops, lc, serve, zoo
 from .options import EXIT_USAGE, Parser
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="shortv", description="LLaVA with ShortV: chat, zoo, download, eval, "
-                                               "flops, bench, lc.")
+                                               "flops, bench, lc, serve.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (chat, zoo, eval, flops, bench, lc):
+    for command in (chat, zoo, eval, flops, bench, lc, serve):
         command.add_parser(sub)
     return parser
 

@@ -42,52 +42,89 @@ class GenerationResult:
 
 def generate(model: LLaVA, batch: Sequence[Encoded], options: GenerationOptions) -> list[GenerationResult]:
     """Answers for a batch of encoded prompts, in input order."""
-    assemblers = [_assembler(model, options) for _ in batch]
-    reasons: list[str | None] = [None] * len(batch)
+    answers = [Answer.start(model, options) for _ in batch]
     start = time.perf_counter()
     first_token_at = None
     steps = token_steps(model, batch, options)
     prompt_lengths = next(steps)
     for tokens in steps:  # each step's ids reach the host, so the clock sees finished work
         first_token_at = first_token_at or time.perf_counter()
-        for i, token in enumerate(tokens):
-            if reasons[i] is not None:
-                continue
-            if token == model.tokenizer.eos_id:
-                reasons[i] = "eos"
-                continue
-            assemblers[i].add(token)
-            if assemblers[i].stopped:
-                reasons[i] = "stop"
-        if all(r is not None for r in reasons):
+        for answer, token in zip(answers, tokens, strict=True):
+            if not answer.done:
+                answer.add(token)
+        if all(a.done for a in answers):
             break
     end = time.perf_counter()
     first_token_at = first_token_at or end
     return [
-        GenerationResult(a.final(), a.ids, r or "length", n, first_token_at - start, end - first_token_at)
-        for a, r, n in zip(assemblers, reasons, prompt_lengths, strict=True)
+        GenerationResult(a.text, a.token_ids, a.reason or "length", n, first_token_at - start,
+                         end - first_token_at)
+        for a, n in zip(answers, prompt_lengths, strict=True)
     ]
 
 
 def stream(model: LLaVA, encoded: Encoded, options: GenerationOptions) -> Iterator[str]:
     """Text pieces of one answer as they settle; they join to `generate`'s text."""
-    assembler = _assembler(model, options)
-    sent = ""
+    answer = Answer.start(model, options)
     steps = token_steps(model, [encoded], options)
     next(steps)
     for (token,) in steps:
-        if token == model.tokenizer.eos_id:
+        answer.add(token)
+        if answer.done:
             break
-        assembler.add(token)
-        settled = assembler.settled()
-        if settled.startswith(sent) and len(settled) > len(sent):
-            yield settled[len(sent):]
-            sent = settled
-        if assembler.stopped:
-            break
-    final = assembler.final()
-    if final.startswith(sent) and len(final) > len(sent):
-        yield final[len(sent):]
+        if piece := answer.release():
+            yield piece
+    if piece := answer.release(final=True):
+        yield piece
+
+
+@dataclass
+class Answer:
+    """One answer as its tokens arrive: the text so far (`TextAssembler`), why it ended
+    (`reason`: "eos" or "stop"; None while it may go on, or when only the budget ends it)
+    and, for streaming, how much text has been released. `generate`, `stream` and the
+    server's batching engine (`shortv.serve.engine`) all build answers with it."""
+
+    assembler: TextAssembler
+    eos_id: int
+    reason: str | None = None
+    sent: str = ""
+
+    @classmethod
+    def start(cls, model: LLaVA, options: GenerationOptions) -> Answer:
+        """An empty answer with the template's and `options`' stop strings."""
+        return cls(_assembler(model, options), model.tokenizer.eos_id)
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.assembler.final()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated ids, EOS excluded."""
+        return self.assembler.ids
+
+    def add(self, token: int) -> None:
+        """One generated token (EOS ends the answer and is not part of it)."""
+        if token == self.eos_id:
+            self.reason = "eos"
+            return
+        self.assembler.add(token)
+        if self.assembler.stopped:
+            self.reason = "stop"
+
+    def release(self, *, final: bool = False) -> str:
+        """The text that settled since the last release ("" if none); `final=True` once
+        the answer has ended releases the rest of the final text."""
+        text = self.assembler.final() if final else self.assembler.settled()
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+            return piece
+        return ""
 
 
 def _assembler(model: LLaVA, options: GenerationOptions) -> TextAssembler:

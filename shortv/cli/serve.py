@@ -1,0 +1,127 @@
+"""`shortv serve`: the model over HTTP with OpenAI's chat-completions API and continuous
+batching (`shortv.serve`). Needs the serve extra: pip install 'shortv[serve]'."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from .options import add_method, add_runtime, float_in, int_at_least, method_options
+
+MIB = 2**20
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI chat-completions API)")
+    p.add_argument("model", help="zoo name, checkpoint directory or Hub repo id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=port, default=8000, help="0: any free port (default 8000)")
+    p.add_argument("--name", help="the model id clients ask for (default: the model's name)")
+    add_runtime(p)
+    add_method(p)
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch", type=int_at_least(1), default=16, metavar="B",
+                   help="sequences decoded together (default 16)")
+    g.add_argument("--max-prefill", type=int_at_least(1), default=8, metavar="P",
+                   help="new requests prefilled together in one padded batch; 1: each alone "
+                        "(default 8)")
+    g.add_argument("--max-queue", type=int_at_least(0), default=64, metavar="Q",
+                   help="requests waiting for a batch slot; more get a 429 (default 64)")
+    g.add_argument("--max-tokens-limit", type=int_at_least(1), default=512, metavar="N",
+                   help="the most max_tokens a request may ask for, and its default (default 512)")
+    g.add_argument("--image-root", metavar="DIR",
+                   help="serve local image paths from under DIR (default: data: URLs only)")
+    g.add_argument("--max-body-mb", type=float_in(0.0, 1e6, open_low=True), default=32.0, metavar="MB",
+                   help="request body size limit (default 32)")
+    g.add_argument("--max-image-mb", type=float_in(0.0, 1e6, open_low=True), default=20.0, metavar="MB",
+                   help="one image's encoded size limit (default 20)")
+    g.add_argument("--max-image-pixels", type=int_at_least(1), default=4096 * 4096, metavar="N",
+                   help="one image's width x height limit (default 4096 x 4096)")
+    g.add_argument("--max-images", type=int_at_least(0), default=8, metavar="N",
+                   help="images in one request (default 8)")
+    g.add_argument("--shutdown-timeout", type=float_in(0.0, 86400.0), default=30.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C, seconds in-flight requests get to finish (default 30)")
+    g.add_argument("--stats-interval", type=float_in(0.0, 86400.0), default=10.0, metavar="S",
+                   help="seconds between stats log lines while busy; 0: none (default 10)")
+    p.set_defaults(run=run)
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def require_serve_extra() -> None:
+    """ConfigError naming the extra when starlette or uvicorn is missing."""
+    missing = []
+    for module in ("starlette", "uvicorn"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ConfigError(f"shortv serve needs {' and '.join(missing)}: pip install 'shortv[serve]'")
+
+
+def listen(host: str, port_: int) -> socket.socket:
+    """A listening socket on host:port (so a taken port fails before the model loads)."""
+    try:
+        infos = socket.getaddrinfo(host, port_, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port_}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load, zoo
+
+    require_serve_extra()
+    image_root = None
+    if args.image_root is not None:
+        image_root = Path(args.image_root).expanduser()
+        if not image_root.is_dir():
+            raise ConfigError(f"--image-root {args.image_root} is not a directory")
+    method = method_options(args, zoo.card(args.model))  # bad options fail before anything loads
+    sock = listen(args.host, args.port)
+    host, bound_port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model = load(args.model, device=args.device, dtype=args.dtype, **method)
+        model.require_tokenizer()
+        from ..serve.app import create_app, run_server
+        from ..serve.engine import Engine
+        from ..serve.protocol import Limits
+
+        limits = Limits(max_body_bytes=int(args.max_body_mb * MIB),
+                        max_image_bytes=int(args.max_image_mb * MIB),
+                        max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+                        max_tokens=args.max_tokens_limit, image_root=image_root)
+        engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
+                        max_prefill=args.max_prefill, stats_interval=args.stats_interval)
+        name = args.name or model.name
+
+        def ready() -> None:
+            print(f"shortv serve: {name} ({model.method.describe()}) on http://{host}:{bound_port}/v1 "
+                  f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+
+        app = create_app(engine, limits=limits, model_name=name, on_ready=ready)
+        run_server(app, engine, sock, shutdown_timeout=args.shutdown_timeout)
+    finally:
+        sock.close()
+    return 0

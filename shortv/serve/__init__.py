@@ -1,0 +1,15 @@
+"""`shortv serve`: the model over HTTP, in OpenAI's chat-completions format, with
+continuous batching across requests (docs/design.md §11).
+
+- `protocol`: request checking (`parse_chat_request`, `Limits`, `RequestError`) and the
+  response, chunk and error shapes;
+- `images`: `data:` URLs and local files under the image root, with size limits;
+- `engine`: the batching engine (`Engine`, `Job`), one worker thread driving the model;
+- `app`: the Starlette app (`create_app`) and the uvicorn runner (`run_server`); these
+  need the `serve` extra: `pip install 'shortv[serve]'`.
+"""
+
+from .engine import Engine, Job
+from .protocol import ChatRequest, Limits, RequestError, parse_chat_request
+
+__all__ = ["ChatRequest", "Engine", "Job", "Limits", "RequestError", "parse_chat_request"]

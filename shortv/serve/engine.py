@@ -1,0 +1,445 @@
+"""The batching engine: one model, one worker thread, continuous batching.
+
+Requests (`Job`s) wait in a bounded queue. Between two decode steps the worker admits as
+many as the batch has room for: each is encoded and prefilled alone (`LLaVA.prefill`), its
+first token is picked, and its `DecodeState` joins the running batch (`DecodeState.join`).
+Then one `LLaVA.step` advances every running sequence by a token; each row's token is
+picked with its own request's options and generator, and its text is assembled with
+`shortv.generate.loop.Answer`, as `model.chat` does. A sequence that ends (EOS, a stop
+string, its own budget) or whose client went away leaves the batch (`DecodeState.select`).
+
+The worker is the only thread that touches the model. It talks to the requests' owners
+through each job's `sink`, a callable that receives `Started`, `Delta`, `Finished` or
+`Failed` events (the HTTP app forwards them to its event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError, ShortVError
+from ..generate.loop import Answer
+from ..generate.sampling import GenerationOptions, make_generator, pick
+from .protocol import RequestError
+
+if TYPE_CHECKING:
+    from ..llava import DecodeState, Encoded, LLaVA
+
+log = logging.getLogger("shortv.serve")
+
+PREFILL_ROOM = 16  # KV slots a prefill reserves for the answer (the cache grows beyond)
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt was prefilled: its length in tokens after image expansion."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """More answer text (pieces join to the final text, as `model.chat(stream=True)`)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The answer: its text, why it ended ("eos", "stop", "length") and its token counts
+    (generated ids, EOS excluded)."""
+
+    text: str
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: RequestError
+
+
+Event = Started | Delta | Finished | Failed
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the engine. `options.max_new_tokens` is its max_tokens; with
+    `strict_budget` a max_tokens that does not fit the context after the prompt fails the
+    request instead of being shortened."""
+
+    id: str
+    prompt: str  # the conversation as the model's template renders it, <image> in place
+    images: Sequence[Any]  # PIL images, one per <image>
+    options: GenerationOptions
+    sink: Callable[[Event], None]
+    strict_budget: bool = False
+    cancelled: bool = False  # set by the owner (any thread); the worker drops the job
+    # Worker-side state.
+    done: bool = False
+    answer: Answer | None = None
+    generator: torch.Generator | None = None
+    remaining: int = 0
+    last_token: int = 0
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics and the stats line (written by the worker; `queue` and
+    `cancelled` also by `submit` / `cancel`, under the engine's lock)."""
+
+    queue: int = 0  # jobs waiting
+    batch: int = 0  # sequences in the running batch
+    peak_batch: int = 0
+    steps: int = 0
+    step_rows: int = 0  # sum of batch sizes over steps (mean batch = step_rows / steps)
+    finished: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class Engine:
+    """Continuous batching of chat requests on one model (see the module docstring).
+
+    max_batch: sequences decoded together. max_queue: requests waiting for a batch slot;
+    `submit` refuses more with a 429. max_prefill: new requests prefilled together in one
+    padded batch (1: each alone, exactly `model.chat`'s prefill). stats_interval: seconds
+    between stats log lines while busy (0: none)."""
+
+    def __init__(self, model: LLaVA, *, max_batch: int = 16, max_queue: int = 64, max_prefill: int = 8,
+                 stats_interval: float = 10.0) -> None:
+        if max_batch < 1 or max_queue < 0 or max_prefill < 1:
+            raise ValueError("max_batch and max_prefill must be >= 1, max_queue >= 0")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_prefill = max_prefill
+        self.max_queue = max_queue
+        self.stats_interval = stats_interval
+        self.stats = Stats()
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []  # in the batch's row order (worker only)
+        self._state: DecodeState | None = None
+        self._draining = False
+        self._deadline: float | None = None  # when draining: cancel what is left then
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._last_stats = 0.0
+
+    # ---- the owners' side (any thread) -----------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="shortv-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; RequestError 429 when the queue is full, 503 when shutting down."""
+        with self._cond:
+            if self._draining or self._stopped:
+                raise shutting_down()
+            if len(self._waiting) >= self.max_queue:
+                raise RequestError(429, f"the server is busy: {len(self._waiting)} requests are "
+                                        "waiting (--max-queue); retry later",
+                                   code="queue_full", type="rate_limit_error")
+            self._waiting.append(job)
+            self.stats.queue = len(self._waiting)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job (its client went away): it leaves the queue or the batch."""
+        job.cancelled = True
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.stats.queue = len(self._waiting)
+                self.stats.cancelled += 1
+                job.done = True
+            self._cond.notify()
+
+    def drain(self, timeout: float) -> None:
+        """Begin a graceful shutdown: refuse new jobs; those queued or running may finish
+        within `timeout` seconds, after which they fail with a 503."""
+        with self._cond:
+            self._draining = True
+            self._deadline = time.monotonic() + timeout
+            self._cond.notify()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Fail whatever is left with a 503 and end the worker thread."""
+        with self._cond:
+            self._draining = self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the worker ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._running or self._stopped or self._past_deadline()):
+                    self._cond.wait(self._wait_seconds())
+                if self._stopped or self._past_deadline():
+                    break
+                new = []
+                while self._waiting and len(self._running) + len(new) < self.max_batch:
+                    new.append(self._waiting.popleft())
+                self.stats.queue = len(self._waiting)
+            try:
+                self._admit(new)
+                self._leave()
+                if self._running:
+                    self._step()
+                    self._leave()
+            except Exception as e:  # a bug in the engine itself: fail the batch, keep serving
+                log.exception("the engine failed; failing the %d requests in the batch", len(self._running))
+                for job in [*new, *self._running]:
+                    if not job.done:
+                        self._fail(job, _as_request_error(e, job))
+                self._running, self._state = [], None
+                self.stats.batch = 0
+            self._log_stats()
+        with self._cond:
+            left = [*self._waiting, *self._running]
+            self._waiting.clear()
+        for job in left:
+            if not job.done:
+                self._fail(job, shutting_down("the request was cancelled"))
+        self._running, self._state = [], None
+        self.stats.queue = self.stats.batch = 0
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _wait_seconds(self) -> float | None:
+        if self._deadline is not None:
+            return max(0.0, self._deadline - time.monotonic())
+        return None
+
+    def _admit(self, jobs: Sequence[Job]) -> None:
+        """Prefill the new jobs (up to `max_prefill` in one padded batch), pick their first
+        tokens, and join those still going to the running batch (joined among themselves
+        first, so the running batch is copied once)."""
+        live = []
+        for job in jobs:
+            if job.cancelled:
+                self._count_cancelled(job)
+            elif (encoded := self._encode(job)) is not None:
+                live.append((job, encoded))
+        states = []
+        for at in range(0, len(live), self.max_prefill):
+            group = live[at: at + self.max_prefill]
+            states += self._prefill([job for job, _ in group], [e for _, e in group])
+        while len(states) > 1:  # pairwise, in order: each join copies both sides
+            states = [a.join(b) for a, b in zip(states[::2], states[1::2], strict=False)] + \
+                     ([states[-1]] if len(states) % 2 else [])
+        if states:
+            self._state = states[0] if self._state is None else self._state.join(states[0])
+        self.stats.batch = len(self._running)
+        self.stats.peak_batch = max(self.stats.peak_batch, self.stats.batch)
+
+    def _encode(self, job: Job) -> Encoded | None:
+        try:
+            encoded = self.model.encode(job.prompt, list(job.images), template=False)
+        except Exception as e:
+            self._fail(job, _as_request_error(e, job))
+            return None
+        job.images = ()  # the pixels are in `encoded` now
+        return encoded
+
+    def _prefill(self, jobs: list[Job], encoded: list[Encoded]) -> list[DecodeState]:
+        """Prefill a group of jobs; accept each one's first token; the state of those still
+        going (appended to `_running` in its row order). A group whose prefill fails, or in
+        which one prompt fills the context, is prefilled again one job at a time, so that
+        only the job at fault fails."""
+        try:
+            # A little room only: the cache grows as the answers do, and a join or select
+            # copies the whole buffer, so a prefill sized for max_tokens would make every
+            # join and leave copy hundreds of unused slots per sequence.
+            room = min(max(job.options.max_new_tokens for job in jobs), PREFILL_ROOM)
+            logits, state = self.model.prefill(encoded, max_new_tokens=room)
+            if state.budget == 0 and len(jobs) > 1:
+                raise InputError("a prompt fills the context")
+        except Exception as e:
+            if len(jobs) > 1:
+                return [s for job, e1 in zip(jobs, encoded, strict=True) for s in self._prefill([job], [e1])]
+            self._fail(jobs[0], _as_request_error(e, jobs[0]))
+            return []
+        for job, n in zip(jobs, state.prompt_lengths, strict=True):
+            try:
+                job.prompt_tokens = n
+                job.remaining = self._budget(job)
+                job.answer = Answer.start(self.model, job.options)
+                job.generator = make_generator(job.options.seed, self.model.device)
+                job.sink(Started(n))
+                self.stats.prompt_tokens += n
+            except Exception as e:
+                self._fail(job, _as_request_error(e, job))
+        rows = [i for i, job in enumerate(jobs) if not job.done]
+        for i, token in zip(rows, self._pick(logits[rows], [jobs[i] for i in rows]), strict=True):
+            try:
+                if token is None:
+                    raise RuntimeError("sampling failed")
+                self._accept(jobs[i], token)
+            except Exception as e:
+                self._fail(jobs[i], _as_request_error(e, jobs[i]))
+        ready = [i for i in rows if not jobs[i].done]
+        self._running += [jobs[i] for i in ready]
+        if not ready:
+            return []
+        return [state if len(ready) == len(jobs) else state.select(ready)]
+
+    def _budget(self, job: Job) -> int:
+        """How many tokens the job may generate: its max_tokens, or less where the context
+        ends (RequestError when nothing fits, or when an explicit max_tokens does not)."""
+        n = job.prompt_tokens
+        context = self.model.config.text.max_position_embeddings
+        if n >= context:
+            raise RequestError(400, f"the prompt has {n} tokens after expanding its images, which "
+                                    f"fills the model's context of {context} tokens; shorten the "
+                                    "messages or send fewer images", param="messages",
+                               code="context_length_exceeded")
+        wanted = job.options.max_new_tokens
+        if job.strict_budget and n + wanted > context:
+            raise RequestError(400, f"the prompt has {n} tokens after expanding its images and "
+                                    f"max_tokens is {wanted}: {n + wanted} is more than the model's "
+                                    f"context of {context} tokens; ask for at most {context - n}",
+                               param="max_tokens", code="context_length_exceeded")
+        return min(wanted, context - n)
+
+    def _step(self) -> None:
+        """One decode step for the whole batch."""
+        assert self._state is not None
+        jobs = self._running
+        tokens = torch.tensor([job.last_token for job in jobs], device=self.model.device)
+        try:
+            logits = self.model.step(self._state, tokens)
+        except Exception as e:  # the step is shared: every running request fails with it
+            log.exception("a decode step failed; failing the %d requests in the batch", len(jobs))
+            for job in jobs:
+                self._fail(job, _as_request_error(e, job))
+            self._running, self._state = [], None
+            return
+        self.stats.steps += 1
+        self.stats.step_rows += len(jobs)
+        for job, token in zip(jobs, self._pick(logits, jobs), strict=True):
+            try:
+                if token is None:
+                    raise RuntimeError("sampling failed")
+                self._accept(job, token)
+            except Exception as e:
+                self._fail(job, _as_request_error(e, job))
+
+    def _pick(self, logits: Tensor, jobs: Sequence[Job]) -> list[int | None]:
+        """Each row's next token, with its own job's options and generator (None where
+        sampling raised; that job fails)."""
+        greedy = logits.argmax(dim=-1).tolist() if any(j.options.temperature == 0 for j in jobs) else []
+        out: list[int | None] = []
+        for i, job in enumerate(jobs):
+            if job.options.temperature == 0:
+                out.append(greedy[i])
+                continue
+            try:
+                out.append(int(pick(logits[i: i + 1], job.options, job.generator)[0]))
+            except Exception:
+                log.exception("sampling failed for %s", job.id)
+                out.append(None)
+        return out
+
+    def _accept(self, job: Job, token: int) -> None:
+        """A job's next token: more text, or the end of its answer."""
+        assert job.answer is not None
+        job.answer.add(token)
+        job.last_token = token
+        job.remaining -= 1
+        if job.answer.done or job.remaining <= 0:
+            self._finish(job)
+        elif piece := job.answer.release():
+            job.sink(Delta(piece))
+
+    def _finish(self, job: Job) -> None:
+        assert job.answer is not None
+        if piece := job.answer.release(final=True):
+            job.sink(Delta(piece))
+        job.done = True
+        n = len(job.answer.token_ids)
+        self.stats.finished += 1
+        self.stats.completion_tokens += n
+        job.sink(Finished(job.answer.text, job.answer.reason or "length", job.prompt_tokens, n))
+
+    def _fail(self, job: Job, error: RequestError) -> None:
+        job.done = True
+        self.stats.failed += 1
+        try:
+            job.sink(Failed(error))
+        except Exception:
+            log.exception("could not report the failure of %s", job.id)
+
+    def _count_cancelled(self, job: Job) -> None:
+        if not job.done:
+            job.done = True
+            with self._cond:  # `cancel` counts queued jobs from other threads
+                self.stats.cancelled += 1
+
+    def _leave(self) -> None:
+        """Finished and cancelled sequences leave the batch."""
+        for job in self._running:
+            if job.cancelled:
+                self._count_cancelled(job)
+        keep = [i for i, job in enumerate(self._running) if not job.done]
+        if len(keep) < len(self._running):
+            self._running = [self._running[i] for i in keep]
+            self._state = self._state.select(keep) if keep and self._state is not None else None
+        self.stats.batch = len(self._running)
+
+    def _log_stats(self) -> None:
+        if not self.stats_interval:
+            return
+        now = time.monotonic()
+        if now - self._last_stats >= self.stats_interval and (self._running or self._waiting):
+            self._last_stats = now
+            s = self.stats
+            log.info("stats: queue=%d batch=%d peak_batch=%d steps=%d mean_batch=%.2f finished=%d "
+                     "failed=%d cancelled=%d", s.queue, s.batch, s.peak_batch, s.steps,
+                     s.step_rows / max(1, s.steps), s.finished, s.failed, s.cancelled)
+
+
+def shutting_down(detail: str = "") -> RequestError:
+    message = "the server is shutting down" + (f": {detail}" if detail else "")
+    return RequestError(503, message, code="server_shutting_down")
+
+
+def _as_request_error(e: Exception, job: Job) -> RequestError:
+    """What a request that raised `e` gets: a RequestError as is, a shortv error (a bad
+    prompt or image) as a 400, anything else as a 500 (logged with its traceback)."""
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, ShortVError):
+        return RequestError(400, str(e))
+    log.error("%s failed", job.id, exc_info=e)
+    return RequestError(500, f"internal error: {e.__class__.__name__}: {e}", code="internal_error")

@@ -1,0 +1,346 @@
+"""OpenAI's chat-completions format: requests in, responses, stream chunks and errors out.
+
+`parse_chat_request` checks a request body against the subset of the API that shortv
+serves and turns it into a `ChatRequest`: the conversation rendered with the model's
+template (image placeholders in place), the decoded images, and the generation options.
+Every way a request can be wrong is a `RequestError` carrying its HTTP status and a
+message, which the app sends in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..conversation import Template
+from ..generate.sampling import GenerationOptions
+from ..tokenizer import IMAGE_PLACEHOLDER
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server.
+
+    max_body_bytes: the request body. max_image_bytes: one image's encoded bytes (a data:
+    URL's decoded payload, or a local file). max_image_pixels: width × height of one image,
+    checked from its header before it is decoded. max_images: images in one request.
+    max_tokens: the most `max_tokens` a request may ask for, and what it gets without one.
+    image_root: local image paths are served only from under this folder (None: never).
+    """
+
+    max_body_bytes: int = 32 * 2**20
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_images: int = 8
+    max_tokens: int = 512
+    image_root: Path | None = None
+
+
+class RequestError(Exception):
+    """A request the server refuses: its HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> RequestError:
+    """A 400 (invalid_request_error)."""
+    return RequestError(400, message, param=param, code=code)
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat request: the prompt text (template applied, one `<image>` per
+    image), its images, how to generate, and how to answer."""
+
+    model: str
+    prompt: str
+    images: list[Image.Image] = field(default_factory=list)
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    max_tokens_given: bool = False  # an explicit max_tokens must fit the context
+    stream: bool = False
+    include_usage: bool = False
+
+
+# Parameters of OpenAI's API that shortv does not implement, with the value that means
+# "not used" (a request may send that value; any other is refused).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "audio": (None,),
+    "prediction": (None,),
+}
+
+
+def parse_chat_request(body: bytes, *, model_name: str, template: Template, limits: Limits) -> ChatRequest:
+    """Check a `POST /v1/chat/completions` body; RequestError says what is wrong.
+
+    Decodes the images (data: URLs, or local paths under `limits.image_root`), so call it
+    off the event loop."""
+    from .images import load_image_url
+
+    if len(body) > limits.max_body_bytes:
+        raise body_too_large(limits.max_body_bytes)
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(request, dict):
+        raise bad(f"the request body must be a JSON object, got {_kind(request)}")
+    model = request.get("model")
+    if not isinstance(model, str):
+        raise bad("'model' is required and must be a string", "model")
+    if model != model_name:
+        raise RequestError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+    n = request.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise bad(f"n must be 1, got {n!r}: this server answers each request with one choice", "n")
+    for name, unused in UNSUPPORTED.items():
+        if name in request and request[name] not in unused:
+            raise bad(f"{name!r} is not supported by this server", name)
+    response_format = request.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise bad("only response_format {'type': 'text'} is supported", "response_format")
+
+    stream = _optional(request, "stream", bool) or False
+    stream_options = _optional(request, "stream_options", dict)
+    if stream_options is not None and not stream:
+        raise bad("stream_options is only allowed with stream: true", "stream_options")
+    include_usage = (stream_options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad("stream_options.include_usage must be a boolean", "stream_options")
+
+    options, given = _options(request, limits)
+    system, turns, images = _conversation(request.get("messages"), limits, load_image_url)
+    if system is not None:
+        template = with_system(template, system)
+    return ChatRequest(model, template.render(turns), images, options, given, stream, include_usage)
+
+
+def body_too_large(limit: int) -> RequestError:
+    return bad(f"the request body is over this server's limit of {limit} bytes "
+               "(--max-body-mb)", code="request_too_large")
+
+
+def _options(request: dict[str, Any], limits: Limits) -> tuple[GenerationOptions, bool]:
+    """The generation options, and whether max_tokens was given."""
+    max_tokens = None
+    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins
+        value = _optional(request, name, int)
+        if value is not None:
+            if value < 1:
+                raise bad(f"{name} must be at least 1, got {value}", name)
+            if value > limits.max_tokens:
+                raise bad(f"{name} is {value}, more than this server's limit of {limits.max_tokens} "
+                          "(--max-tokens-limit)", name)
+            max_tokens = max_tokens or value
+    temperature = _optional(request, "temperature", float)
+    if temperature is not None and not 0 <= temperature <= 100:
+        raise bad(f"temperature must be in [0, 100], got {temperature}", "temperature")
+    top_p = _optional(request, "top_p", float)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise bad(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    seed = _optional(request, "seed", int)
+    stop = request.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
+        raise bad("stop must be a string or a list of strings", "stop")
+    if stop is not None and len(stop) > MAX_STOP_STRINGS:
+        raise bad(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    # Greedy unless asked otherwise, like `model.chat` (OpenAI's own default is 1).
+    options = GenerationOptions(max_new_tokens=max_tokens or limits.max_tokens,
+                                temperature=temperature or 0.0, top_p=top_p, seed=seed,
+                                stop=tuple(s for s in stop or () if s))
+    return options, max_tokens is not None
+
+
+def _conversation(messages: Any, limits: Limits, load_image_url: Any
+                  ) -> tuple[str | None, list[tuple[str, str | None]], list[Image.Image]]:
+    """(system text or None, (user, reply) turns with the last reply None, images in order).
+
+    A user message's images get `<image>` placeholders at the start of its text, as
+    `model.chat` places them, unless the text has exactly as many placeholders itself.
+    Consecutive messages of one role are joined with a newline."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' is required and must be a non-empty list of messages", "messages")
+    system: list[str] = []
+    merged: list[tuple[str, str]] = []  # (role, text) with user/assistant alternating
+    images: list[Image.Image] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad(f"{where} must be an object with 'role' and 'content', got {_kind(message)}", where)
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}", f"{where}.role")
+        texts, urls = _content(message.get("content"), where, images_allowed=role == "user")
+        text = "\n".join(texts)
+        if role in ("system", "developer"):
+            system.append(text)
+            continue
+        if IMAGE_PLACEHOLDER in text and role == "assistant":
+            raise bad(f"{where}: {IMAGE_PLACEHOLDER} may only appear in user messages", f"{where}.content")
+        if len(images) + len(urls) > limits.max_images:
+            raise bad(f"the request has more than {limits.max_images} images, this server's limit "
+                      "(--max-images)", "messages")
+        for j, url in enumerate(urls):
+            images.append(load_image_url(url, limits, f"{where}.content image {j}"))
+        if role == "user":
+            placed = text.count(IMAGE_PLACEHOLDER)
+            if placed == 0:
+                text = (IMAGE_PLACEHOLDER + "\n") * len(urls) + text
+            elif placed != len(urls):
+                raise bad(f"{where} has {placed} {IMAGE_PLACEHOLDER} placeholder(s) but {len(urls)} "
+                          "image(s)", f"{where}.content")
+        if merged and merged[-1][0] == role:
+            merged[-1] = (role, merged[-1][1] + "\n" + text)
+        else:
+            merged.append((role, text))
+    if not merged or merged[0][0] != "user":
+        raise bad("the conversation must start with a user message (after any system message)", "messages")
+    if merged[-1][0] != "user":
+        raise bad("the last message must be from the user", "messages")
+    turns: list[tuple[str, str | None]] = []
+    for k in range(0, len(merged), 2):
+        reply = merged[k + 1][1] if k + 1 < len(merged) else None
+        turns.append((merged[k][1], reply))
+    return ("\n".join(system) if system else None), turns, images
+
+
+def _content(content: Any, where: str, *, images_allowed: bool) -> tuple[list[str], list[str]]:
+    """(texts, image URLs) of a message's content: a string, or a list of parts."""
+    if isinstance(content, str):
+        return [content], []
+    if not isinstance(content, list):
+        raise bad(f"{where}.content must be a string or a list of content parts, got {_kind(content)}",
+                  f"{where}.content")
+    texts, urls = [], []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise bad(f"{at}.text must be a string", at)
+            texts.append(part["text"])
+        elif kind == "image_url":
+            if not images_allowed:
+                raise bad(f"{at}: images are only allowed in user messages", at)
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise bad(f"{at}.image_url must be an object with a 'url' string", at)
+            urls.append(url)
+        else:
+            got = repr(kind) if isinstance(part, dict) else _kind(part)
+            raise bad(f"{at} must be a 'text' or 'image_url' part, got {got}", at)
+    return texts, urls
+
+
+def with_system(template: Template, system: str) -> Template:
+    """The template with the conversation's own system message. ChatML templates (style
+    "mpt") keep their `<|im_start|>system` header."""
+    header = "<|im_start|>system\n"
+    if template.style == "mpt" and template.system.startswith(header):
+        return replace(template, system=header + system)
+    return replace(template, system=system)
+
+
+def _optional(request: dict[str, Any], name: str, kind: type) -> Any:
+    """request[name] when present and not null, checked to be of `kind`."""
+    value = request.get(name)
+    if value is None:
+        return None
+    if kind is int and _is_int(value):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value):
+        return float(value)
+    if kind in (bool, dict, str) and isinstance(value, kind):
+        return value
+    names = {int: "an integer", float: "a number", bool: "a boolean", dict: "an object", str: "a string"}
+    raise bad(f"{name} must be {names[kind]}, got {_kind(value)} {json.dumps(value)[:40]}", name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type, in JSON's words."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+# ---- responses --------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def finish_reason(reason: str) -> str:
+    """OpenAI's finish_reason of a shortv one ("eos", "stop", "length")."""
+    return "length" if reason == "length" else "stop"
+
+
+def completion(request_id: str, model: str, text: str, reason: str, prompt_tokens: int,
+               completion_tokens: int, created: int | None = None) -> dict[str, Any]:
+    """A `chat.completion` object."""
+    return {
+        "id": request_id, "object": "chat.completion", "created": created or int(time.time()),
+        "model": model, "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": finish_reason(reason)}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chunk(request_id: str, model: str, created: int, delta: dict[str, str] | None = None,
+          reason: str | None = None, usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    """A `chat.completion.chunk`: a delta, the final one with its finish_reason, or (with
+    stream_options.include_usage) the last one, with no choices and the usage."""
+    choices = [] if usage_ is not None else [
+        {"index": 0, "delta": delta or {}, "logprobs": None,
+         "finish_reason": finish_reason(reason) if reason else None}]
+    out: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                           "model": model, "system_fingerprint": None, "choices": choices}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: `data: ...` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
