@@ -126,6 +126,12 @@ def _answer(model: LLaVA, batch: Sequence[Question], options: GenerationOptions
         n_text = int((enc.input_ids != IMAGE_TOKEN).sum())
         n_visual = result.prompt_tokens - n_text
         measured.prompt_tokens.append(result.prompt_tokens)
+        if model.method.reduces_images:
+            # The prompt's visual count is the reduced one; vanilla's needs the full images.
+            report = model.flops(enc)
+            measured.flops.append(report["tflops"] * TERA)
+            measured.vanilla_flops.append(report["vanilla_tflops"] * TERA)
+            continue
         measured.flops.append(decoder_flops(config, model.method, n_text, n_visual))
         measured.vanilla_flops.append(decoder_flops(config, VANILLA, n_text, n_visual))
     measured.prefill_ms.append(results[0].prefill_seconds * 1e3)
