@@ -125,8 +125,9 @@ class PDrop(Method):
                 raise ConfigError(
                     f"PDrop budget={self.budget} is out of reach with stage layers {tuple(ids)} of "
                     f"{num_layers}: the average visual tokens per layer lies in [{low:g}, "
-                    f"{self.budget_of}] for {self.budget_of} visual tokens (move the first stage "
-                    f"earlier for lower budgets, e.g. layers (2, 8, 16))")
+                    f"{self.budget_of}] for budget_of={self.budget_of} visual tokens (move the first "
+                    "stage earlier for lower budgets, e.g. layers (2, 8, 16); for LLaVA-NeXT set "
+                    "budget_of=2880, --param budget_of=2880)")
 
     def describe(self) -> str:
         extra = "" if self.budget is None else f", budget={self.budget} of {self.budget_of}"
