@@ -114,8 +114,8 @@ def layer_tokens(config: TextConfig, method: Method, types: torch.Tensor) -> lis
     for layer in range(config.layers):
         ranking = 0
         if method.drops_at(layer) and bool((types == TokenType.VISUAL).any()):
-            early = method.capture(layer)
-            if early is not None and early.before_drop:
+            early = method.capture_before_drop(layer)
+            if early is not None:
                 capture = early
                 ranking += capture_flops(config, early, types)
             keep = method.keep(_placeholder_view(layer, types, capture, g))
@@ -124,8 +124,8 @@ def layer_tokens(config: TextConfig, method: Method, types: torch.Tensor) -> lis
         keys = types.numel()
         frozen = method.frozen_type(layer)
         queries = keys - (int((types == frozen).sum()) if frozen is not None else 0)
-        after = method.capture(layer) if bool((types == TokenType.VISUAL).any()) else None
-        if after is not None and not after.before_drop:
+        after = method.capture_after(layer) if bool((types == TokenType.VISUAL).any()) else None
+        if after is not None:
             capture = after
             ranking += capture_flops(config, after, types)
         out.append(LayerTokens(queries=queries, keys=keys, ranking=ranking))
@@ -172,11 +172,16 @@ def decoder_flops(config: TextConfig, method: Method, n_text: int, n_visual: int
             raise ConfigError(f"{name}={value!r} must be a non-negative integer token count")
     n_text, n_visual = operator.index(n_text), operator.index(n_visual)
     n_visual = method.for_layers(config.layers).image_tokens(n_visual)
-    types = torch.cat([
+    return float(_flops(config, method, count_types(n_text, n_visual)))
+
+
+def count_types(n_text: int, n_visual: int) -> torch.Tensor:
+    """Token types [T] of n_text text then n_visual visual tokens (the FLOPs of a sequence
+    depend only on these counts)."""
+    return torch.cat([
         torch.full((n_text,), int(TokenType.TEXT), dtype=torch.int8),
         torch.full((n_visual,), int(TokenType.VISUAL), dtype=torch.int8),
     ])
-    return float(_flops(config, method, types))
 
 
 def sequence_flops(config: TextConfig, method: Method, types: torch.Tensor) -> float:

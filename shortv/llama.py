@@ -187,10 +187,9 @@ class LayerCache:
             ks.append(torch.cat((k.new_zeros(b, h, pad, d), k), dim=2))
             vs.append(torch.cat((v.new_zeros(b, h, pad, d), v), dim=2))
             valids.append(torch.cat((valid.new_zeros(b, pad), valid), dim=1))
-        k, v = torch.cat(ks), torch.cat(vs)
-        out._grow(k, v, out.capacity)
-        out.append(k, v, torch.cat(valids), has_pad=True)
-        out.has_pad = self.has_pad or other.has_pad or not bool(out.valid[:, :length].all())
+        valid = torch.cat(valids)
+        out.append(torch.cat(ks), torch.cat(vs), valid,
+                   has_pad=self.has_pad or other.has_pad or not bool(valid.all()))
         return out
 
     def selected(self, rows: Tensor) -> LayerCache:
@@ -202,7 +201,6 @@ class LayerCache:
         start = int(used.to(torch.int8).argmax()) if bool(used.any()) else valid.shape[1]
         k, v, valid = k[:, :, start:], v[:, :, start:], valid[:, start:]
         out = LayerCache(self.k.shape[2] - start)
-        out._grow(k, v, out.capacity)
         out.append(k, v, valid, has_pad=not bool(valid.all()))
         return out
 
@@ -596,8 +594,8 @@ class Decoder(nn.Module):
                 # visual tokens to drop, the token types stay what they were.
                 kinds = seg.kinds
                 if TokenType.VISUAL in seg.kinds:
-                    early = method.capture(i)
-                    if early is not None and early.before_drop:
+                    early = method.capture_before_drop(i)
+                    if early is not None:
                         captured = self.layers[i].observe(x, seg, early, cache_of(i))
                     kept = Subset.of(method.keep(self._view(i, seg, x, embeds, captured)))
                     drops.append((x, kept))
@@ -606,8 +604,7 @@ class Decoder(nn.Module):
                     kinds, captured = None, None
                 seg = self.segment(types, positions, x.dtype, cache_of(i), kinds)
             rows = self._rows(seg, method.frozen_type(i), last_only and i == ids[-1])
-            capture = method.capture(i) if TokenType.VISUAL in seg.kinds else None
-            capture = None if capture is not None and capture.before_drop else capture
+            capture = method.capture_after(i) if TokenType.VISUAL in seg.kinds else None
             if inputs is not None:
                 inputs.append(x)
             x, got = self.layers[i](x, seg, rows, cache_of(i), capture)

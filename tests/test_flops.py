@@ -312,8 +312,8 @@ def _reference_decoder(config: TextConfig, method: Method, types: torch.Tensor,
         wq, wk, wv, wo = w(h * hd, d), w(kvh * hd, d), w(kvh * hd, d), w(d, h * hd)
         wg, wu, wd = w(m, d), w(m, d), w(d, m)
         if method.drops_at(layer) and bool((types == V).any()):
-            early = method.capture(layer)
-            if early is not None and early.before_drop:
+            early = method.capture_before_drop(layer)
+            if early is not None:
                 capture, hn = early, norm(x)
                 k = keys_of(hn, wk)
                 ranking(capture, hn, wq, k, types)
@@ -328,8 +328,8 @@ def _reference_decoder(config: TextConfig, method: Method, types: torch.Tensor,
         scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(hd)
         attn = torch.matmul(scores.softmax(-1), v).transpose(0, 1).reshape(-1, h * hd)
         y = x[active] + attn @ wo.T
-        after = method.capture(layer) if bool((types == V).any()) else None
-        if after is not None and not after.before_drop:
+        after = method.capture_after(layer) if bool((types == V).any()) else None
+        if after is not None:
             capture = after
             ranking(capture, hn, wq, k, types)
         yn = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)

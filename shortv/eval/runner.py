@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, ShortVError
-from ..flops import TERA, decoder_flops
+from ..flops import TERA, count_types, decoder_flops, sequence_flops
 from ..generate import GenerationOptions, GenerationResult, generate
 from ..llava import LLaVA
 from ..methods import VANILLA
@@ -127,10 +127,11 @@ def _answer(model: LLaVA, batch: Sequence[Question], options: GenerationOptions
         n_visual = result.prompt_tokens - n_text
         measured.prompt_tokens.append(result.prompt_tokens)
         if model.method.reduces_images:
-            # The prompt's visual count is the reduced one; vanilla's needs the full images.
-            report = model.flops(enc)
-            measured.flops.append(report["tflops"] * TERA)
-            measured.vanilla_flops.append(report["vanilla_tflops"] * TERA)
+            # The prompt's visual count is the reduced one (what the method's count needs);
+            # vanilla's needs the full images, which only the tower can tell.
+            full = model.token_types(enc, reduce_images=False)
+            measured.flops.append(sequence_flops(config, model.method, count_types(n_text, n_visual)))
+            measured.vanilla_flops.append(sequence_flops(config, VANILLA, full))
             continue
         measured.flops.append(decoder_flops(config, model.method, n_text, n_visual))
         measured.vanilla_flops.append(decoder_flops(config, VANILLA, n_text, n_visual))
@@ -180,3 +181,4 @@ def _progress(total: int, enabled: bool, initial: int):
 
     return tqdm(total=total + initial, initial=initial, desc="questions", unit="q",
                 disable=not enabled)
+

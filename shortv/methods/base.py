@@ -117,6 +117,16 @@ class Method:
         """What `layer` must report for a later `keep`, if anything."""
         return None
 
+    def capture_before_drop(self, layer: int) -> Capture | None:
+        """The capture `layer` computes on its input for its own drop (`before_drop`)."""
+        capture = self.capture(layer)
+        return capture if capture is not None and capture.before_drop else None
+
+    def capture_after(self, layer: int) -> Capture | None:
+        """The capture `layer` reports after it ran, for a later drop."""
+        capture = self.capture(layer)
+        return capture if capture is not None and not capture.before_drop else None
+
     def keep(self, view: LayerView) -> Tensor:
         """Which tokens [B, T] survive the drop before `view.layer`."""
         return torch.ones_like(view.types, dtype=torch.bool)
