@@ -36,10 +36,10 @@ from tests.test_methods import (
     cached_tokens,
     closed_form_layer,
     counted_flops,
-    grown,
+    pinned_keys,
+    pinned_reference_tokens,
     prepared_and_types,
     reference_decoder,
-    reference_head,
     two_image_prompt,
 )
 
@@ -180,16 +180,8 @@ def test_dart_generation_with_cache_equals_recomputation(demo, images):
     for enc, tokens in zip(batch, got, strict=True):
         prepared, types = prepared_and_types(demo, [enc])
         dropped, _ = reference_dropped(demo, prepared, types, method)
-        out: list[int] = []
-        for _ in range(n):
-            p, t = prepared_and_types(demo, [grown(enc, out)])
-            hide = torch.cat((dropped, torch.zeros(1, t.shape[1] - dropped.shape[1], dtype=torch.bool)), 1)
-            hidden, _ = reference_decoder(demo, p, t, {i: hide for i in range(method.k, demo.num_layers)})
-            logits = reference_head(demo, hidden[0, -1])
-            top = logits.topk(2).values
-            assert top[0] - top[1] > 1e-5
-            out.append(int(logits.argmax()))
-        assert tokens == out
+        assert tokens == pinned_reference_tokens(
+            demo, enc, n, lambda new, d=dropped: pinned_keys(d, method.k, demo.num_layers, new))
     assert cached_tokens(demo, batch[1:2], n)[0] == got[1]  # a batch of one, no padding
 
 

@@ -35,10 +35,9 @@ from tests.test_methods import (
     cached_tokens,
     closed_form_layer,
     counted_flops,
-    grown,
+    pinned_reference_tokens,
     prepared_and_types,
     reference_decoder,
-    reference_head,
     two_image_prompt,
 )
 
@@ -161,16 +160,8 @@ def test_pdrop_generation_with_cache_equals_recomputation(demo, images):
     for enc, tokens in zip(batch, got, strict=True):
         prepared, types = prepared_and_types(demo, [enc])
         by_stage, _ = reference_stages(demo, prepared, types, method.layers, method.lam)
-        out: list[int] = []
-        for _ in range(n):
-            p, t = prepared_and_types(demo, [grown(enc, out)])
-            keys = hidden_keys(by_stage, demo.num_layers, extra=t.shape[1] - types.shape[1])
-            hidden, _ = reference_decoder(demo, p, t, keys)
-            logits = reference_head(demo, hidden[0, -1])
-            top = logits.topk(2).values
-            assert top[0] - top[1] > 1e-5
-            out.append(int(logits.argmax()))
-        assert tokens == out
+        assert tokens == pinned_reference_tokens(
+            demo, enc, n, lambda new, b=by_stage: hidden_keys(b, demo.num_layers, extra=new))
     assert cached_tokens(demo, batch[1:2], n)[0] == got[1]  # a batch of one, no padding
 
 

@@ -21,7 +21,7 @@ from shortv import ConfigError, Vanilla
 from shortv.flops import layer_tokens, sequence_flops
 from shortv.methods.base import LayerView
 from shortv.methods.sparsevlm import SCHEDULES, SparseVLM, budget_schedule
-from tests.test_methods import (  # noqa: F401  (fixtures)
+from tests.test_methods import (  # noqa: F401  (fixtures
     P_,
     T_,
     V_,
@@ -35,6 +35,7 @@ from tests.test_methods import (  # noqa: F401  (fixtures)
     demo_model,
     grown,
     images,
+    pinned_reference_tokens,
     prepared_and_types,
     reference_decoder,
     reference_head,
@@ -227,15 +228,8 @@ def test_generation_with_cache_equals_pinned_recomputation(demo, images):
         else:
             stages, margin = reference_drops(demo, prepared, types, method)
             assert margin > 1e-6
-        out: list[int] = []
-        for _ in range(8):
-            p, t = prepared_and_types(demo, [grown(enc, out)])
-            hidden, _ = reference_decoder(demo, p, t, hidden_from(demo, stages, method, len(out)))
-            logits = reference_head(demo, hidden[0, -1])
-            top = logits.topk(2).values
-            assert top[0] - top[1] > 1e-5
-            out.append(int(logits.argmax()))
-        assert tokens == out
+        assert tokens == pinned_reference_tokens(
+            demo, enc, 8, lambda new, s=stages: hidden_from(demo, s, method, new))
 
 
 def test_padded_batch_equals_one_by_one(demo, images):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +330,28 @@ def recomputed_tokens(model: shortv.LLaVA, enc: Encoded, n: int) -> list[int]:
     return out
 
 
+def pinned_reference_tokens(model: shortv.LLaVA, enc: Encoded, n: int,
+                            hidden_keys: Callable[[int], dict[int, torch.Tensor]]) -> list[int]:
+    """Greedy tokens by explicit float64 recomputation of the grown prompt at every step,
+    with what a method dropped at the prefill pinned: hidden_keys(new) gives, for the prompt
+    grown by `new` tokens, the keys each layer may not attend to."""
+    out: list[int] = []
+    for _ in range(n):
+        p, t = prepared_and_types(model, [grown(enc, out)])
+        hidden, _ = reference_decoder(model, p, t, hidden_keys(len(out)))
+        logits = reference_head(model, hidden[0, -1])
+        top = logits.topk(2).values
+        assert top[0] - top[1] > 1e-5
+        out.append(int(logits.argmax()))
+    return out
+
+
+def pinned_keys(dropped: torch.Tensor, start: int, num_layers: int, extra: int) -> dict[int, torch.Tensor]:
+    """`dropped` [1, T] hidden as keys in layers start.., padded for `extra` new tokens."""
+    hide = torch.cat((dropped, torch.zeros(1, extra, dtype=torch.bool)), 1)
+    return {i: hide for i in range(start, num_layers)}
+
+
 GEN_METHODS = {"shortv": ShortV((1, 3, 7)), "shortv-all": ShortV(tuple(range(8))),
                "vtw": VTW(3), "vtw0": VTW(0), "vanilla": Vanilla()}
 
@@ -378,16 +401,8 @@ def test_fastv_generation_with_cache_equals_recomputation(demo, images, k, r):
     for enc, tokens in zip(batch, got, strict=True):
         prepared, types = prepared_and_types(demo, [enc])
         dropped = fastv_dropped(demo, prepared, types, k, r)
-        out: list[int] = []
-        for _ in range(10):
-            p, t = prepared_and_types(demo, [grown(enc, out)])
-            hide = torch.cat((dropped, torch.zeros(1, t.shape[1] - dropped.shape[1], dtype=torch.bool)), 1)
-            hidden, _ = reference_decoder(demo, p, t, {i: hide for i in range(k, demo.num_layers)})
-            logits = reference_head(demo, hidden[0, -1])
-            top = logits.topk(2).values
-            assert top[0] - top[1] > 1e-5
-            out.append(int(logits.argmax()))
-        assert tokens == out
+        assert tokens == pinned_reference_tokens(
+            demo, enc, 10, lambda new, d=dropped: pinned_keys(d, k, demo.num_layers, new))
 
 
 # ---- 3. FLOPs on the real forward ----------------------------------------------------------
