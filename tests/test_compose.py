@@ -140,3 +140,19 @@ def test_cli_composition_flops(capsys):
     expected = decoder_flops(c.config.text, compose(ShortV(tuple(sorted(c.ranking[:c.n_frozen]))),
                                                     FastV(k=2, r=0.75)), 64, 576) / 1e12
     assert report["tflops"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("spec", [None, "shortv"])
+def test_cli_flops_counts_n_frozen_without_a_ranking(spec, capsys):
+    """A card without a ranking: --n-frozen N alone is counted with any N layers (the
+    count does not depend on which) and says a ranking is needed to run it; composed with
+    a token-dropping method it does depend on which, so the ranking is asked for."""
+    argv = ["flops", "llava-v1.6-mistral-7b", "--n-frozen", "3", "--json"]
+    code, out, err = run_main(argv + (["--method", spec] if spec else []), capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    c = shortv.zoo.get_card("llava-v1.6-mistral-7b").config.text
+    assert report["tflops"] == pytest.approx(decoder_flops(c, ShortV((0, 1, 2)), 64, 2880) / 1e12)
+    assert report["method"] == "shortv(n_frozen=3)" and "shortv lc" in report["note"]
+    code, _, err = run_main([*argv, "--method", "shortv+fastv"], capsys)
+    assert code == 2 and "shortv lc llava-v1.6-mistral-7b --data" in err

@@ -32,24 +32,27 @@ def run(args: argparse.Namespace) -> int:
 
     config, card = model_config(args.model)
     layers = config.text.layers
-    note = None
+    note = stand_in = None
     if _unranked_n_frozen(args, card):
         # Which N layers are frozen does not change the count (docs/design.md §8), so a model
         # without a ranking (a card without a published one, a checkpoint directory) is
-        # counted with any N layers instead of asking for `shortv lc` first.
+        # counted with any N layers instead of asking for `shortv lc` first. (Composed with a
+        # token-dropping method it does matter: there the ranking is asked for.)
         method_options(args, card)  # the same option checks as every command
         if args.n_frozen > layers:
             raise ConfigError(f"--n-frozen {args.n_frozen} is more than the model's {layers} layers")
-        method = ShortV(tuple(range(layers - args.n_frozen, layers))).for_layers(layers)
-        note = (f"no ranking needed: any {args.n_frozen} frozen layers cost the same "
+        stand_in = ShortV(tuple(range(layers - args.n_frozen, layers)))
+        args = argparse.Namespace(**{**vars(args), "n_frozen": None,
+                                     "frozen_layers": list(stand_in.layers)})
+        note = (f"no ranking needed: any {len(stand_in.layers)} frozen layers cost the same "
                 f"(to run ShortV, compute a ranking with `shortv lc {args.model}`)")
-    else:
-        method = method_for(args, layers, card)
+    method = method_for(args, layers, card, model_name=card.name if card is not None else args.model)
     n_visual = default_n_visual(config) if args.n_visual is None else args.n_visual
     report = flops_report(config.text, method, args.n_text, n_visual)
     report["model"] = args.model
-    if note:
-        report["method"] = f"shortv(n_frozen={args.n_frozen})"
+    if stand_in is not None:
+        report["method"] = report["method"].replace(stand_in.describe(),
+                                                    f"shortv(n_frozen={len(stand_in.layers)})")
         report["note"] = note
     if args.json:
         print_json(report)
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _unranked_n_frozen(args: argparse.Namespace, card: object) -> bool:
-    """--n-frozen N asked for without --ranking, and no card ranking to take the N from."""
+    """--n-frozen N asked for (ShortV alone) without --ranking, and no card ranking to take
+    the N from."""
     return (args.n_frozen is not None and args.ranking is None and args.frozen_layers is None
-            and args.method in (None, "shortv") and not getattr(card, "ranking", ()))
+            and tuple(args.method or ("shortv",)) == ("shortv",) and not getattr(card, "ranking", ()))
