@@ -481,9 +481,16 @@ def test_disconnect_mid_stream_leaves_the_batch(server, demo):
 
 
 def test_bounded_load_run(server, references):
-    """200 requests, 16 at a time, in four quarters: no errors, every answer right, and the
-    server's resident memory after the last quarter no higher than after the first."""
-    jobs = [(i % len(PROMPTS), (i * 7) % 16) for i in range(200)]
+    """250 requests, 16 at a time: a warm-up fifth, then four measured quarters. No errors,
+    every answer right, nothing left in the batch or the queue, and the server's resident
+    memory after the last quarter within 32 MiB (or 4 %) of that after the first.
+
+    The warm-up lets the allocator reach the high-water mark of the largest batches first;
+    what remains is glibc's arena noise (a few MiB here, up to ~25 MiB seen on a 2-core CI
+    machine). Leaking 1 MiB a request (about one demo sequence's KV cache) grows it ~180 MiB
+    over the measured quarters, far above the bound; leaks much under that hide in the
+    allocator's free pool, which RSS cannot see into."""
+    jobs = [(i % len(PROMPTS), (i * 7) % 16) for i in range(250)]
     bodies = {job: json.dumps({"model": MODEL, "messages": [user(PROMPTS[job[0]], picture(job[1]))]})
               for job in set(jobs)}
     rss = []
@@ -495,12 +502,16 @@ def test_bounded_load_run(server, references):
                                    else r.text)
 
         with ThreadPoolExecutor(16) as pool:
-            for quarter in range(4):
-                part = jobs[quarter * 50: (quarter + 1) * 50]
-                results = list(pool.map(ask, part))
-                assert results == [(200, references[job]) for job in part]
-                rss.append(server.rss())
-    assert rss[3] <= rss[0] * 1.02 + 8 * 2**20, [f"{r / 2**20:.1f} MiB" for r in rss]
+            for part in range(5):
+                chunk = jobs[part * 50: (part + 1) * 50]
+                results = list(pool.map(ask, chunk))
+                assert results == [(200, references[job]) for job in chunk]
+                if part:
+                    rss.append(server.rss())
+    # the last answer can reach its client before its row leaves the batch
+    wait_for(lambda: [server.metrics()[k] for k in ("shortv_queue_length", "shortv_batch_size")] == [0, 0],
+             what="an empty queue and batch")
+    assert rss[3] <= rss[0] + max(32 * 2**20, 0.04 * rss[0]), [f"{r / 2**20:.1f} MiB" for r in rss]
 
 
 def test_bench_serve_script_against_the_server(server):
