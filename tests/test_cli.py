@@ -165,6 +165,14 @@ def test_missing_command_and_unknown_command(capsys):
         assert_one_line_error(code, err)
 
 
+@pytest.mark.parametrize("argv", [["zoo", "--bogus"], ["flops", "llava-v1.5-7b", "extra", "--bogus"]])
+def test_unknown_arguments_name_the_command(capsys, argv):
+    code, _, err = run_main(argv, capsys)
+    assert_one_line_error(code, err)
+    assert err.startswith(f"shortv {argv[0]}: error: unrecognized arguments: ")
+    assert f"(see shortv {argv[0]} --help)" in err
+
+
 @pytest.mark.parametrize(
     ("args", "method"),
     [

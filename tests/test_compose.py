@@ -156,3 +156,13 @@ def test_cli_flops_counts_n_frozen_without_a_ranking(spec, capsys):
     assert report["method"] == "shortv(n_frozen=3)" and "shortv lc" in report["note"]
     code, _, err = run_main([*argv, "--method", "shortv+fastv"], capsys)
     assert code == 2 and "shortv lc llava-v1.6-mistral-7b --data" in err
+
+
+def test_bench_names_a_composition_as_the_cli_spells_it(capsys):
+    """`shortv bench --method shortv+fastv` reports `shortv+fastv_ms`, not an internal name."""
+    assert compose(ShortV((1,)), FastV(k=2, r=0.5)).name == "shortv+fastv"
+    code, out, err = run_main(["bench", "llava-tiny-demo", "--method", "shortv+fastv", "--n-text", "8",
+                               "--n-visual", "32", "--repeats", "1", "--warmup", "0", "--device", "cpu"],
+                              capsys)
+    assert code == 0, err
+    assert ", shortv+fastv " in out and "compose" not in out

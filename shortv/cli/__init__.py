@@ -22,13 +22,17 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in (chat, zoo, eval, flops, bench, lc, serve):
         command.add_parser(sub)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit status (0, 2 for anything a user can cause, 1 for a bug)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse blames the top-level parser; the command's own help is the useful one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except ShortVError as e:

@@ -23,7 +23,11 @@ class Compose(Method):
     """Methods applied together, each at its own hook points (see the module docstring)."""
 
     parts: tuple[Method, ...] = ()
-    name = "compose"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """The parts' names joined as the CLI spells a composition, e.g. "shortv+fastv"."""
+        return "+".join(part.name for part in self.parts) or "vanilla"
 
     def __post_init__(self) -> None:
         flat: list[Method] = []
