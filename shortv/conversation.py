@@ -88,6 +88,8 @@ class Template:
         return (stop,) if stop.strip() else ()
 
 
+# LLaVA's conv_llava_v1 text, which LLaVA's CLI picks for v1.5 models; its conv_vicuna_v1
+# (training and benchmark scripts) says "user" for "human" (docs/design.md §5.5).
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."

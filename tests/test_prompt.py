@@ -4,7 +4,8 @@ The oracle is a re-implementation, on top of the `sentencepiece` package and the
 tokenizer.model, of what original LLaVA ran: transformers' slow `LlamaTokenizer`
 (4.31-4.37: special tokens written in the text, the legacy / non-legacy dummy-prefix
 rules and the "<unk>" prefix trick) called through LLaVA's `tokenizer_image_token`.
-Template strings are typed in from docs/design.md §5 (LLaVA's conv_vicuna_v1).
+Template strings are typed in from docs/design.md §5.5 (the vicuna_v1 system text is LLaVA's
+conv_llava_v1's).
 """
 
 from __future__ import annotations
