@@ -337,7 +337,8 @@ def download(source: str, to: Path | str | None = None, *, alternate: bool = Fal
              progress: bool = True) -> Path:
     """Download a zoo model (or any Hub repo id) into the weight store and return its directory.
 
-    The store is `to`, else $SHORTV_WEIGHTS, else the source tree's weights/; the model lands in
+    The store is `to`, else $SHORTV_WEIGHTS, else the source tree's weights/ (installed from a
+    wheel: the per-user store, ~/.cache/shortv/weights); the model lands in
     `<store>/<name>/` (repo ids as owner--name) and, for a v1.5 card, the CLIP tower it needs in
     `<store>/openai--clip-vit-large-patch14-336/`, where loading finds both. Only the files shortv
     needs are fetched, resumably, with huggingface_hub's progress bars unless `progress` is False.

@@ -109,7 +109,7 @@ class Projector(nn.Sequential):
 
 
 class LLaVA(nn.Module):
-    """A LLaVA-1.5 / LLaVA-NeXT model with ShortV, FastV and VTW built in.
+    """A LLaVA-1.5 / LLaVA-NeXT model with ShortV and the token-reduction methods built in.
 
     Build one with `shortv.load(...)`. The tokenizer and conversation template are
     attached by the loader; the module works without them on prepared inputs.
@@ -164,9 +164,11 @@ class LLaVA(nn.Module):
         self.set_method(method if method.layers else VANILLA)
 
     def set_method(self, method: Method) -> None:
-        """Switch between Vanilla(), ShortV(layers), FastV(k, r) and VTW(k)."""
+        """Switch to another method: Vanilla(), ShortV(layers), FastV, VTW, PDrop, VisionZip,
+        DART, SparseVLM, or a composition (`shortv.compose`)."""
         if not isinstance(method, Method):
-            raise InputError(f"expected a shortv method (Vanilla, ShortV, FastV, VTW), got {method!r}")
+            raise InputError(f"expected a shortv method (e.g. shortv.Vanilla(), shortv.ShortV(layers), "
+                             f"shortv.FastV()), got {method!r}")
         self.method = method.for_layers(self.num_layers)
 
     # ---- placement ---------------------------------------------------------------------

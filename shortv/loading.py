@@ -57,7 +57,8 @@ def load(
     source: a zoo name (`shortv zoo`), a local checkpoint directory, or a Hub repo id.
     n_frozen: freeze visual tokens in the first N layers of the ranking (the card's, or
         `ranking`: an LC report file or a list of layer ids); frozen_layers: exact ids.
-    method: instead, any of shortv.Vanilla(), ShortV(...), FastV(k, r), VTW(k).
+    method: any shortv method (Vanilla, ShortV, FastV, VTW, PDrop, VisionZip, DART, SparseVLM,
+        or `shortv.compose(...)`); with n_frozen / frozen_layers it is composed with that ShortV.
     device: default "cuda" when available, else "cpu"; dtype: default bfloat16 on CUDA,
         float32 on CPU. Weights are cast to dtype while loading.
     """

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="download a zoo model (or Hub repo) into the weight store")
     p.add_argument("model", help="zoo name or Hub repo id")
     p.add_argument("--to", metavar="DIR",
-                   help="weight store folder (default: $SHORTV_WEIGHTS, else the source tree's weights/)")
+                   help="weight store folder (default: $SHORTV_WEIGHTS, else the source tree's weights/, "
+                        "else ~/.cache/shortv/weights)")
     p.set_defaults(run=run_download)
 
 

@@ -1,4 +1,4 @@
-"""The lmms-eval model `shortv`: any shortv model (vanilla, ShortV, FastV, VTW) evaluated by
+"""The lmms-eval model `shortv`: any shortv model, with any method or composition, evaluated by
 lmms-eval (>= 0.7) on its tasks.
 
 Installing shortv registers the model through lmms-eval's entry-point group

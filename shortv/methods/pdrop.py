@@ -73,7 +73,8 @@ from .fastv import top_visual
 @dataclass(frozen=True)
 class PDrop(Method):
     """Keep the fraction `lam` of the visual tokens at each stage layer of `layers`, ranked
-    by the last query's attention in the layer before (see the module docstring). With
+    by the last query's attention in the stage layer itself, on its input (see the module
+    docstring). With
     `budget`, λ is solved so that the average visual tokens per layer is `budget` for an
     image of `budget_of` visual tokens."""
 
@@ -112,7 +113,7 @@ class PDrop(Method):
         if ids != sorted(ids):
             raise ConfigError(f"PDrop layers={tuple(ids)} must be increasing")
         if ids[0] < 1:
-            raise ConfigError(f"PDrop stage layer {ids[0]} must be >= 1 (it ranks with the layer before)")
+            raise ConfigError(f"PDrop stage layer {ids[0]} must be >= 1")
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"PDrop lam={self.lam!r} must be a fraction in [0, 1]")
         if isinstance(self.budget_of, bool) or not isinstance(self.budget_of, int) or self.budget_of < 1:
