@@ -2,7 +2,7 @@
 
     python scripts/bench_serve.py [MODEL] [--concurrency 1,4,16] [--requests 64] [--rounds 3]
         [--max-tokens 64] [--image PATH] [--shortv-args "--method shortv"] [--device D]
-        [--dtype D] [--max-batch B] [--url URL] [--json]
+        [--dtype D] [--max-batch B] [--variant NAME=ARGS ...] [--url URL] [--json]
 
 Starts one server per variant (`python -m shortv serve MODEL --port 0 ...`; vanilla, and
 ShortV with --shortv-args, by default the card's paper N), both up at once but only one
@@ -11,6 +11,8 @@ chat requests (the prompts below in turn, with --image as a data: URL) over keep
 HTTP; rounds alternate the variants' order (A B, B A, ...). Reports, per variant and C:
 requests/s and generated tokens/s (median over rounds), p50 / p95 request latency (all
 rounds' requests pooled), and the mean batch the engine decoded (from /metrics).
+--variant NAME=ARGS (repeatable) replaces the two default variants by servers started with
+those options, e.g. `--variant eager="" --variant compiled="--compile"`.
 --url benchmarks a server that is already running instead (one variant, "server").
 """
 
@@ -99,6 +101,13 @@ def run_load(url: str, model: str, image_url: str, concurrency: int, requests: i
             "tokens": tokens[0], "mean_batch": rows / steps if steps else 0.0}
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    name, sep, options = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME=SERVE-OPTIONS")
+    return name, shlex.split(options)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -118,6 +127,8 @@ def main() -> int:
     parser.add_argument("--device")
     parser.add_argument("--dtype")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--variant", action="append", metavar="NAME=ARGS",
+                        help="a server to start with these serve options, instead of vanilla and shortv")
     parser.add_argument("--url", help="benchmark this running server instead of starting two")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -134,7 +145,8 @@ def main() -> int:
             model = httpx.get(servers["server"] + "/v1/models", timeout=30).json()["data"][0]["id"]
         else:
             folder = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-            variants = {"vanilla": ["--method", "vanilla"], "shortv": shlex.split(args.shortv_args)}
+            variants = ({"vanilla": ["--method", "vanilla"], "shortv": shlex.split(args.shortv_args)}
+                        if not args.variant else dict(_variant(v) for v in args.variant))
             servers = {}
             for name, extra in variants.items():
                 proc, url, _ = start(args.model, [*common, *extra], folder, name)

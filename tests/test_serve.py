@@ -625,6 +625,65 @@ def test_sigterm_finishes_short_answers_and_cancels_long_ones(small_server):
 # ---- the command line -------------------------------------------------------------------------
 
 
+def test_serve_compile_warms_up_then_answers_like_eager(capsys, monkeypatch, demo):
+    """`shortv serve --compile` (FastV: per-layer cache lengths): the CLI compiles the decode
+    step and warms it up before serving; then eight requests arriving one after another,
+    joining and leaving the batch, get eager `model.chat`'s answers, and compile nothing
+    more. A counting pass-through backend stands in for inductor (the same graphs, no C++)."""
+    import shortv.serve.app as app
+    import shortv.serve.engine as engine_module
+
+    graphs: list[int] = []
+
+    def counting(gm, example_inputs):
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    real_compile = engine_module.compile_for_serving
+    monkeypatch.setattr(engine_module, "compile_for_serving",
+                        lambda model: real_compile(model, backend=counting))
+    served: dict[str, object] = {}
+
+    def serve_in_process(app_, engine, sock, *, shutdown_timeout):  # instead of uvicorn
+        served["warm-up graphs"] = len(graphs)
+        served["stats"] = dataclasses.replace(engine.stats)
+        engine.start()  # as the app's lifespan does (the warm-up already has)
+        events: dict[int, object] = {}
+        done = threading.Semaphore(0)
+
+        def job(i: int) -> Job:
+            def sink(event) -> None:
+                if isinstance(event, Finished | Failed):
+                    events[i] = event
+                    done.release()
+
+            text = engine.model.template.render([("<image>\n" + PROMPTS[i % 4], None)])
+            return Job(str(i), text, [picture(i)], shortv.GenerationOptions(max_new_tokens=24), sink)
+
+        for i in range(8):
+            engine.submit(job(i))
+            time.sleep(0.02)
+        for _ in range(8):
+            assert done.acquire(timeout=120)
+        served["answers"] = [getattr(events[i], "text", events[i]) for i in range(8)]
+        served["peak"] = engine.stats.peak_batch
+        engine.stop()
+
+    monkeypatch.setattr(app, "run_server", serve_in_process)
+    code, _, err = run_main(["serve", MODEL, "--port", "0", "--device", "cpu", "--method", "fastv",
+                             "--max-batch", "4", "--compile"], capsys)
+    assert code == 0, err
+    assert served["warm-up graphs"] >= 1 and len(graphs) == served["warm-up graphs"]
+    assert served["stats"].finished == 0 and served["stats"].steps == 0  # the warm-up is not counted
+    demo.set_method(shortv.FastV(k=2, r=0.5))
+    try:
+        want = [demo.chat(PROMPTS[i % 4], [picture(i)], max_new_tokens=24) for i in range(8)]
+    finally:
+        demo.set_method(shortv.Vanilla())
+    assert served["answers"] == want and served["peak"] > 1
+
+
+
 def test_cli_errors_are_one_line(capsys, tmp_path, monkeypatch):
     code, _, err = run_main(["serve", MODEL, "--port", "70000"], capsys)
     assert code == 2 and "70000 is not a port number (0-65535)" in err

@@ -23,6 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="the model id clients ask for (default: the model's name)")
     add_runtime(p)
     add_method(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile for dynamic shapes (no CUDA "
+                        "graphs: the batch changes at every join and leave); compiled at start-up "
+                        "by a few throwaway requests, before the first client is answered")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int_at_least(1), default=16, metavar="B",
                    help="sequences decoded together (default 16)")
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         model = load(args.model, device=args.device, dtype=args.dtype, **method)
         model.require_tokenizer()
         from ..serve.app import create_app, run_server
-        from ..serve.engine import Engine
+        from ..serve.engine import Engine, compile_for_serving
         from ..serve.protocol import Limits
 
         limits = Limits(max_body_bytes=int(args.max_body_mb * MIB),
@@ -114,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
                         max_tokens=args.max_tokens_limit, image_root=image_root)
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_prefill=args.max_prefill, stats_interval=args.stats_interval)
+        if args.compile:
+            logging.getLogger("shortv.serve").info("compiling the decode step (warm-up requests) ...")
+            compile_for_serving(model)
+            engine.warm_up()
         name = args.name or model.name
 
         def ready() -> None:

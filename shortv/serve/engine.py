@@ -172,6 +172,46 @@ class Engine:
                 job.done = True
             self._cond.notify()
 
+    def warm_up(self, timeout: float = 600.0) -> None:
+        """Serve a few throwaway requests before any real one, so that a compiled decode
+        step (`compile_for_serving`) compiles here rather than on the first clients: one
+        request alone, then two of other lengths prefilled together (padded) that join its
+        batch, each leaving at its own length; one grey picture each. Starts the worker;
+        the stats start from zero afterwards."""
+        from PIL import Image
+
+        picture = Image.new("RGB", (336, 336), (128, 128, 128))
+        started, finished = threading.Semaphore(0), threading.Semaphore(0)
+        failures: list[RequestError] = []
+
+        def sink(event: Event) -> None:
+            if isinstance(event, Started):
+                started.release()
+            elif isinstance(event, Failed):
+                failures.append(event.error)
+            if isinstance(event, Finished | Failed):
+                finished.release()
+
+        def job(i: int, question: str, new_tokens: int) -> Job:
+            text = self.model.template.render([("<image>\n" + question, None)])
+            return Job(f"warm-up-{i}", text, [picture], GenerationOptions(max_new_tokens=new_tokens), sink)
+
+        def wait(semaphore: threading.Semaphore, what: str) -> None:
+            if not semaphore.acquire(timeout=timeout):
+                raise ShortVError(f"the warm-up requests did not {what} within {timeout:.0f} s")
+
+        self.submit(job(0, "Describe the picture in detail.", 12))
+        self.start()
+        wait(started, "start")
+        self.submit(job(1, "Hi.", 3))
+        self.submit(job(2, "What colour is the picture? Answer in one word, please.", 6))
+        for _ in range(3):
+            wait(finished, "finish")
+        if failures:
+            raise ShortVError(f"a warm-up request failed: {failures[0].message}")
+        with self._cond:
+            self.stats = Stats()
+
     def drain(self, timeout: float) -> None:
         """Begin a graceful shutdown: refuse new jobs; those queued or running may finish
         within `timeout` seconds, after which they fail with a 503."""
@@ -443,3 +483,13 @@ def _as_request_error(e: Exception, job: Job) -> RequestError:
         return RequestError(400, str(e))
     log.error("%s failed", job.id, exc_info=e)
     return RequestError(500, f"internal error: {e.__class__.__name__}: {e}", code="internal_error")
+
+
+def compile_for_serving(model: LLaVA, **options: Any) -> LLaVA:
+    """Compile the model's decode step for continuous batching: for dynamic shapes and
+    without CUDA graphs (`mode="default"`), since the batch and the cache lengths change
+    at every join and leave, and each new shape would need its own CUDA-graph recording
+    over a static cache. `options` go to torch.compile. Then `Engine.warm_up` compiles it."""
+    if options.get("backend", "inductor") == "inductor":  # modes are inductor's
+        options.setdefault("mode", "default")
+    return model.compile(static=False, **options)
