@@ -633,6 +633,9 @@ def test_serve_compile_warms_up_then_answers_like_eager(capsys, monkeypatch, dem
     import shortv.serve.app as app
     import shortv.serve.engine as engine_module
 
+    # Dynamo counts recompiles per code object (`Decoder.step`), across every model this
+    # process compiled before (tests/test_compile.py): start from none, as a server does.
+    torch._dynamo.reset()
     graphs: list[int] = []
 
     def counting(gm, example_inputs):
@@ -681,6 +684,7 @@ def test_serve_compile_warms_up_then_answers_like_eager(capsys, monkeypatch, dem
     finally:
         demo.set_method(shortv.Vanilla())
     assert served["answers"] == want and served["peak"] > 1
+    torch._dynamo.reset()
 
 
 
