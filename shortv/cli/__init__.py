@@ -1,9 +1,8 @@
 """The `shortv` command line: chat, zoo, download, eval, flops, bench, lc, serve.
 
 Every command that reports numbers takes --json and then prints one JSON object on
-stdout. Errors print one line on stderr and exit with status 2. One module per command (`zoo`
-also holds `download`);
-`options` holds what they share.
+stdout. Errors print one line on stderr and exit with status 2. One module per command
+(`zoo` also holds `download`); `options` holds what they share.
 """
 
 from __future__ import annotations

@@ -74,9 +74,8 @@ from .fastv import top_visual
 class PDrop(Method):
     """Keep the fraction `lam` of the visual tokens at each stage layer of `layers`, ranked
     by the last query's attention in the stage layer itself, on its input (see the module
-    docstring). With
-    `budget`, λ is solved so that the average visual tokens per layer is `budget` for an
-    image of `budget_of` visual tokens."""
+    docstring). With `budget`, λ is solved so that the average visual tokens per layer is
+    `budget` for an image of `budget_of` visual tokens."""
 
     layers: tuple[int, ...] = (8, 16, 24)
     lam: float = 0.5
