@@ -25,3 +25,14 @@ class ModelNotFoundError(ShortVError, FileNotFoundError):
 
 class InputError(ShortVError, ValueError):
     """A prompt, image or data file that the model cannot take."""
+
+
+# What a model name can be, for messages.
+MODEL_SOURCES = "a zoo name (`shortv zoo` lists them), a checkpoint folder or a Hub repo id"
+
+
+def require_model_name(source: object, *, accepted: str = MODEL_SOURCES) -> None:
+    """ConfigError for a blank model name, which would otherwise resolve to the current
+    directory (`Path("")` is "."); `accepted` says what to give instead."""
+    if isinstance(source, str) and not source.strip():
+        raise ConfigError(f"the model name is empty: give {accepted}")

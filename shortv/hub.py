@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError, ModelNotFoundError, ShortVError
+from .errors import CheckpointError, ConfigError, ModelNotFoundError, ShortVError, require_model_name
 from .zoo import _cards, _looks_like_repo, _store_looked, card, download_dir, looks_like_path, store_name
 
 # ---- the Hugging Face cache and Hub ---------------------------------------------------------
@@ -304,9 +304,10 @@ def download_plan(source: str, to: Path | str | None = None, *, alternate: bool 
     then, for an original LLaVA-1.5 checkpoint (which carries no vision tower), its CLIP tower.
 
     Checks the arguments without touching the network or the disk: ModelNotFoundError for a source
-    that is neither a zoo name nor a Hub repo id, ConfigError for a zoo model without a Hub source
-    (the demo), an `alternate` it lacks, or a `to` that is not a directory.
+    that is neither a zoo name nor a Hub repo id, ConfigError for an empty one, a zoo model without
+    a Hub source (the demo), an `alternate` it lacks, or a `to` that is not a directory.
     """
+    require_model_name(source, accepted="a zoo name (`shortv zoo` lists them) or a Hub repo id")
     store = Path(to).expanduser() if to is not None else download_dir()
     if store.exists() and not store.is_dir():
         raise ConfigError(f"cannot download into {store}: it is not a directory")

@@ -7,13 +7,21 @@
 - "square": CLIP's processing alone.
 
 Also the anyres geometry (pinpoint choice, grid shape, unpadding) that the feature side
-of LLaVA-NeXT shares with the pixel side.
+of LLaVA-NeXT shares with the pixel side, and `load_image`, which opens an image from a
+file, an http(s) URL or encoded bytes.
 """
 
 from __future__ import annotations
 
+import http.client
+import io
 import math
 import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,25 +35,143 @@ from .errors import InputError
 BICUBIC = Image.Resampling.BICUBIC
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully (so a broken file fails here, not later)."""
+# Fetching an image from an http(s) URL: the whole download must finish within the timeout
+# and stay under the size cap (a photo is a few MiB; the cap only stops runaway bodies).
+URL_TIMEOUT = 30.0
+URL_MAX_BYTES = 64 * 2**20
+URL_SCHEMES = ("http", "https")
+_CHUNK = 2**20
+# Characters left as they are when percent-encoding a URL: the reserved ones and "%" itself.
+URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview
+
+
+def is_url(source: object) -> bool:
+    """Whether `source` is an http:// or https:// URL (what `load_image` fetches)."""
+    if not isinstance(source, str):
+        return False
+    parts = urllib.parse.urlparse(source)
+    return parts.scheme.lower() in URL_SCHEMES and bool(parts.netloc)
+
+
+def load_image(
+    source: ImageSource, *, timeout: float = URL_TIMEOUT, max_bytes: int = URL_MAX_BYTES
+) -> Image.Image:
+    """Open an image fully (so a broken one fails here, not later) from a file path, an
+    http(s) URL, or the encoded bytes of an image file (PNG, JPEG, ...).
+
+    A URL is fetched with the standard library: the download must finish within `timeout`
+    seconds and be at most `max_bytes` long. Every failure (missing file, offline, HTTP
+    error, too big, not an image) is one InputError naming the source.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(source), "the image bytes")
+    if is_url(source):
+        return _load_url(source, timeout, max_bytes)
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"an image source must be a file path, an http(s) URL or image bytes, "
+                         f"got {type(source).__name__}")
+    if not os.fspath(source):
+        raise InputError("the image path is empty: give an image file, an http(s) URL or image bytes")
     try:
-        with Image.open(path) as im:
+        return _decode(source, source)
+    except FileNotFoundError:
+        raise InputError(f"image file not found: {source}") from None
+    except IsADirectoryError:
+        raise InputError(f"image path is a directory, not an image file: {source}") from None
+
+
+def _decode(file: str | os.PathLike | io.BytesIO, name: object) -> Image.Image:
+    """The image in `file` (a path or a buffer), fully loaded; `name` says which in errors.
+    A missing path's FileNotFoundError / IsADirectoryError pass through."""
+    try:
+        with Image.open(file) as im:
             im.load()
             return im.copy()
-    except FileNotFoundError:
-        raise InputError(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"image path is a directory, not an image file: {path}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise
     except Image.DecompressionBombError as e:
         # PIL refuses images over twice MAX_IMAGE_PIXELS to guard against decompression bombs.
         raise InputError(
-            f"{path} is too large to open safely ({e}); PIL's limit is "
+            f"{name} is too large to open safely ({e}); PIL's limit is "
             f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels (refused above twice that): "
             "downscale the image, or raise the limit with `PIL.Image.MAX_IMAGE_PIXELS = N` "
             "if you trust the file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise InputError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
+    except UnidentifiedImageError:
+        # PIL's own message names the buffer object, not the source.
+        raise InputError(f"cannot read {name} as an image: not in an image format PIL can read "
+                         "(PNG, JPEG, WebP, ...)") from None
+    except (OSError, SyntaxError) as e:
+        raise InputError(f"cannot read {name} as an image ({e.__class__.__name__}: {e})") from None
+
+
+def _load_url(url: str, timeout: float, max_bytes: int) -> Image.Image:
+    data, content_type = _download(url, timeout, max_bytes)
+    try:
+        return _decode(io.BytesIO(data), f"the image at {url}")
+    except InputError:
+        if content_type.startswith("image/"):
+            raise  # an image that is broken: the decoder's message says how
+        # Most likely a web page that shows the image rather than the image itself.
+        raise InputError(
+            f"could not fetch image {url}: the server sent {content_type or 'a body'} "
+            f"({len(data)} bytes), not an image; give the address of the image file itself"
+        ) from None
+
+
+def fetch_url(url: str, *, timeout: float = URL_TIMEOUT, max_bytes: int = URL_MAX_BYTES) -> bytes:
+    """The body of an http(s) URL, read in chunks up to `max_bytes`, all within `timeout`
+    seconds; InputError "could not fetch image URL: why; download it and pass the file"."""
+    return _download(url, timeout, max_bytes)[0]
+
+
+def _download(url: str, timeout: float, max_bytes: int) -> tuple[bytes, str]:
+    """(body, Content-Type) of an http(s) URL; see `fetch_url`."""
+    def failed(reason: str) -> InputError:
+        return InputError(f"could not fetch image {url}: {reason}; download it and pass the file")
+
+    from . import __version__
+
+    # Percent-encode spaces and non-ASCII characters (a browser's address bar does; urllib
+    # does not).
+    quoted = urllib.parse.quote(url, safe=URL_SAFE)
+    request = urllib.request.Request(quoted, headers={"User-Agent": f"shortv/{__version__}"})
+    deadline = time.monotonic() + timeout
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise failed(f"it is {int(length)} bytes, over the limit of {max_bytes} bytes")
+            data = bytearray()
+            while chunk := response.read(_CHUNK):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise failed(f"it is over the limit of {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise failed(f"the download took longer than {timeout:g} s")
+            content_type = response.headers.get("Content-Type") or ""
+            return bytes(data), content_type.split(";")[0].strip().lower()
+    except InputError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise failed(f"the server answered HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise failed(_network_reason(e.reason, timeout)) from None
+    except (TimeoutError, OSError, http.client.HTTPException, ValueError) as e:
+        raise failed(_network_reason(e, timeout)) from None
+
+
+def _network_reason(reason: object, timeout: float) -> str:
+    """Why a connection failed, in words (offline, refused, timed out, ...)."""
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host name; are you offline? ({reason})"
+    if isinstance(reason, ConnectionRefusedError):
+        return "the connection was refused"
+    text = str(reason) or reason.__class__.__name__
+    return text if isinstance(reason, str) else f"{reason.__class__.__name__}: {text}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -34,7 +34,8 @@ from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
 # torch.compile modes that record CUDA graphs, which need the static KV cache.
 CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 
-ImageLike = Image.Image | str | os.PathLike
+# One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
+ImageLike = Image.Image | str | os.PathLike | bytes
 Images = ImageLike | Sequence[ImageLike] | None
 
 
@@ -314,6 +315,7 @@ class LLaVA(nn.Module):
     def logits(self, encoded: Encoded) -> Tensor:
         """Logits [T, vocab] for every position of the sequence after each image
         placeholder is expanded into that image's visual tokens."""
+        _require_encoded(encoded, "logits")
         return self.decoder.head(self.hidden_states(self.prepare([encoded])))[0]
 
     @torch.inference_mode()
@@ -400,8 +402,8 @@ class LLaVA(nn.Module):
         template: bool = True,
         history: Sequence[Turn] = (),
     ) -> Encoded:
-        """Tokenize a prompt and preprocess its images (PIL images or file paths; one image
-        or a list).
+        """Tokenize a prompt and preprocess its images (one image or a list; each a PIL
+        image, a file path, an http(s) URL, or the bytes of an image file).
 
         template=True wraps the prompt (after any `history` of (user, reply) turns) in the
         model's conversation template; images without `<image>` placeholders in the
@@ -485,15 +487,27 @@ class LLaVA(nn.Module):
 _stream = stream  # `chat`'s keyword argument of that name hides the function
 
 
+# What counts as one image rather than a list (bytes and memoryview are sequences of ints).
+_ONE_IMAGE = (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)
+
+
 def image_list(images: Images) -> list[ImageLike]:
-    """One image or path, or a list of them, as a list."""
+    """One image (PIL image, path, URL or encoded bytes), or a list of them, as a list."""
     if images is None:
         return []
-    if isinstance(images, (Image.Image, str, os.PathLike)):
+    if isinstance(images, _ONE_IMAGE):
         return [images]
     if isinstance(images, Sequence):
         return list(images)
-    raise InputError(f"images must be an image, a path or a list of them, got {type(images).__name__}")
+    raise InputError("images must be an image (PIL image, file path, http(s) URL or image bytes) "
+                     f"or a list of them, got {type(images).__name__}")
+
+
+def _require_encoded(encoded: Any, method: str) -> None:
+    """InputError when `encoded` is not an Encoded (a raw prompt string, most likely)."""
+    if not isinstance(encoded, Encoded):
+        raise InputError(f"{method} takes an Encoded (from model.encode(...)), got "
+                         f"{type(encoded).__name__}; call model.{method}(model.encode(text, images))")
 
 
 def _turns(history: Sequence[Turn]) -> list[Turn]:
@@ -508,9 +522,11 @@ def _turns(history: Sequence[Turn]) -> list[Turn]:
 
 
 def to_pil(image: ImageLike) -> Image.Image:
-    """A PIL image from a PIL image or a file path."""
+    """A PIL image from a PIL image, a file path, an http(s) URL (fetched, `load_image`) or
+    the encoded bytes of an image file (PNG, JPEG, ...)."""
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         return load_image(image)
-    raise InputError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
+    raise InputError("an image must be a PIL image, a file path, an http(s) URL or the bytes "
+                     f"of an image file, got {type(image).__name__}")

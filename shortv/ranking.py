@@ -52,12 +52,14 @@ def _report_ranking(path: Path, num_layers: int | None, model_name: str | None) 
     ranking = tuple(layer_ids(report["ranking"]))
     measured = report.get("visual")
     layers = len(measured) if isinstance(measured, list) else len(ranking)
+    made_on = report.get("model")
     if num_layers is not None and layers != num_layers:
+        # A hand-written report may not say which model it came from.
+        which = f" ({made_on!r})" if made_on else ""
         raise ConfigError(
-            f"{path} was measured on a model with {layers} layers ({report.get('model')!r}), "
+            f"{path} was measured on a model with {layers} layers{which}, "
             f"but this model has {num_layers}; run `shortv lc` on this model"
         )
-    made_on = report.get("model")
     if model_name and made_on and made_on != model_name:
         warnings.warn(f"{path} was measured on {made_on!r}, not {model_name!r}; using its ranking "
                       "anyway (same layer count)", stacklevel=3)

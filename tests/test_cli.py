@@ -234,6 +234,28 @@ def test_flops_reproduces_the_paper_table(capsys):
         assert report["n_text"] == 64 and report["n_visual"] == (2880 if "v1.6" in model else 576)
 
 
+def test_flops_text_shows_the_json_percentages(capsys):
+    """Every percentage --json gives is the one the text line prints: the paper's (58 % for
+    LLaVA-1.5-7B FastV, from 4.9 / 8.5) next to the unrounded ratio's (57 %) where they differ."""
+    import re
+
+    from tests.test_flops import TABLE
+
+    for model, method, _, paper_percent in TABLE:
+        k, r = str(getattr(method, "k", "")), str(getattr(method, "r", ""))
+        options = {"vanilla": [], "fastv": ["--k", k, "--r", r], "vtw": ["--k", k],
+                   "shortv": ["--n-frozen", str(PAPER_MODELS[model])]}[method.name]
+        argv = ["flops", model, "--method", method.name, *options]
+        code, text, err = run_main(argv, capsys)
+        assert code == 0, err
+        code, out, err = run_main([*argv, "--json"], capsys)
+        assert code == 0, err
+        report = json.loads(out)
+        shown = {int(p) for p in re.findall(r"(\d+)%", text)}
+        assert shown == {report["percent"], report["printed_percent"]}, (model, method, text)
+        assert paper_percent in shown, (model, method, text)
+
+
 def test_flops_counts_the_given_tokens(capsys):
     code, out, err = run_main(["flops", "llava-v1.5-7b", "--method", "vtw", "--k", "0",
                                "--n-text", "100", "--n-visual", "576", "--json"], capsys)

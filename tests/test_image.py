@@ -7,6 +7,8 @@ followed by transformers' CLIPImageProcessor (PIL backend). "square" is the proc
 
 from __future__ import annotations
 
+import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from PIL import Image, ImageFile
 import shortv
 from shortv.image import ImageProcessor, load_image
 
-from . import oracles
+from . import image_server, oracles
 
 EXACT = dict(atol=1e-6, rtol=0)
 SIZES = {
@@ -211,3 +213,97 @@ def test_decompression_bomb_is_an_input_error(tmp_path, monkeypatch):
         load_image(path)
     message = str(err.value)
     assert "MAX_IMAGE_PIXELS = 10000" in message and "big.png" in message and "\n" not in message
+
+
+# ---- http(s) URLs and encoded bytes ---------------------------------------------------------------
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_site():
+    """(base URL, the image it serves) on localhost: /photo.png with a Content-Length,
+    /stream.png without one, "/café photo.png" (percent-encoded on the wire), /page.html (not
+    an image) and 404 for anything else."""
+    image = oracles.random_rgb(31, 19, seed=3)
+    body = png_bytes(image)
+    routes = {"/photo.png": ("image/png", body, True), "/stream.png": ("image/png", body, False),
+              "/caf%C3%A9%20photo.png": ("image/png", body, True),
+              "/page.html": ("text/html", b"<html><img src='photo.png'></html>", True)}
+    with image_server.serving(routes) as base:
+        yield base, image
+
+
+@pytest.mark.parametrize("path", ["/photo.png", "/stream.png", "/café photo.png",
+                                  "/caf%C3%A9%20photo.png"])
+def test_load_image_fetches_an_http_url(image_site, path: str):
+    base, image = image_site
+    loaded = load_image(base + path)
+    np.testing.assert_array_equal(np.asarray(loaded.convert("RGB")), np.asarray(image))
+
+
+def test_load_image_reads_encoded_bytes(tmp_path: Path):
+    image = oracles.random_rgb(23, 17, seed=4)
+    jpeg = tmp_path / "photo.jpg"
+    image.save(jpeg, quality=90)
+    from_file = np.asarray(load_image(jpeg))
+    for data in (jpeg.read_bytes(), bytearray(jpeg.read_bytes()), memoryview(jpeg.read_bytes())):
+        np.testing.assert_array_equal(np.asarray(load_image(data)), from_file)
+    with pytest.raises(shortv.InputError, match="image bytes") as info:
+        load_image(b"not an image at all")
+    assert "\n" not in str(info.value) and "BytesIO" not in str(info.value)
+
+
+def test_empty_image_path():
+    with pytest.raises(shortv.InputError, match="the image path is empty"):
+        load_image("")
+
+
+def assert_fetch_error(url: str, reason: str, **limits) -> None:
+    """load_image(url) fails with one InputError line naming the URL and `reason`."""
+    with pytest.raises(shortv.InputError) as info:
+        load_image(url, **limits)
+    message = str(info.value)
+    assert message.startswith(f"could not fetch image {url}: "), message
+    assert reason in message and "\n" not in message
+
+
+def test_url_not_found(image_site):
+    base, _ = image_site
+    assert_fetch_error(base + "/missing.png", "HTTP 404")
+
+
+def test_url_refused():
+    assert_fetch_error(f"http://127.0.0.1:{image_server.closed_port()}/photo.png", "refused")
+
+
+def test_url_with_no_answer_times_out():
+    with image_server.silent_port() as port:
+        assert_fetch_error(f"http://127.0.0.1:{port}/photo.png", "0.3 s", timeout=0.3)
+
+
+def test_url_offline(monkeypatch):
+    """No DNS (offline): the host name cannot be resolved."""
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert_fetch_error("https://llava-vl.github.io/static/images/view.jpg", "offline")
+
+
+@pytest.mark.parametrize("path", ["/photo.png", "/stream.png"])
+def test_url_over_the_size_cap(image_site, path: str):
+    """Refused by its Content-Length, or while streaming a body without one."""
+    base, image = image_site
+    size = len(png_bytes(image))
+    assert_fetch_error(base + path, f"over the limit of {size - 1} bytes", max_bytes=size - 1)
+    assert load_image(base + path, max_bytes=size).size == image.size  # exactly at the cap
+
+
+def test_url_that_is_not_an_image(image_site):
+    base, _ = image_site
+    assert_fetch_error(base + "/page.html", "text/html")

@@ -58,9 +58,20 @@ def run(args: argparse.Namespace) -> int:
         print_json(report)
     else:
         print(f"{args.model}, {report['method']}, {args.n_text} text + {n_visual} visual tokens: "
-              f"{format_flops(report['tflops'])} ({report['ratio']:.0%} of vanilla "
-              f"{format_flops(report['vanilla_tflops'])})" + (f"; {note}" if note else ""))
+              f"{format_flops(report['tflops'])} ({report['percent']}% of vanilla "
+              f"{format_flops(report['vanilla_tflops'])}{_paper_percent(report)})"
+              + (f"; {note}" if note else ""))
     return 0
+
+
+def _paper_percent(report: dict) -> str:
+    """The report's `printed_percent` (the paper's convention: the ratio of the one-decimal
+    TFLOPs) where it differs from its `percent`, so that the text shows every percentage
+    that --json gives."""
+    paper = report["printed_percent"]
+    if paper is None or paper == report["percent"]:
+        return ""
+    return f"; {paper}% as the paper prints it, from the one-decimal TFLOPs"
 
 
 def _unranked_n_frozen(args: argparse.Namespace, card: object) -> bool:

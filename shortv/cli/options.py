@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_model_name
 from ..loading import DTYPES
 from ..methods import METHODS, Method, compose, parse_layer_list
 from ..ranking import choose_method
@@ -160,6 +160,7 @@ def method_options(args: argparse.Namespace, card: Any = None) -> dict[str, Any]
     names = args.method or (("shortv",) if freezing else ("vanilla",))
     if isinstance(names, str):
         names = method_spec(names)
+    _check_ranking_use(args)
     if "shortv" not in names and (freezing or args.ranking is not None):
         raise ConfigError("--n-frozen/--frozen-layers/--ranking are for --method shortv, "
                           f"not {'+'.join(names)}")
@@ -183,6 +184,19 @@ def method_options(args: argparse.Namespace, card: Any = None) -> dict[str, Any]
                               "--ranking) or --frozen-layers I,J,...")
     return {"n_frozen": n_frozen, "frozen_layers": args.frozen_layers, "ranking": args.ranking,
             "method": method}
+
+
+def _check_ranking_use(args: argparse.Namespace) -> None:
+    """--ranking says which layers come first, not how many to freeze: it needs --n-frozen N
+    (or --method shortv, which takes the card's paper N), and --frozen-layers names the layers
+    itself."""
+    if args.ranking is None or args.n_frozen is not None:
+        return
+    if args.frozen_layers is not None:
+        raise ConfigError("--ranking is used with --n-frozen N, not with --frozen-layers (which "
+                          "names the layers itself): drop one of them")
+    if args.method is None:
+        raise ConfigError("--ranking needs --n-frozen N (how many of its first layers to freeze)")
 
 
 def method_entry(text: str, card: Any, num_layers: int) -> Method:
@@ -285,6 +299,7 @@ def model_config(source: str) -> tuple[Any, Any]:
     from .. import zoo
     from ..loading import config_of_directory
 
+    require_model_name(source)
     card = zoo.card(source)
     if card is not None:
         return card.config, card
