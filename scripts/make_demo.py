@@ -349,7 +349,8 @@ def main() -> None:
         json.dumps({"add_bos_token": True, "legacy": False, "model_max_length": 2048},
                    indent=2) + "\n")
 
-    model = LLaVA(config(vocab), tokenizer=Tokenizer.from_directory(out))
+    # Trained on LLaVA's llava_v1 text, which its card (models/llava-tiny-demo.toml) names.
+    model = LLaVA(config(vocab), tokenizer=Tokenizer.from_directory(out), template="llava_v1")
     init_(model)
     train(model, args.steps, args.batch_size, args.lr)
 
@@ -370,7 +371,7 @@ def main() -> None:
     print(f"wrote {out} ({size / 1e6:.1f} MB, vocab {vocab})")
 
     # The written checkpoint, loaded the normal way: its LC ranking and its accuracy.
-    demo = shortv.load(out, device="cpu")
+    demo = shortv.load(out, device="cpu", template="llava_v1")
     calibration = [lc.Sample(q, (im,), f"calibration {i}")
                    for i, (im, q, _) in enumerate(held_out(40, seed=7))]
     report = lc.layer_contribution(demo, calibration, progress=False)

@@ -23,7 +23,8 @@ from .llama import Decoder
 from .methods import VANILLA, Method
 from .token_types import TYPE_DTYPE, TokenType
 
-# Text tokens before the image in LLaVA's vicuna_v1 prompt (system prompt + "USER: ").
+# Text tokens before the image in LLaVA's vicuna_v1 prompt (system prompt + "USER: ") with
+# Llama's tokenizer; llava_v1's ("human" for "user") has as many.
 PREFIX_TEXT = 35
 
 

@@ -10,7 +10,7 @@ from .errors import ConfigError, InputError
 Turn = tuple[str, "str | None"]  # (user message, assistant reply or None for the open turn)
 
 
-STYLES = ("two", "mpt", "llama_2", "plain")
+STYLES = ("single", "two", "mpt", "llama_2", "plain")
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class Template:
     """A conversation template: one of original LLaVA's separator styles (llava/conversation.py,
     docs/design.md §5.5).
 
+    - "single" (SeparatorStyle.SINGLE): `system + sep`, then `ROLE: message` followed by
+      `sep` for every message; the open turn ends `ROLE:`.
     - "two" (SeparatorStyle.TWO): `system + sep`, then `ROLE: message` followed by `sep` after
       user turns and `sep2` after assistant turns; the open turn ends `ROLE:`.
     - "mpt" (SeparatorStyle.MPT, ChatML): `system + sep`, then `role + message + sep` for each
@@ -43,8 +45,9 @@ class Template:
             messages += [(self.roles[0], user), (self.roles[1], reply)]
         if messages and messages[-1][1] is None and self.style == "plain":
             messages.pop()
-        seps = (self.sep, self.sep2)
-        if self.style == "two":
+        # After user and assistant messages: SINGLE uses sep for both, TWO and PLAIN alternate.
+        seps = (self.sep, self.sep) if self.style == "single" else (self.sep, self.sep2)
+        if self.style in ("single", "two"):
             text = self.system + self.sep
             for i, (role, message) in enumerate(messages):
                 text += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
@@ -84,37 +87,91 @@ class Template:
     def stop_strings(self) -> tuple[str, ...]:
         """Text that ends an assistant reply (besides the EOS token): LLaVA's stop string,
         `sep2` for style "two", else `sep` (none when it is blank; none for "plain")."""
-        stop = {"two": self.sep2, "mpt": self.sep, "llama_2": self.sep}.get(self.style, "")
+        stop = {"single": self.sep, "two": self.sep2, "mpt": self.sep,
+                "llama_2": self.sep}.get(self.style, "")
         return (stop,) if stop.strip() else ()
 
 
-# LLaVA's conv_llava_v1 text, which LLaVA's CLI picks for v1.5 models; its conv_vicuna_v1
-# (training and benchmark scripts) says "user" for "human" (docs/design.md §5.5).
-VICUNA_SYSTEM = (
+# LLaVA's conv_vicuna_v1 (`--conv-mode vicuna_v1`, alias `v1`): what LLaVA-1.5 was trained with
+# (`--version v1`), what LLaVA's eval scripts and lmms-eval's llava model use.
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# LLaVA's conv_llava_v1 and conv_llava_v0: "human" for "user". LLaVA's CLI picks llava_v1 for
+# a model name with "v1" in it; the embedded demo was trained with this text.
+LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
-# LLaVA-NeXT-34B (Nous-Hermes-2-Yi-34B): LLaVA's conv_chatml_direct.
-CHATML_DIRECT_SYSTEM = "<|im_start|>system\nAnswer the questions."
+# LLaVA's conv_llava_llama_2 (LLaVA on Llama-2-chat).
+LLAVA_LLAMA_2_SYSTEM = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language."
+)
 
+# LLaVA's conv_mpt (LLaVA on MPT) and conv_chatml_direct (LLaVA-NeXT-34B, Nous-Hermes-2-Yi-34B).
+MPT_SYSTEM = (
+    "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
+    "The assistant gives helpful and honest answers."
+)
+CHATML_DIRECT_SYSTEM = "<|im_start|>system\nAnswer the questions."
+CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+
+# Named as in LLaVA's conv_templates.
 TEMPLATES: dict[str, Template] = {
-    "vicuna_v1": Template("vicuna_v1", VICUNA_SYSTEM, ("USER", "ASSISTANT"), "two", " ", "</s>"),
+    "vicuna_v1": Template("vicuna_v1", VICUNA_V1_SYSTEM, ("USER", "ASSISTANT"), "two", " ", "</s>"),
+    "llava_v1": Template("llava_v1", LLAVA_SYSTEM, ("USER", "ASSISTANT"), "two", " ", "</s>"),
+    "llava_v0": Template("llava_v0", LLAVA_SYSTEM, ("Human", "Assistant"), "single", "###", ""),
+    "llava_llama_2": Template("llava_llama_2", LLAVA_LLAMA_2_SYSTEM, ("USER", "ASSISTANT"),
+                              "llama_2", "<s>", "</s>"),
     # LLaVA-NeXT-Mistral-7B: LLaVA's conv_mistral_instruct (no system, "[INST] ... [/INST]").
     "mistral_instruct": Template("mistral_instruct", "", ("USER", "ASSISTANT"), "llama_2", "",
                                  "</s>"),
-    "chatml_direct": Template("chatml_direct", CHATML_DIRECT_SYSTEM,
-                              ("<|im_start|>user\n", "<|im_start|>assistant\n"), "mpt",
+    "chatml_direct": Template("chatml_direct", CHATML_DIRECT_SYSTEM, CHATML_ROLES, "mpt",
                               "<|im_end|>", ""),
+    "mpt": Template("mpt", MPT_SYSTEM, CHATML_ROLES, "mpt", "<|im_end|>", ""),
     "plain": Template("plain", "", ("", ""), "plain", "\n", "\n"),
 }
 
+# Other names LLaVA's conv_templates gives the same template.
+ALIASES = {"v1": "vicuna_v1"}
+
+# A model without a zoo card: LLaVA-1.5's training template, which LLaVA's evaluation scripts
+# and lmms-eval use too (`shortv chat` follows LLaVA's CLI instead: `cli_template_name`).
+DEFAULT_TEMPLATE = "vicuna_v1"
+
 
 def get_template(name: str) -> Template:
-    """The template of that name (`TEMPLATES`); ConfigError naming the known ones."""
+    """The template of that name (`TEMPLATES`, or an alias: `v1` is `vicuna_v1`);
+    ConfigError naming the known ones."""
     try:
-        return TEMPLATES[name]
+        return TEMPLATES[ALIASES.get(name, name)]
     except KeyError:
+        known = [*TEMPLATES, *(f"{a} (= {t})" for a, t in ALIASES.items())]
         raise ConfigError(
-            f"unknown conversation template {name!r}; available: {', '.join(TEMPLATES)}"
+            f"unknown conversation template {name!r}; available: {', '.join(known)}"
         ) from None
+
+
+def llava_model_name(model_path: str) -> str:
+    """The model name LLaVA derives from a path or repo id (mm_utils.get_model_name_from_path):
+    the last path component, or `parent_checkpoint-N` for a training checkpoint folder."""
+    parts = model_path.strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
+def cli_template_name(model_path: str) -> str:
+    """The template LLaVA's CLI (llava/serve/cli.py, eval/run_llava.py) picks for a model
+    path or repo id, from its lowercased model name; the first check that matches wins."""
+    name = llava_model_name(model_path).lower()
+    for needle, template in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"),
+                             ("v1.6-34b", "chatml_direct"), ("v1", "llava_v1"), ("mpt", "mpt")):
+        if needle in name:
+            return template
+    return "llava_v0"

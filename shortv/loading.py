@@ -31,8 +31,14 @@ from .config import (
     from_original,
     from_transformers,
 )
-from .conversation import get_template
-from .errors import CheckpointError, ConfigError, ModelNotFoundError, ShortVError
+from .conversation import DEFAULT_TEMPLATE, get_template
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ModelNotFoundError,
+    ShortVError,
+    require_model_name,
+)
 from .llava import LLaVA
 from .methods import Method
 from .ranking import RankingLike, choose_method
@@ -51,6 +57,7 @@ def load(
     method: Method | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    template: str | None = None,
 ) -> LLaVA:
     """Load a LLaVA model.
 
@@ -61,11 +68,17 @@ def load(
         or `shortv.compose(...)`); with n_frozen / frozen_layers it is composed with that ShortV.
     device: default "cuda" when available, else "cpu"; dtype: default bfloat16 on CUDA,
         float32 on CPU. Weights are cast to dtype while loading.
+    template: the conversation template's name (`shortv.conversation.TEMPLATES`); default
+        the zoo card's, else `vicuna_v1` (LLaVA-1.5's training and evaluation template).
     """
     if not isinstance(source, (str, Path)):
         raise ConfigError(f"source must be a zoo name, a directory or a repo id, got {source!r}")
+    require_model_name(source)
     source = str(source)
     card = zoo.card(source)
+    if template is None:
+        template = card.template if card is not None else DEFAULT_TEMPLATE
+    conversation = get_template(template)  # a bad name fails before the weights are looked for
 
     def chosen(num_layers: int) -> Method:
         return choose_method(
@@ -79,8 +92,7 @@ def load(
     fitted = chosen(card.config.text.layers) if card is not None else None
     model = load_directory(zoo.locate(source), device=device, dtype=dtype)
     model.name = card.name if card is not None else source
-    if card is not None:
-        model.template = get_template(card.template)
+    model.template = conversation
     model.set_method(fitted if fitted is not None else chosen(model.num_layers))
     return model
 

@@ -92,7 +92,7 @@ class Card:
         card = cls(
             name=d["name"],
             description=d.get("description", ""),
-            template=d.get("template", "vicuna_v1"),
+            template=d["template"],  # every card names its own: the texts differ by a word
             config=_architecture(d["architecture"], d.get("preprocess", {})),
             repo=source.get("repo"),
             alternates=tuple(source.get("alternates", ())),

@@ -4,8 +4,8 @@ The oracle is a re-implementation, on top of the `sentencepiece` package and the
 tokenizer.model, of what original LLaVA ran: transformers' slow `LlamaTokenizer`
 (4.31-4.37: special tokens written in the text, the legacy / non-legacy dummy-prefix
 rules and the "<unk>" prefix trick) called through LLaVA's `tokenizer_image_token`.
-Template strings are typed in from docs/design.md §5.5 (the vicuna_v1 system text is LLaVA's
-conv_llava_v1's).
+Template strings are typed in from LLaVA's llava/conversation.py (conv_vicuna_v1, "curious
+user"; tests/test_templates.py checks every template against LLaVA's get_prompt).
 """
 
 from __future__ import annotations
@@ -106,13 +106,13 @@ def llava_tokenize(prompt: str, tokenizer: SlowLlamaTokenizer) -> list[int]:
 # ---- prompts -------------------------------------------------------------------------------
 
 SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions."
 )
 
 
 def vicuna(*turns: tuple[str, str | None]) -> str:
-    """docs/design.md §5's vicuna_v1, written out by hand for the prompts below."""
+    """LLaVA's vicuna_v1 (style TWO), written out by hand for the prompts below."""
     text = SYSTEM + " "
     for user, reply in turns:
         text += f"USER: {user} "
@@ -346,8 +346,8 @@ def test_no_tokenizer_is_a_clear_error(tmp_path):
 def test_vicuna_v1_single_turn():
     t = shortv.get_template("vicuna_v1")
     assert t.render([("<image>\nWhat is unusual about this image?", None)]) == (
-        "A chat between a curious human and an artificial intelligence assistant. The assistant "
-        "gives helpful, detailed, and polite answers to the human's questions. "
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. "
         "USER: <image>\nWhat is unusual about this image? ASSISTANT:"
     )
 
@@ -355,8 +355,8 @@ def test_vicuna_v1_single_turn():
 def test_vicuna_v1_multi_turn():
     t = shortv.get_template("vicuna_v1")
     assert t.render([("q1", "a1"), ("q2", None)]) == (
-        "A chat between a curious human and an artificial intelligence assistant. The assistant "
-        "gives helpful, detailed, and polite answers to the human's questions. "
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. "
         "USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:"
     )
     assert t.render([("q1", "a1"), ("q2", "a2"), ("q3", None)]).endswith(
@@ -371,6 +371,7 @@ def test_unknown_template_is_an_error():
 
 @pytest.fixture(scope="module")
 def demo():
+    # A directory, not the zoo name: no card, so the default template, vicuna_v1.
     return shortv.load(DEMO, device="cpu", dtype=torch.float32)
 
 
@@ -382,8 +383,8 @@ def pictures():
 def test_encode_puts_images_at_the_start_of_the_user_turn(demo, pictures):
     e = demo.encode("What is unusual about this image?", pictures[:1])
     assert e.prompt == (
-        "A chat between a curious human and an artificial intelligence assistant. The assistant "
-        "gives helpful, detailed, and polite answers to the human's questions. "
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. "
         "USER: <image>\nWhat is unusual about this image? ASSISTANT:"
     )
     reference = SlowLlamaTokenizer(DEMO / "tokenizer.model", legacy=False)
