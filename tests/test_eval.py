@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def test_answer_file_is_llava_format_in_question_order(eval_set, demo, tmp_path,
     assert [r["question_id"] for r in records] == [q["question_id"] for q in qs]
     for r, q in zip(records, qs, strict=True):
         assert set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-        assert r["prompt"] == q["text"] and r["model_id"] == "llava-tiny-demo" and r["metadata"] == {}
+        assert r["prompt"] == q["text"] and r["model_id"] == "llava-tiny-demo"
+        assert set(r["metadata"]) == {"shortv"}  # the run's record (tests/test_eval_provenance.py)
         # The answer is what chat gives for the question alone (greedy).
         want = demo.chat(q["text"], [eval_set.parent / q["image"]], max_new_tokens=24)
         assert r["text"] == want
@@ -85,7 +87,8 @@ def test_metadata_and_list_answers(tmp_path, eval_set, capsys):
     code, summary, err = shortv_eval(path, answers, capsys=capsys)
     assert code == 0, err
     [record] = [json.loads(line) for line in answers.read_text().splitlines()]
-    assert record["metadata"] == {"category": "colour"} and record["question_id"] == "a"
+    assert record["metadata"]["category"] == "colour" and record["question_id"] == "a"
+    assert set(record["metadata"]) == {"category", "shortv"}
     assert summary["accuracy"] == 0.0
 
 
@@ -251,7 +254,8 @@ def test_torchrun_lc_equals_one_process(eval_set, tmp_path, capsys):
 
 def test_a_failure_on_one_rank_ends_all_ranks(eval_set, tmp_path):
     """The second question's image is broken: only rank 1 meets it, and both ranks stop
-    with its error instead of rank 0 waiting for rank 1."""
+    instead of rank 0 waiting for rank 1; the error is printed once, by rank 1, and
+    torchrun's report blames rank 1's exit 2."""
     qs = questions(eval_set)[:4]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
@@ -263,4 +267,16 @@ def test_a_failure_on_one_rank_ends_all_ranks(eval_set, tmp_path):
     run = torchrun("eval", "llava-tiny-demo", "--questions", str(path), "--answers-out",
                    str(tmp_path / "a.jsonl"), "--max-new-tokens", "8", "--quiet", timeout=180)
     assert run.returncode != 0
-    assert "broken.png" in run.stderr and "q.jsonl:2" in run.stderr
+    [line] = [line for line in run.stderr.splitlines() if line.startswith("shortv eval:")]
+    assert line.startswith("shortv eval: error: rank 1: ")
+    assert "broken.png" in line and "q.jsonl:2" in line
+    assert root_cause(run.stderr) == ("1", "2")
+
+
+def root_cause(stderr: str) -> tuple[str, str]:
+    """(rank, exit status) of the "Root Cause" of torchrun's failure report."""
+    report = stderr[stderr.index("Root Cause"):]
+    rank = re.search(r"rank\s*:\s*(\d+)", report)
+    status = re.search(r"exitcode\s*:\s*(-?\d+)", report)
+    assert rank and status, stderr
+    return rank.group(1), status.group(1)

@@ -1,17 +1,22 @@
 """The `shortv` command line: chat, zoo, download, eval, flops, bench, lc, serve.
 
 Every command that reports numbers takes --json and then prints one JSON object on
-stdout. Errors print one line on stderr and exit with status 2. One module per command
-(`zoo` also holds `download`); `options` holds what they share.
+stdout. Errors print one line on stderr and exit with status 2 (under torchrun, on the
+rank that failed; the others stop silently, see `shortv.eval.distributed`). `--help`
+shows every option's default. One module per command (`zoo` also holds `download`);
+`options` holds what they share.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from ..errors import ShortVError
+from ..eval.distributed import RankError
 from . import bench, chat, eval, flops, lc, serve, zoo
 from .options import EXIT_USAGE, Parser
 
@@ -19,12 +24,25 @@ from .options import EXIT_USAGE, Parser
 def build_parser() -> Parser:
     parser = Parser(prog="shortv", description="LLaVA with ShortV: chat, zoo, download, eval, "
                                                "flops, bench, lc, serve.")
+    parser.add_argument("--version", action="version", version=f"shortv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in (chat, zoo, eval, flops, bench, lc, serve):
         command.add_parser(sub)
     for command_parser in sub.choices.values():
         command_parser.set_defaults(command_parser=command_parser)
+        show_defaults(command_parser)
     return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of every option whose default says something: not
+    None, False (an unset flag) or an empty list, and not already told by the help."""
+    for action in parser._actions:
+        default = action.default
+        if (not action.option_strings or default in (None, False, argparse.SUPPRESS)
+                or default == [] or "default" in (action.help or "")):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
+    except RankError as e:
+        if e.relayed:  # another rank failed and says so; torchrun reports that rank's exit
+            return 0
+        print(f"shortv {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ShortVError as e:
         print(f"shortv {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

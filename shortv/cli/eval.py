@@ -1,10 +1,13 @@
 """`shortv eval`: answer an LLaVA question file into an LLaVA answer file, scored when the
-questions carry answers; data-parallel under torchrun."""
+questions carry answers; data-parallel under torchrun. An existing answer file is resumed
+only by the same run (`shortv.eval.provenance`), checked before the model is loaded as far
+as the options tell, and again in full once it is."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .options import (
     add_compile,
@@ -25,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--questions", required=True, metavar="Q.jsonl",
                    help='question file: {"question_id", "image", "text"[, "answer"]} per line')
     p.add_argument("--answers-out", required=True, metavar="A.jsonl",
-                   help="answer file to write (resumed if it exists)")
+                   help="answer file to write (resumed if it exists and was written with the "
+                        "same model, method, template, generation options and dtype)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the answer file afresh instead of resuming it")
     p.add_argument("--image-folder", metavar="DIR",
                    help="where relative image paths resolve (default: the question file's folder)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1)
@@ -42,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import load, zoo
     from ..eval import distributed
+    from ..eval.answers import AnswerFile
     from ..eval.questions import read_questions
     from ..eval.runner import evaluate
 
@@ -49,24 +56,59 @@ def run(args: argparse.Namespace) -> int:
     options = generation_options(args)
     questions = read_questions(args.questions, image_folder=args.image_folder, limit=args.limit)
     output_path(args.answers_out)
-    method = method_options(args, zoo.card(args.model))
+    card = zoo.card(args.model)
+    method = method_options(args, card)
     ranks = distributed.start(args.device)
     try:
-        model = load(args.model, device=ranks.device or args.device, dtype=args.dtype, **method)
+        device = ranks.device or args.device
+        known = _known_before_loading(args, card, method, options, device)
+        distributed.on_main(ranks, lambda: AnswerFile(args.answers_out, questions, known,
+                                                      limit=args.limit, overwrite=args.overwrite))
+        model = load(args.model, device=device, dtype=args.dtype, **method)
         if args.compile:
             model.compile()
         summary = evaluate(model, questions, args.answers_out, options=options,
                            batch_size=args.batch_size, ranks=ranks,
-                           progress=not (args.quiet or args.json))
+                           progress=not (args.quiet or args.json),
+                           overwrite=args.overwrite, limit=args.limit)
     finally:
         distributed.stop(ranks)
     if summary is None:  # not rank 0
         return 0
+    if summary["answered_now"] == 0:
+        print(_nothing_to_do(summary, args.limit), file=sys.stderr)
     if args.json:
         print_json(summary)
     else:
         print(_describe(summary), file=sys.stdout)
     return 0
+
+
+def _known_before_loading(args: argparse.Namespace, card: Any, method: dict[str, Any],
+                          options: Any, device: str | None) -> dict[str, Any]:
+    """The run's record as far as the options tell without the checkpoint: all of it for
+    a zoo model (its card knows the depth and template), else all but method and template."""
+    from ..conversation import get_template
+    from ..eval import provenance
+    from ..loading import resolve_device, resolve_dtype
+    from ..ranking import choose_method
+
+    dtype = resolve_dtype(args.dtype, resolve_device(device))
+    if card is None:
+        return provenance.build(model=args.model, options=options, dtype=dtype)
+    # What shortv.load fits the method to, from the same card.
+    fitted = choose_method(card.config.text.layers, **method, default_ranking=card.ranking,
+                           model_name=card.name)
+    return provenance.build(model=card.name, method=fitted, template=get_template(card.template).name,
+                            options=options, dtype=dtype)
+
+
+def _nothing_to_do(s: dict[str, Any], limit: int | None) -> str:
+    """The note for a run that found every question answered already."""
+    held = f"nothing to do: {s['answers']} already holds {s['answers_in_file']} answers"
+    if limit is not None and s["answers_in_file"] > s["n"]:
+        return f"{held} (the first {s['n']} questions asked by --limit are answered)"
+    return f"{held} (every question is answered)"
 
 
 def _describe(s: dict) -> str:

@@ -3,14 +3,20 @@ process (rank) takes a shard of the work, rank 0 writes the results.
 
 `torchrun --nproc-per-node N -m shortv eval ...` sets RANK / WORLD_SIZE / LOCAL_RANK; the
 process group is nccl on CUDA (device cuda:LOCAL_RANK) and gloo on the CPU. A failure on
-one rank is shared with all of them at the next collective step, so every rank stops with
-that error instead of waiting for a peer that is gone.
+one rank is shared with all of them at the next collective step, so every rank stops
+instead of waiting for a peer that is gone. One rank speaks for the failure: the lowest
+failing one raises its error as `RankError` "rank N: ..." (the CLI prints it and exits 2);
+the others raise a RankError marked `relayed`, on which the CLI stays silent and exits 0.
+So the error is printed once, and torchrun's failure report blames rank N: had the others
+exited non-zero too, whichever exited first would be reported as the root cause, and
+torchrun would stop the rest, maybe rank N before it printed. (torchrun itself exits 1
+whenever a worker fails.)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -82,7 +88,7 @@ def stop(ranks: Ranks) -> None:
 
 def gather(ranks: Ranks, value: Any, error: BaseException | None = None) -> list[Any] | None:
     """Every rank's `value` on rank 0 (None elsewhere), in rank order. A rank that failed
-    passes its exception as `error`: then every rank raises a ShortVError naming it."""
+    passes its exception as `error`: then every rank raises (see `_raise_failure`)."""
     if not ranks.distributed:
         if error is not None:
             raise error
@@ -92,12 +98,38 @@ def gather(ranks: Ranks, value: Any, error: BaseException | None = None) -> list
     message = None if error is None else f"rank {ranks.rank}: {_describe(error)}"
     outcomes: list[Any] = [None] * ranks.world
     dist.all_gather_object(outcomes, (message, value))
-    failures = [m for m, _ in outcomes if m is not None]
-    if failures:
-        if error is not None and not isinstance(error, ShortVError):
-            raise error  # a bug on this rank: keep its traceback
-        raise RankError(failures[0])
+    _raise_failure(ranks, error, [m for m, _ in outcomes])
     return [v for _, v in outcomes] if ranks.main else None
+
+
+def on_main(ranks: Ranks, action: Callable[[], T]) -> T | None:
+    """`action()` on rank 0 alone (reading or writing the files), its value there (None
+    elsewhere); if it raises, every rank stops with that failure."""
+    value, error = None, None
+    if ranks.main:
+        try:
+            value = action()
+        except Exception as e:  # shared with the other ranks before anyone raises
+            if not ranks.distributed:
+                raise
+            error = e
+    gather(ranks, None, error)
+    return value
+
+
+def _raise_failure(ranks: Ranks, error: BaseException | None, messages: list[str | None]) -> None:
+    """After every rank shared its failure message (None: it did not fail): nothing if
+    none failed; else the lowest failing rank raises its error as a RankError (a bug, not
+    a ShortVError, as itself, for its traceback) and the others a relayed RankError."""
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if error is not None and not isinstance(error, ShortVError):
+        raise error  # a bug on this rank: keep its traceback
+    speaker, message = failed[0]
+    if speaker == ranks.rank:
+        raise RankError(message, rank=speaker) from error
+    raise RankError(message, rank=speaker, relayed=True)
 
 
 def broadcast(ranks: Ranks, value: Any) -> Any:
@@ -125,7 +157,13 @@ def all_sum(ranks: Ranks, tensor: torch.Tensor) -> torch.Tensor:
 
 
 class RankError(ShortVError):
-    """Another rank of a torchrun run failed; its message says which and why."""
+    """A rank of a torchrun run failed: "rank N: why". `rank` is N; `relayed` is True on
+    the other ranks, which learnt of it (the CLI prints it on rank N only)."""
+
+    def __init__(self, message: str, *, rank: int, relayed: bool = False) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.relayed = relayed
 
 
 def _describe(error: BaseException) -> str:

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, ShortVError
+from ..errors import InputError
 from ..flops import TERA, count_types, decoder_flops, sequence_flops
 from ..generate import GenerationOptions, GenerationResult, generate
 from ..llava import LLaVA
 from ..methods import VANILLA
 from ..tokenizer import IMAGE_TOKEN
-from . import distributed
+from . import distributed, provenance
 from .answers import AnswerFile, answer_record, key
 from .distributed import Ranks
 from .questions import Question
@@ -54,31 +54,34 @@ def evaluate(
     batch_size: int = 1,
     ranks: Ranks | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    limit: int | None = None,
 ) -> dict[str, Any] | None:
-    """Answer `questions` with `model` into the answer file `answers_out` (resuming it),
-    and return the summary (on rank 0; None on the other ranks of a torchrun run).
+    """Answer `questions` with `model` into the answer file `answers_out`, and return the
+    summary (on rank 0; None on the other ranks of a torchrun run).
+
+    The file is resumed only if it was written by the same run (model, method and its
+    options, template, generation options, dtype, shortv version: `shortv.eval.provenance`);
+    otherwise InputError, naming what differs, before anything is written. `overwrite`
+    starts it afresh. `limit`: the --limit that cut `questions` from a longer question
+    file (answers beyond it may be in the file already; see `AnswerFile`).
 
     Greedy by default (`options`), `batch_size` questions per generate call (left-padded).
-    The summary: accuracy (when the questions carry answers), n, model, method, mean
-    prompt tokens, mean analytic prefill TFLOPs with the method and vanilla and their
-    ratio, mean prefill ms per batch, decode tokens/s, wall seconds.
+    The summary: accuracy (when the questions carry answers), n, answers_in_file, model,
+    method, provenance, mean prompt tokens, mean analytic prefill TFLOPs with the method
+    and vanilla and their ratio, mean prefill ms per batch, decode tokens/s, wall seconds
+    (the measured ones over the questions answered in this run: None if none were).
     """
     ranks = ranks or Ranks()
     options = options or GenerationOptions(max_new_tokens=128)
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     started = time.perf_counter()
-    answers, failure = None, None
-    if ranks.main:
-        try:
-            answers = AnswerFile(answers_out, questions)
-        except ShortVError as e:
-            failure = e
-    # Every rank learns what is left (or that rank 0 could not open the file).
-    remaining, message = distributed.broadcast(
-        ranks, (answers.remaining if answers else None, str(failure) if failure else None))
-    if message is not None:
-        raise failure if failure is not None else distributed.RankError(f"rank 0: {message}")
+    run_record = provenance.of_model(model, options)
+    # Rank 0 reads the file; every rank stops if it cannot be resumed, then learns what is left.
+    answers = distributed.on_main(ranks, lambda: AnswerFile(
+        answers_out, questions, run_record, limit=limit, overwrite=overwrite))
+    remaining = distributed.broadcast(ranks, answers.remaining if answers else None)
     todo = [q for q in questions if key(q.question_id) in remaining]
     mine = ranks.shard(todo)
     position = {key(q.question_id): i for i, q in enumerate(questions)}
@@ -89,7 +92,7 @@ def evaluate(
             batch = mine[step * batch_size:(step + 1) * batch_size]
             records, part, error = [], Measured(), None
             try:
-                records, part = _answer(model, batch, options)
+                records, part = _answer(model, batch, options, run_record)
             except Exception as e:  # shared with the other ranks before anyone raises
                 error = e
             gathered = distributed.gather(ranks, (records, part), error)
@@ -106,11 +109,11 @@ def evaluate(
     if not ranks.main:
         return None
     answers.finish()
-    return _summary(model, questions, answers, measured, time.perf_counter() - started)
+    return _summary(model, questions, answers, run_record, measured, time.perf_counter() - started)
 
 
-def _answer(model: LLaVA, batch: Sequence[Question], options: GenerationOptions
-            ) -> tuple[list[dict[str, Any]], Measured]:
+def _answer(model: LLaVA, batch: Sequence[Question], options: GenerationOptions,
+            run_record: dict[str, Any]) -> tuple[list[dict[str, Any]], Measured]:
     measured = Measured()
     if not batch:
         return [], measured
@@ -138,8 +141,9 @@ def _answer(model: LLaVA, batch: Sequence[Question], options: GenerationOptions
     measured.prefill_ms.append(results[0].prefill_seconds * 1e3)
     measured.decode_s += results[0].decode_seconds
     measured.decoded_tokens += _decoded(results)
-    model_id = model.name
-    return [answer_record(q, r.text, model_id) for q, r in zip(batch, results, strict=True)], measured
+    records = [answer_record(q, r.text, model.name, run_record)
+               for q, r in zip(batch, results, strict=True)]
+    return records, measured
 
 
 def _decoded(results: Sequence[GenerationResult]) -> int:
@@ -148,7 +152,7 @@ def _decoded(results: Sequence[GenerationResult]) -> int:
 
 
 def _summary(model: LLaVA, questions: Sequence[Question], answers: AnswerFile,
-             measured: Measured, wall: float) -> dict[str, Any]:
+             run_record: dict[str, Any], measured: Measured, wall: float) -> dict[str, Any]:
     scored = [(answers.done[key(q.question_id)]["text"], q.answer) for q in questions
               if q.answer is not None and key(q.question_id) in answers.done]
     tflops, vanilla = mean(measured.flops), mean(measured.vanilla_flops)
@@ -157,8 +161,10 @@ def _summary(model: LLaVA, questions: Sequence[Question], answers: AnswerFile,
         "n": len(answers.done),
         "scored": len(scored),
         "answered_now": len(measured.prompt_tokens),
+        "answers_in_file": answers.held,
         "model": model.name,
         "method": model.method.describe(),
+        "provenance": run_record,
         "answers": str(answers.path),
         "mean_prompt_tokens": mean(measured.prompt_tokens),
         "mean_prefill_tflops": tflops / TERA if tflops is not None else None,
