@@ -172,7 +172,42 @@ def kl(q_logits: Tensor, p_logits: Tensor) -> Tensor:
 TYPES = {"visual": TokenType.VISUAL, "text": TokenType.TEXT}
 
 
-@torch.inference_mode()
+class LCSums:
+    """Per-layer LC summed over the samples measured so far in this process, for a mean
+    over every sample of every rank at the end (`report`). `layer_contribution` measures
+    a list of samples with it; lmms-eval's `cal_lc` measures each request batch as it comes."""
+
+    def __init__(self, model: LLaVA, tokens: Sequence[str] = ("visual", "text")) -> None:
+        self.kinds = [TYPES[t] if t in TYPES else _bad_type(t) for t in tokens]
+        if not self.kinds:
+            raise ConfigError("tokens must name at least one of 'visual', 'text'")
+        self.sums = torch.zeros(len(self.kinds), model.num_layers, dtype=torch.float64)
+        self.samples = 0
+        self.layer_evaluations = 0
+
+    @torch.inference_mode()
+    def add(self, model: LLaVA, encoded: Sequence[Encoded]) -> None:
+        """Measure one batch of encoded samples (left-padded together) and add their LC."""
+        lc, runs = _chunk_lc(model, model.prepare(list(encoded)), self.kinds)
+        self.sums += lc.sum(dim=1).cpu()
+        self.samples += len(encoded)
+        self.layer_evaluations += runs
+
+    def report(self, model_name: str, *, ranks: Ranks | None = None, data: str | None = None) -> LCReport:
+        """The mean LC over the samples of every rank (a collective call under torchrun:
+        every rank calls it, and every rank gets the report)."""
+        counts = torch.tensor([self.samples, self.layer_evaluations], dtype=torch.float64)
+        # One reduction for sums and counts (float64 counts are exact below 2**53).
+        totals = distributed.all_sum(ranks or Ranks(), torch.cat([self.sums.flatten(), counts]))
+        samples, evaluations = int(totals[-2]), int(totals[-1])
+        if samples == 0:
+            raise InputError("no sample was measured, so there is no Layer Contribution to report")
+        mean = (totals[:-2].view_as(self.sums) / samples).tolist()
+        by_type = dict(zip([k.name.lower() for k in self.kinds], mean, strict=True))
+        return LCReport(model=model_name, samples=samples, visual=by_type.get("visual"),
+                        text=by_type.get("text"), data=data, layer_evaluations=evaluations)
+
+
 def layer_contribution(
     model: LLaVA,
     samples: Sequence[Sample | Encoded | dict] | str | os.PathLike,
@@ -192,37 +227,26 @@ def layer_contribution(
         data = data or str(samples)
         samples = read_samples(samples)
     samples = [_as_sample(s, i) for i, s in enumerate(samples, start=1)]
-    kinds = [TYPES[t] if t in TYPES else _bad_type(t) for t in tokens]
-    if not kinds:
-        raise ConfigError("tokens must name at least one of 'visual', 'text'")
+    sums = LCSums(model, tokens)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if not samples:
         raise InputError("layer_contribution needs at least one sample")
     ranks = ranks or Ranks()
     mine = ranks.shard(samples)
-    totals = torch.zeros(len(kinds) + 1, model.num_layers, dtype=torch.float64)
     error = None
     bar = _progress(len(mine), progress and ranks.main)
     try:
         for i in range(0, len(mine), batch_size):
             chunk = mine[i:i + batch_size]
-            encoded = [s if isinstance(s, Encoded) else encode_sample(model, s) for s in chunk]
-            lc, runs = _chunk_lc(model, model.prepare(encoded), kinds)
-            totals[:-1] += lc.sum(dim=1).cpu()
-            totals[-1, 0] += runs  # layer evaluations ride along in the same reduction
+            sums.add(model, [s if isinstance(s, Encoded) else encode_sample(model, s) for s in chunk])
             bar.update(len(chunk))
     except Exception as e:  # shared with the other ranks, so that none waits for this one
         error = e
     finally:
         bar.close()
     distributed.gather(ranks, None, error)
-    totals = distributed.all_sum(ranks, totals)
-    evaluations = int(totals[-1, 0])
-    mean = (totals[:-1] / len(samples)).tolist()
-    by_type = dict(zip([k.name.lower() for k in kinds], mean, strict=True))
-    report = LCReport(model=model.name, samples=len(samples), visual=by_type.get("visual"),
-                      text=by_type.get("text"), data=data, layer_evaluations=evaluations)
+    report = sums.report(model.name, ranks=ranks, data=data)
     if report.visual_is_noise:
         warnings.warn(NOISE_WARNING, stacklevel=2)
     return report

@@ -438,6 +438,7 @@ def test_cli(calib, tmp_path, reference):
     assert_lc_close(printed["visual"], reference["visual"], rtol=1e-2, atol=1e-7)
     assert_lc_close(printed["text"], reference["text"], rtol=1e-2, atol=1e-7)
     assert (tmp_path / "lc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot written to lc.png" in ok.stderr  # stdout is the JSON alone
 
     assert_one_line_error(results["no-matplotlib"], "matplotlib", "pip install")
     assert not (tmp_path / "none.png").exists()
@@ -455,6 +456,19 @@ def test_cli(calib, tmp_path, reference):
     assert results["chat"].returncode == 0, results["chat"].stderr
     assert "Traceback" not in results["chat"].stderr
     assert_one_line_error(results["chat-no-ranking"], "ranking")
+
+
+def test_cli_table_says_where_the_plot_went(calib, tmp_path, capsys):
+    from shortv.cli import main
+
+    plot = tmp_path / "lc.png"
+    assert main(["lc", DEMO, "--data", str(calib), "--limit", "1", "--quiet", "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"plot written to {plot}"
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    # `shortv lc` takes no --ranking: it computes the ranking.
+    with pytest.raises(SystemExit):
+        main(["lc", DEMO, "--data", str(calib), "--ranking", "r.json"])
 
 
 def test_demo_cards_ranking_is_lc_on_the_scenes_it_names():

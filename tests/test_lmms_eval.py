@@ -3,8 +3,10 @@
 End to end, `python -m lmms_eval` runs a task that the test writes (a JSON-lines data set
 with image files, loaded offline by `dataset_path: json`) and its logged answers must be
 the answers shortv gives directly: vanilla in one process, ShortV in two processes under
-torchrun (lmms-eval's data parallelism). loglikelihood, the model_args and the request
-plumbing are checked in-process on requests built as lmms-eval builds them.
+torchrun (lmms-eval's data parallelism), where `cal_lc` must also write the Layer
+Contribution report of `shortv lc` on the same prompts. loglikelihood, the model_args and
+the request plumbing are checked in-process on requests built as lmms-eval builds them
+(test_lmms_loglikelihood.py runs loglikelihood tasks through lmms-eval's CLI).
 
 lmms-eval comes with the `eval` extra (CI installs it through the `test` extra); without it
 these tests fail rather than skip, so a missing extra is never mistaken for a pass.
@@ -17,6 +19,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ MAX_NEW_TOKENS = 24  # the demo's longest answers are ~16 tokens
 try:
     from lmms_eval.api.instance import Instance
 
-    from shortv.eval.lmms import ShortVLMM, generation_options
+    from shortv.eval.lmms import BadModelArgs, ShortVLMM, generation_options
 except ImportError as e:  # pragma: no cover - reported by the autouse fixture below
     MISSING = (f"lmms-eval is not importable ({e}); install the eval extra: "
                f"pip install -e '.[eval]' (the test extra includes it)")
@@ -135,8 +138,8 @@ def lmms_eval_command(model_args: str, task_dir: Path, out: Path, batch_size: in
 @pytest.fixture(scope="module")
 def runs(task_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """Two lmms-eval runs, side by side: vanilla in one process (batches of 4), and ShortV
-    (n_frozen=4) in two torchrun processes (batches of 2). Per run: the logged samples,
-    which documents each process visited, and the output."""
+    (n_frozen=4, float64, cal_lc) in two torchrun processes (batches of 2). Per run: the
+    logged samples, which documents each process visited, the output and the LC report."""
     scratch = tmp_path_factory.mktemp("lmms-runs")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(scratch / "hf-home"),
@@ -146,7 +149,8 @@ def runs(task_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
             f"pretrained={DEMO},device=cpu", task_dir, scratch / "vanilla", 4)],
         "shortv": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc_per_node", "2", *lmms_eval_command(
-                       f"pretrained={DEMO},n_frozen=4,device=cpu", task_dir, scratch / "shortv", 2)],
+                       f"pretrained={DEMO},n_frozen=4,device=cpu,dtype=float64,"
+                       f"cal_lc={scratch / 'lc.json'}", task_dir, scratch / "shortv", 2)],
     }
     procs = {name: subprocess.Popen(cmd, cwd=scratch, env={**env, "SHORTV_TEST_RUN": name},
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -161,7 +165,7 @@ def runs(task_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         visits = {int(p.stem.rsplit("-", 1)[1]): [int(x) for x in p.read_text().split()]
                   for p in task_dir.glob(f"visits-{name}-*.txt")}
         out[name] = {"samples": [json.loads(line) for line in samples[0].read_text().splitlines()],
-                     "visits": visits, "output": output}
+                     "visits": visits, "output": output, "report": scratch / "lc.json"}
     return out
 
 
@@ -192,7 +196,7 @@ def test_vanilla_run_logs_the_answers_of_model_chat(runs, task_dir: Path, demo: 
 
 
 def test_shortv_run_in_two_processes_logs_the_answers_of_shortv(runs, task_dir: Path) -> None:
-    model = shortv.load(DEMO, n_frozen=4, device="cpu")
+    model = shortv.load(DEMO, n_frozen=4, device="cpu", dtype=torch.float64)
     assert model.frozen_layers and len(model.frozen_layers) == 4
     rows = docs(task_dir)
     expected = model.generate([r["question"] for r in rows], [[task_dir / r["image"]] for r in rows],
@@ -206,6 +210,22 @@ def test_shortv_run_in_two_processes_logs_the_answers_of_shortv(runs, task_dir: 
     assert all(visits.values())
     assert sorted(visits[0] + visits[1]) == list(range(N_DOCS))
     assert "2 process(es)" in run["output"]
+
+
+def test_cal_lc_in_two_processes_writes_the_report_of_shortv_lc(runs, task_dir: Path, tmp_path: Path) -> None:
+    # The ranks' shares are summed: the report covers every document once, measured on the
+    # unmodified model although ShortV answers, as `shortv lc` measures the same prompts.
+    from shortv.cli import main
+    from tests.test_lmms_cal_lc import assert_same_report
+
+    calibration = tmp_path / "calib.jsonl"
+    calibration.write_text("".join(json.dumps({"image": str(task_dir / r["image"]), "prompt": r["question"]})
+                                   + "\n" for r in docs(task_dir)))
+    assert main(["lc", DEMO, "--data", str(calibration), "--dtype", "float64", "--device", "cpu",
+                 "--quiet", "--out", str(tmp_path / "lc.json")]) == 0
+    got = json.loads(runs["shortv"]["report"].read_text())
+    assert_same_report(got, json.loads((tmp_path / "lc.json").read_text()))
+    assert got["samples"] == N_DOCS
 
 
 # ---- in process: requests as lmms-eval builds them --------------------------------------------
@@ -267,44 +287,61 @@ def reference_loglikelihood(model: shortv.LLaVA, question: str, image: Image.Ima
     return float(logprobs), bool((predicting.argmax(-1) == target).all())
 
 
+def pairs(results: list) -> list[tuple[float, bool]]:
+    """The (loss, greedy) pairs of loglikelihood results: each in a GenerationResult, the
+    one kind of result that lmms-eval 0.7.3's evaluator passes on unchanged."""
+    from lmms_eval.api.instance import unwrap_generation_output
+
+    out = []
+    for result in results:
+        pair, _ = unwrap_generation_output(result)
+        assert isinstance(pair, tuple), pair
+        out.append(pair)
+    return out
+
+
 def test_loglikelihood_ranks_the_true_answer_first_and_matches_logits(lm: ShortVLMM) -> None:
-    # In process, not through `python -m lmms_eval`: lmms-eval 0.7.3's evaluator turns every
-    # loglikelihood result into a string (unwrap_generation_output) before its
-    # multiple_choice task scores it, which fails for any model.
     items = colour_items(lm.model, 3)
     lm.task_dict = {TASK: {SPLIT: [{"image": image} for image, _, _, _ in items]}}
     # As lmms-eval's multiple_choice builds them: one request per choice, the continuation
     # after its target_delimiter " ".
     requests = [instance("loglikelihood", (question, f" {choice}", doc_image, d, TASK, SPLIT), d, i)
                 for d, (_, question, choices, _) in enumerate(items) for i, choice in enumerate(choices)]
-    results = lm.loglikelihood(requests)
+    results = pairs(lm.loglikelihood(requests))
     assert len(results) == len(requests)
     assert all(isinstance(v, float) and isinstance(g, bool) for v, g in results)
     k = len(items[0][2])
     for d, (image, question, choices, truth) in enumerate(items):
         scores = results[d * k:(d + 1) * k]
-        values = [v for v, _ in scores]
-        assert max(range(k), key=values.__getitem__) == truth, (question, choices, values)
+        losses = [v for v, _ in scores]
+        # lmms-eval's multiple_choice takes the argmin
+        assert min(range(k), key=losses.__getitem__) == truth, (question, choices, losses)
         assert [g for _, g in scores] == [i == truth for i in range(k)]
-        for choice, (value, greedy) in zip(choices, scores, strict=True):
+        for choice, (loss, greedy) in zip(choices, scores, strict=True):
             ref_value, ref_greedy = reference_loglikelihood(lm.model, question, image, f" {choice}")
-            assert value == pytest.approx(ref_value, abs=1e-4)
-            assert value < 0 and greedy == ref_greedy
+            assert loss == pytest.approx(-ref_value, abs=1e-4)
+            assert loss > 0 and greedy == ref_greedy
 
 
 def test_loglikelihood_other_request_forms(lm: ShortVLMM) -> None:
     image, question, choices, truth = colour_items(lm.model, 1)[0]
     doc = {"image": image, "answer": choices[truth]}
     lm.task_dict = {TASK: {SPLIT: [doc]}}
-    string, = lm.loglikelihood([instance("loglikelihood", (question, " " + doc["answer"], doc_image, 0,
-                                                          TASK, SPLIT), 0)])
-    # output_type loglikelihood passes doc_to_target itself; acc_mutual_info passes
-    # ("", choice): no document, no image, an empty user turn.
-    target, = lm.loglikelihood([instance("loglikelihood", (question, lambda d: " " + d["answer"],
-                                                          doc_image, 0, TASK, SPLIT), 0)])
+    string, = pairs(lm.loglikelihood([instance("loglikelihood", (question, " " + doc["answer"], doc_image,
+                                                                0, TASK, SPLIT), 0)]))
+
+    class Task:  # output_type loglikelihood passes the task's doc_to_target method itself
+        config = types.SimpleNamespace(target_delimiter=" ")
+
+        def doc_to_target(self, d: dict[str, Any]) -> str:
+            return d["answer"]
+
+    target, = pairs(lm.loglikelihood([instance("loglikelihood", (question, Task().doc_to_target,
+                                                                doc_image, 0, TASK, SPLIT), 0)]))
     assert target == string
-    unconditional, = lm.loglikelihood([instance("loglikelihood", ("", " " + doc["answer"]), 0)])
-    assert unconditional[0] < 0
+    # acc_mutual_info passes ("", choice): no document, no image, an empty user turn.
+    unconditional, = pairs(lm.loglikelihood([instance("loglikelihood", ("", " " + doc["answer"]), 0)]))
+    assert unconditional[0] > 0
     with pytest.raises(InputError, match="non-empty string"):
         lm.loglikelihood([instance("loglikelihood", (question, "", doc_image, 0, TASK, SPLIT), 0)])
 
@@ -391,14 +428,46 @@ def test_model_args_build_the_method_as_the_cli_does() -> None:
     ("tempreature=0", "tempreature"),
 ])
 def test_bad_model_args_are_one_clear_error(args: str, named: str) -> None:
-    with pytest.raises(ShortVError, match=named.replace("?", r"\?")) as info:
+    # Where lmms-eval makes the model: an exit with the message (lmms-eval swallows
+    # Exceptions); the class itself raises the ShortVError.
+    with pytest.raises(BadModelArgs, match=named.replace("?", r"\?")) as info:
         ShortVLMM.create_from_arg_string(f"pretrained={DEMO},{args}", {"batch_size": 1})
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and not isinstance(info.value, Exception)
+    assert str(info.value).startswith("lmms-eval --model shortv: ")
 
 
 def test_pretrained_is_required() -> None:
-    with pytest.raises(ShortVError, match="pretrained"):
+    with pytest.raises(BadModelArgs, match="pretrained"):
         ShortVLMM.create_from_arg_string("n_frozen=4", {"batch_size": 1})
+    with pytest.raises(ShortVError, match="pretrained"):
+        ShortVLMM(n_frozen=4)
+
+
+def test_cal_lc_path_is_checked_before_the_load(tmp_path: Path) -> None:
+    with pytest.raises(BadModelArgs, match=r"cal_lc=.*does not exist"):
+        ShortVLMM.create_from_arg_string(f"pretrained={DEMO},cal_lc={tmp_path}/no/lc.json")
+
+
+def test_conv_template_defaults_to_the_cards_and_takes_every_name() -> None:
+    make = ShortVLMM.create_from_arg_string
+    default = make(f"pretrained={DEMO},device=cpu").model.template
+    assert default == shortv.load(DEMO, device="cpu").template
+    assert default.name == shortv.zoo.card(DEMO).template
+    for name in ("vicuna_v1", "v1", "llava_v1", "plain"):
+        assert make(f"pretrained={DEMO},device=cpu,conv_template={name}").model.template == \
+            shortv.get_template(name)
+
+
+def test_docstring_lists_every_method_and_model_arg() -> None:
+    import inspect
+
+    from shortv.methods import METHODS
+
+    doc = ShortVLMM.__doc__
+    assert all(name in doc for name in METHODS)
+    unused = {"self", "unknown", "max_batch_size"}
+    for arg in set(inspect.signature(ShortVLMM.__init__).parameters) - unused:
+        assert f"- {arg}:" in doc or f" {arg}:" in doc or f"{arg}," in doc, arg
 
 
 # ---- registration -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import ConfigError
 from .options import add_runtime, int_at_least, output_path, print_json
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if plot is not None:
         lc.plot(report, plot)
     if args.json:
+        if plot is not None:  # on stderr: stdout holds the JSON report alone
+            print(f"plot written to {args.plot}", file=sys.stderr)
         print_json(report.to_dict())
         return 0
     print(f"Layer Contribution of {model.name} over {report.samples} samples "
@@ -70,4 +73,6 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         print(f"report written to {args.out}; freeze with: shortv chat --model {args.model} "
               f"--ranking {args.out} --n-frozen N")
+    if plot is not None:
+        print(f"plot written to {args.plot}")
     return 0

@@ -14,6 +14,10 @@ N processes; lmms-eval gives each its share of the documents (by RANK / WORLD_SI
 gathers the results; each process loads its own copy of the model on the GPU of its
 LOCAL_RANK. Nothing here starts a process group: lmms-eval's CLI already has one when
 there are several processes, and a single process needs none.
+
+The paper measures Layer Contribution through lmms-eval (`--tasks gqa,flickr30k_test
+--limit 20 --cal_lc`); here that is the model_arg `cal_lc=PATH`, which writes the report of
+`shortv lc --out PATH` measured on the prompts of the run's requests.
 """
 
 from __future__ import annotations
@@ -26,20 +30,22 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
 from .. import zoo
-from ..cli.options import method_options, method_spec
+from ..cli.options import method_options, method_spec, output_path
 from ..conversation import get_template
 from ..errors import ConfigError, InputError, ShortVError
 from ..generate import GenerationOptions
+from ..lc import NOISE_WARNING, LCSums
 from ..llava import Encoded, LLaVA, to_pil
 from ..loading import DTYPES, load
 from ..methods import parse_layer_list
+from .distributed import Ranks
 
 MODEL_ID = "shortv"
 
@@ -61,38 +67,50 @@ def manifest() -> Any:
 
 
 class ShortVLMM(lmms):
-    """lmms-eval model for shortv: LLaVA-1.5 / LLaVA-NeXT with ShortV, FastV or VTW.
+    """lmms-eval model for shortv: LLaVA-1.5 / LLaVA-NeXT with any shortv method.
 
     model_args (`--model_args key=value,key=value`; lmms-eval splits them on commas):
 
     - pretrained: zoo name (`shortv zoo`), checkpoint directory or Hub repo id (required).
-    - method: vanilla | shortv | fastv | vtw. Default: shortv when n_frozen or
+    - method: vanilla | shortv | fastv | vtw | pdrop | visionzip | dart | sparsevlm, or
+      several joined by `+` (e.g. shortv+fastv). Default: shortv when n_frozen or
       frozen_layers is given, else vanilla; `method=shortv` alone freezes the card's
       paper N (as `shortv chat --method shortv`).
     - n_frozen: ShortV, freeze the first N layers of the ranking (the card's, or `ranking`).
     - frozen_layers: ShortV, exactly these layer ids, separated by ":" because a comma
       would end the argument: `frozen_layers=31:29:30` (a quoted or bracketed
       comma list, `frozen_layers=[31,29,30]`, survives lmms-eval's splitting too).
-    - ranking: an LC report from `shortv lc`, used with n_frozen.
+    - ranking: an LC report from `shortv lc` (or `cal_lc`), used with n_frozen.
     - k, r: FastV's layer K and dropped fraction R (default 2 and 0.5); VTW's layer K
       (default half the layers).
-    - dtype: float32 | float16 | bfloat16 (and fp32, fp16, bf16); default bfloat16 on
-      CUDA, float32 on CPU. device: cpu, cuda, cuda:1, ...; default the GPU of this
-      process (LOCAL_RANK) when CUDA is available, else cpu.
-    - conv_template: a shortv conversation template (`vicuna_v1`, `plain`); default the
-      card's (the loaded model's).
+    - budget: the visual-token budget of the methods that keep a number of tokens
+      (pdrop, visionzip, dart, sparsevlm).
+    - dtype: float32 | float16 | bfloat16 | float64 (and fp32, fp16, bf16, fp64); default
+      bfloat16 on CUDA, float32 on CPU. device: cpu, cuda, cuda:1, ...; default the GPU of
+      this process (LOCAL_RANK) when CUDA is available, else cpu.
+    - conv_template: any shortv conversation template name (`shortv.get_template`, e.g.
+      `vicuna_v1`, `plain`); default the model card's, the one `shortv.load` picks (not
+      lmms-eval's llava default).
     - batch_size: requests per forward pass (also `--batch_size`; model_args win).
+    - cal_lc: a file path; measure Layer Contribution (of the unmodified model) on the
+      prompt of every request, each document's prompt once, and write there the report
+      `shortv lc --out` writes for the same prompts and images, summed over all
+      processes. Requests without images are skipped. The answers are still produced
+      and scored.
+
+    A bad model_arg ends the run before the model loads, with one line on stderr and a
+    non-zero exit status (see `create_from_arg_string`).
 
     Prompts are built as `shortv chat` builds them: each request's context is the user
     turn of the conversation template, and the document's images (lmms-eval's
     doc_to_visual) get `<image>` placeholders at its start unless the context places them.
     Request types: generate_until (batched; gen_kwargs max_new_tokens, temperature, top_p,
-    until, seed) and loglikelihood; generate_until_multi_round is not supported.
+    until, seed) and loglikelihood (multiple_choice tasks); generate_until_multi_round is
+    not supported.
 
-    loglikelihood returns log probabilities, as lmms-eval's model API documents. Its
-    multiple_choice scoring (0.7.3) instead takes the argmin, because its own models
-    return losses, and its evaluator turns loglikelihood results into strings before
-    scoring; both are lmms-eval's to fix.
+    loglikelihood gives lmms-eval the continuation's negative log likelihood (a loss,
+    lower is likelier), which lmms-eval 0.7.3's multiple_choice scoring expects: it takes
+    the argmin, as its own models return losses.
     """
 
     is_simple = True
@@ -111,6 +129,7 @@ class ShortVLMM(lmms):
         device: str | None = None,
         conv_template: str | None = None,
         batch_size: int | str = 1,
+        cal_lc: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval passes --max_batch_size (for "auto"): unused
         **unknown: Any,
     ) -> None:
@@ -119,7 +138,7 @@ class ShortVLMM(lmms):
             raise ConfigError(
                 f"unknown model_args {', '.join(sorted(unknown))} for --model {MODEL_ID}; use "
                 "pretrained, method, n_frozen, frozen_layers, ranking, k, r, budget, dtype, device, "
-                "conv_template, batch_size")
+                "conv_template, batch_size, cal_lc")
         if pretrained is None or not str(pretrained).strip():
             raise ConfigError(f"--model {MODEL_ID} needs model_args pretrained=NAME (a zoo name, "
                               "checkpoint directory or Hub repo id)")
@@ -142,6 +161,11 @@ class ShortVLMM(lmms):
             except ConfigError as e:
                 raise ConfigError(f"model_args conv_template={conv_template!r}: {e}") from None
         self.batch_size_per_process = _batch_size(batch_size)
+        # Checked now: the report is written after every request has run.
+        try:
+            self._lc_path = output_path(str(cal_lc)) if cal_lc is not None else None
+        except ConfigError as e:
+            raise ConfigError(f"model_args cal_lc={cal_lc}: {e}") from None
         try:
             method_kwargs = method_options(options, zoo.card(pretrained))
         except ConfigError as e:
@@ -156,6 +180,9 @@ class ShortVLMM(lmms):
         # Kept apart from the model: lmms-eval's clean() drops every nn.Module attribute after
         # the requests, and its collectives still ask for the device.
         self._device = model.device
+        self._lc = LCSums(model) if self._lc_path is not None else None
+        self._lc_seen: set[tuple] = set()
+        self._lc_skipped = 0
         if self._rank == 0:
             logger.info(f"shortv: {model.name} on {model.device} ({model.dtype}), "
                         f"{model.method.describe()}, {self._world_size} process(es)")
@@ -165,12 +192,22 @@ class ShortVLMM(lmms):
         """The model from `--model_args` plus lmms-eval's own options (batch_size,
         max_batch_size, device from its command line). The base class passes both as
         keywords, so a name in both (batch_size always comes from --batch_size, 1 by
-        default) would be a TypeError; here model_args win."""
+        default) would be a TypeError; here model_args win.
+
+        This is how lmms-eval makes the model, and a bad model_arg (or a model that cannot
+        be loaded) raises BadModelArgs, which ends the process with its message and exit
+        status 1: lmms-eval 0.7.3's CLI catches every Exception of an evaluation, logs it
+        and exits 0, so a ShortVError here would let the run "succeed" with no results.
+        A SystemExit is not an Exception and passes through. `ShortVLMM(...)` itself
+        raises the ShortVError."""
         from lmms_eval import utils
 
         args = utils.simple_parse_args_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        return cls(**{**extra, **args})
+        try:
+            return cls(**{**extra, **args})
+        except ShortVError as e:
+            raise BadModelArgs(f"lmms-eval --model {MODEL_ID}: {e}") from None
 
     # ---- what the evaluator reads ----------------------------------------------------------
 
@@ -204,6 +241,7 @@ class ShortVLMM(lmms):
             for chunk in _chunks(indices, self.batch_size):
                 prompts = [_context(requests[i]) for i in chunk]
                 images = [self._visuals(requests[i]) for i in chunk]
+                self._measure_lc([requests[i] for i in chunk], images)
                 try:
                     results = self._model.generate(prompts, images, options=options, template=True)
                 except ShortVError as e:
@@ -215,23 +253,35 @@ class ShortVLMM(lmms):
         progress.close()
         return answers
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), whether greedy decoding gives the continuation)
-        per request: the context is the user turn of the conversation template (with the
-        document's images), the continuation is appended as text after the open
-        assistant turn, and its tokens' log probabilities are summed (a log probability,
-        <= 0, higher is likelier; not a loss). The whole sequence is one prefill, so FastV
-        picks the visual tokens it keeps by the continuation's last token."""
-        scored = [self._scored(request) for request in requests]
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """(−log p(continuation | context), whether greedy decoding gives the continuation)
+        per request, each wrapped in a GenerationResult (its `text`): the context is the
+        user turn of the conversation template (with the document's images), the
+        continuation is appended as text after the open assistant turn, and its tokens'
+        log probabilities are summed and negated (a loss, >= 0, lower is likelier).
+
+        Why the loss: lmms-eval 0.7.3's multiple_choice scoring takes the argmin (its own
+        models return losses), so acc and acc_norm pick the likeliest choice with it;
+        `continuation_scores` gives the log probabilities. Why the wrapper: its evaluator
+        passes every result through `unwrap_generation_output`, which turns a plain
+        (float, bool) pair into its str(); a GenerationResult's text passes unchanged.
+
+        The whole sequence is one prefill, so FastV picks the visual tokens it keeps by
+        the continuation's last token."""
+        visuals = [self._visuals(request) for request in requests]
+        self._measure_lc(requests, visuals)
+        scored = [self._scored(request, images) for request, images in zip(requests, visuals, strict=True)]
+        out: list[GenerationResult] = [GenerationResult(text=(0.0, False))] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(scored[i][0].input_ids))
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="shortv loglikelihood")
         for chunk in _chunks(order, self.batch_size):
             batch = [scored[i][0] for i in chunk]
             targets = [scored[i][1] for i in chunk]
-            for i, value in zip(chunk, continuation_scores(self._model, batch, targets), strict=True):
-                out[i] = value
-                self.cache_hook.add_partial("loglikelihood", requests[i].args[:2], value)
+            for i, (logprob, greedy) in zip(chunk, continuation_scores(self._model, batch, targets),
+                                            strict=True):
+                pair = (-logprob, greedy)
+                out[i] = GenerationResult(text=pair)  # type: ignore[arg-type]
+                self.cache_hook.add_partial("loglikelihood", requests[i].args[:2], pair)
             progress.update(len(chunk))
         progress.close()
         return out
@@ -240,6 +290,75 @@ class ShortVLMM(lmms):
         raise InputError(
             f"--model {MODEL_ID} does not support generate_until_multi_round requests "
             "(multi-round tasks); it answers generate_until and loglikelihood requests")
+
+    # ---- Layer Contribution (model_args cal_lc) -----------------------------------------------
+
+    def _measure_lc(self, requests: Sequence[Instance], visuals: Sequence[list[Image.Image]]) -> None:
+        """With cal_lc: add the LC of these requests' prompts (`visuals`: their documents'
+        images) to this process's sums.
+
+        A prompt is a request's context with its document's images, encoded as
+        `shortv lc` encodes a sample {"image", "prompt": context} (`LLaVA.encode`, the
+        conversation template and `<image>` placement of `shortv chat`), and LC is measured
+        at its last position on the unmodified model, whatever method answers. Each
+        document's prompt counts once: a multiple_choice document sends one loglikelihood
+        request per choice with the same context, and repeats send the same request again;
+        lmms-eval's padding requests (copies that even out the ranks' shares) do not count.
+        Requests without images (text-only tasks, the unconditional requests of
+        acc_mutual_info) have no visual LC and are skipped."""
+        if self._lc is None:
+            return
+        prompts: list[tuple[str, list[Image.Image], Instance]] = []
+        for request, images in zip(requests, visuals, strict=True):
+            key = (request.task_name, _split(request), request.doc_id, str(request.args[0]))
+            if (request.metadata or {}).get("__padding_only__") or key in self._lc_seen:
+                continue
+            self._lc_seen.add(key)
+            if not images:
+                self._lc_skipped += 1
+                continue
+            prompts.append((_context(request), images, request))
+        progress = tqdm(total=len(prompts), disable=self.rank != 0 or not prompts, desc="shortv LC")
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            try:
+                encoded = [self._model.encode(context, images) for context, images, _ in chunk]
+            except ShortVError as e:
+                raise type(e)(f"{_where(chunk[0][2])}: {e}") from None
+            self._lc.add(self._model, encoded)
+            progress.update(len(chunk))
+        progress.close()
+
+    def _write_lc_report(self) -> None:
+        """Combine every process's LC sums (a collective: lmms-eval calls `clean` on every
+        rank after the last request) and write the report on rank 0."""
+        assert self._lc is not None and self._lc_path is not None
+        ranks = Ranks(self._rank, self._world_size)
+        tasks = ",".join(sorted(self.task_dict)) if self.task_dict else "?"
+        try:
+            report = self._lc.report(self._model.name, ranks=ranks, data=f"lmms-eval tasks {tasks}")
+        except ShortVError as e:
+            # Raising here would lose the run's scores, which are computed after clean().
+            logger.error(f"shortv: cal_lc: {e} (requests without images are skipped); "
+                         f"{self._lc_path} not written")
+            return
+        if self._rank != 0:
+            return
+        report.save(self._lc_path)
+        if report.visual_is_noise:
+            logger.warning(f"shortv: cal_lc: {NOISE_WARNING}")
+        skipped = f"; {self._lc_skipped} request(s) without images skipped" if self._lc_skipped else ""
+        logger.info(f"shortv: Layer Contribution over {report.samples} prompts written to "
+                    f"{self._lc_path}{skipped}; ranking (ascending visual LC): "
+                    f"{','.join(map(str, report.ranking))}")
+
+    def clean(self) -> None:
+        """lmms-eval's hook after the last request (before scoring): write the cal_lc
+        report, then let lmms-eval free the model."""
+        if self._lc is not None:
+            self._write_lc_report()
+            self._lc = None
+        super().clean()
 
     # ---- request parts ---------------------------------------------------------------------
 
@@ -261,20 +380,28 @@ class ShortVLMM(lmms):
         except ShortVError as e:
             raise type(e)(f"{_where(request)}: {e}") from None
 
-    def _scored(self, request: Instance) -> tuple[Encoded, list[int]]:
+    def _scored(self, request: Instance, images: list[Image.Image]) -> tuple[Encoded, list[int]]:
         """The encoded context + continuation of a loglikelihood request, and the
         continuation's token ids (the end of the encoded ids)."""
         context, continuation = _context(request), request.args[1]
-        if callable(continuation):  # output_type loglikelihood: doc_to_target(doc)
+        if callable(continuation):  # output_type loglikelihood: the task's doc_to_target
             args = request.args
             continuation = continuation(self.task_dict[args[4]][args[5]][args[3]])
+            if isinstance(continuation, str):
+                continuation = _target_delimiter(request.args[1]) + continuation
         if not isinstance(continuation, str) or not continuation:
             raise InputError(f"{_where(request)}: a loglikelihood continuation must be a non-empty "
                              f"string, got {continuation!r}")
         try:
-            return encode_continuation(self._model, context, continuation, self._visuals(request))
+            return encode_continuation(self._model, context, continuation, images)
         except ShortVError as e:
             raise type(e)(f"{_where(request)}: {e}") from None
+
+
+class BadModelArgs(SystemExit):
+    """A model_arg that the model cannot run with, raised where lmms-eval makes the model.
+    A SystemExit with a message: Python prints the message (one line) on stderr and exits
+    with status 1, through lmms-eval's `except Exception` (see create_from_arg_string)."""
 
 
 # ---- scoring ----------------------------------------------------------------------------------
@@ -316,7 +443,9 @@ def continuation_scores(model: LLaVA, batch: Sequence[Encoded],
     longest = max(len(t) for t in targets)
     # Left padding puts every sequence's end at the last position, so only the positions
     # that predict the longest target go through the vocabulary projection.
-    logits = model.decoder.head(hidden[:, -(longest + 1):-1]).float()
+    logits = model.decoder.head(hidden[:, -(longest + 1):-1])
+    # At least float32 for the softmax; a float64 model keeps its precision.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logprobs = torch.log_softmax(logits, dim=-1)
     out = []
     for row, target in zip(logprobs, targets, strict=True):
@@ -537,8 +666,24 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(items[start:start + size])
 
 
+def _target_delimiter(doc_to_target: Any) -> str:
+    """What goes between the context and the target of an output_type loglikelihood
+    request: its task's target_delimiter (" " by default). lmms-eval 0.7.3 puts it before
+    each choice of multiple_choice requests itself, but passes the bare doc_to_target for
+    loglikelihood requests (lm-eval, where this comes from, adds it there too)."""
+    config = getattr(getattr(doc_to_target, "__self__", None), "config", None)
+    delimiter = getattr(config, "target_delimiter", None)
+    return delimiter if isinstance(delimiter, str) else ""
+
+
+def _split(request: Instance) -> Any:
+    """The request's dataset split (None for lmms-eval's unconditional requests)."""
+    return request.args[5] if len(request.args) >= 6 else None
+
+
 def _where(request: Instance) -> str:
     return f"task {request.task_name} doc {request.doc_id}"
 
 
-__all__ = ["ShortVLMM", "continuation_scores", "encode_continuation", "generation_options", "manifest"]
+__all__ = ["BadModelArgs", "ShortVLMM", "continuation_scores", "encode_continuation", "generation_options",
+           "manifest"]

@@ -1,0 +1,40 @@
+"""lmms-eval's `cal_lc` against `shortv lc`: the Layer Contribution that the lmms-eval run of
+test_lmms_loglikelihood.py measured on its requests' prompts must be the report that
+`shortv lc --data` writes for a calibration file of the same images and prompts (each
+document's prompt once per task, however many choices it sent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from shortv.cli import main
+from tests.test_lmms_loglikelihood import DEMO, mc_run, mc_task, task_rows  # noqa: F401 (the run's fixtures)
+
+
+def assert_same_report(got: dict, want: dict) -> None:
+    assert (got["model"], got["samples"]) == (want["model"], want["samples"])
+    for kind in ("visual", "text"):
+        torch.testing.assert_close(torch.tensor(got[kind], dtype=torch.float64),
+                                   torch.tensor(want[kind], dtype=torch.float64), rtol=1e-6, atol=1e-13)
+    assert got["ranking"] == want["ranking"] and got["ranking_str"] == want["ranking_str"]
+
+
+def test_cal_lc_report_is_the_report_of_shortv_lc(mc_run, mc_task: Path, tmp_path: Path) -> None:  # noqa: F811
+    run = mc_run["good"]
+    assert run["returncode"] == 0, run["stdout"][-6000:]
+    got = json.loads(run["report"].read_text())
+    # Two tasks over the same documents: each document's prompt counts once per task.
+    rows = task_rows(mc_task)
+    calibration = tmp_path / "calib.jsonl"
+    calibration.write_text("".join(
+        json.dumps({"image": str(mc_task / r["image"]), "prompt": r["question"]}) + "\n"
+        for r in rows + rows))
+    assert main(["lc", DEMO, "--data", str(calibration), "--dtype", "float64", "--device", "cpu",
+                 "--quiet", "--out", str(tmp_path / "lc.json")]) == 0
+    want = json.loads((tmp_path / "lc.json").read_text())
+    assert want["samples"] == 2 * len(rows)
+    assert_same_report(got, want)
+    assert max(got["text"]) > 1e-3 and max(got["visual"]) > 1e-9  # not all zeros
