@@ -195,18 +195,20 @@ class LLaVA(nn.Module):
         pixels = torch.cat(crops).to(self.device, self.dtype)
         counts = [c.shape[0] for c in crops]
         if reduce and self.method.reduces_images:
-            return self._reduced_image_features(pixels, counts)
+            return self._reduced_image_features(pixels, counts, sizes)
         hidden = torch.cat(self.vision(pixels, self.config.vision_hidden_indices), dim=-1)
         if self.config.vision_select_feature == "patch":
             hidden = hidden[:, 1:]
         features = self.projector(hidden).split(counts)
         return [self._merge_crops(f, size) for f, size in zip(features, sizes, strict=True)]
 
-    def _reduced_image_features(self, pixels: Tensor, counts: list[int]) -> list[Tensor]:
+    def _reduced_image_features(self, pixels: Tensor, counts: list[int],
+                                sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
         """Visual tokens per image after the method's `reduce_image` (VisionZip), which
         sees each image's crops at the select layer with that layer's class-token
         attention and keys. The reduced tokens of an image's crops are concatenated in
-        crop order (there is no grid left to unpad)."""
+        crop order (there is no grid left to unpad). An image whose every patch the
+        method keeps (`Method.keeps_image`: a full budget) is vanilla's tokens."""
         if self.config.vision_select_feature != "patch" or len(self.config.vision_hidden_indices) != 1:
             raise InputError(f"{self.method.describe()} needs a tower read at one layer without the "
                              "class token (select_feature 'patch')")
@@ -214,9 +216,13 @@ class LLaVA(nn.Module):
         (hidden,) = self.vision(pixels, self.config.vision_hidden_indices, capture)
         cls_attention, keys = capture[0][..., 1:], capture[1][:, :, 1:]
         out = []
-        for h, a, k in zip(hidden.split(counts), cls_attention.split(counts), keys.split(counts),
-                           strict=True):
-            reduced = self.method.reduce_image(ImageView(h[:, 1:], a, k, cls_features=h[:, 0]))
+        for h, a, k, size in zip(hidden.split(counts), cls_attention.split(counts), keys.split(counts),
+                                 sizes, strict=True):
+            patches = h[:, 1:]
+            if self.method.keeps_image(patches.shape[0] * patches.shape[1]):
+                out.append(self._merge_crops(self.projector(patches), size))
+                continue
+            reduced = self.method.reduce_image(ImageView(patches, a, k, cls_features=h[:, 0]))
             out.append(self.projector(reduced).flatten(0, 1))
         return out
 

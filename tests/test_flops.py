@@ -225,7 +225,8 @@ def test_fastv_counts() -> None:
     # FastV's ranking in layer k - 1: the last query's Q row and its scores over 640 keys
     c = VICUNA_7B
     ranking = 2 * c.heads * c.head_dim * (c.hidden_size + 640)
-    assert decoder_flops(VICUNA_7B, FastV(k=2, r=0.0), 64, 576) == vanilla + ranking
+    # r = 0 keeps every visual token: no ranking, no drop, vanilla's FLOPs
+    assert decoder_flops(VICUNA_7B, FastV(k=2, r=0.0), 64, 576) == vanilla
     for k in (1, 2, 16, 31):
         # r = 1 keeps no visual token: the same as dropping them all at k (plus the ranking).
         assert decoder_flops(VICUNA_7B, FastV(k=k, r=1.0), 64, 576) == decoder_flops(

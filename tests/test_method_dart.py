@@ -130,7 +130,7 @@ CASES = {
     "k1-b8-2+2": DART(k=1, budget=8, pivot_image=2, pivot_text=2),
     "k3-ratio0.5": DART(k=3, reduction_ratio=0.5),
     "k7-b5-1+3": DART(k=7, budget=5, pivot_image=1, pivot_text=3),
-    "k2-b0": DART(k=2, budget=0),
+    "k2-b4": DART(k=2, budget=4),  # the image pivots only, the least budget allowed
 }
 
 

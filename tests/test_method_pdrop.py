@@ -222,8 +222,10 @@ def test_budget_solves_lambda_for_the_average_visual_tokens():
     assert next_.lam == PDrop(layers=(2, 8, 16), budget=64, budget_of=576).for_layers(32).lam
     with pytest.raises(ConfigError, match="out of reach"):
         PDrop(layers=(8, 16, 24), budget=128).for_layers(32)  # at least 576 / 4 = 144
-    assert PDrop().for_layers(32) == PDrop()  # no budget: λ as given
+    assert PDrop().for_layers(32) == PDrop(layers=(8, 16, 24))  # no budget: λ as given
     assert "lam=0.5" in PDrop().describe()
+    # a budget of every token keeps every token (λ = 1)
+    assert PDrop(layers=(2, 8, 16), budget=600).for_layers(32).lam == 1.0
 
 
 def test_counts_are_the_codes_int_for_half():
@@ -238,7 +240,7 @@ def test_counts_are_the_codes_int_for_half():
 @pytest.mark.parametrize("bad", [dict(layers=()), dict(layers=(0, 4)), dict(layers=(4, 2)),
                                  dict(layers=(2, 2)), dict(layers=(8,)), dict(layers=(1.5,)),
                                  dict(layers="2,4"), dict(lam=1.5), dict(lam=-0.1), dict(lam=True),
-                                 dict(budget=-1), dict(budget=2.5), dict(budget=600),
+                                 dict(budget=-1), dict(budget=2.5), dict(budget=140),
                                  dict(budget_of=0)])
 def test_invalid_parameters(bad):
     with pytest.raises(ConfigError):

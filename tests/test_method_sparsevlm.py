@@ -277,13 +277,18 @@ def test_flop_counter_agrees_with_analytic_count(demo, images):
     assert measured == analytic + relevance
 
 
-def test_validation():
-    for bad in [SparseVLM(), SparseVLM((1, 7)), SparseVLM((3, 1, 5)), SparseVLM((1, 1, 2)),
-                SparseVLM((1, 2)), SparseVLM(LAYERS, budget=0), SparseVLM(LAYERS, budget=True),
-                SparseVLM((1, 2), schedule=(3,)), SparseVLM((1,), schedule=(-1,)),
-                SparseVLM((1.5, 2, 3))]:
-        with pytest.raises(ConfigError):
-            bad.validate(8)
-    SparseVLM().validate(32)
+@pytest.mark.parametrize("bad", [dict(layers=(1, 7)), dict(layers=(3, 1, 5)), dict(layers=(1, 1, 2)),
+                                 dict(layers=(1, 2)), dict(layers=LAYERS, budget=0),
+                                 dict(layers=LAYERS, budget=True), dict(layers=(1, 2), schedule=(3,)),
+                                 dict(layers=(1,), schedule=(-1,)), dict(layers=(1.5, 2, 3))])
+def test_validation(bad):
+    with pytest.raises(ConfigError):
+        SparseVLM(**bad).for_layers(8)
+
+
+def test_depth_checks():
+    with pytest.raises(ConfigError):
+        SparseVLM(layers=(1, 3, 7)).for_layers(8)  # no layer after 7 to drop from
+    assert SparseVLM().for_layers(32).layers == (2, 6, 15)
     SparseVLM(LAYERS, budget=32).validate(8)
-    assert "sparsevlm(layers=(2, 6, 15)" in SparseVLM().describe()
+    assert "sparsevlm(layers=(2, 6, 15)" in SparseVLM().for_layers(32).describe()

@@ -16,6 +16,11 @@
   (`methods/sparsevlm.py`).
 - `compose(...)`: a layer-wise method with token-wise ones (`methods/compose.py`).
 
+Every method at its full budget (FastV r=0, PDrop λ=1, budgets of every token, ShortV with
+no layers) is the vanilla model. Options that cannot work on
+any model are a ConfigError when the method is built; those that depend on the depth, when
+it is attached (`Method.for_layers`, which also fills in depth-dependent defaults).
+
 `METHODS` maps each command-line name to its class.
 """
 

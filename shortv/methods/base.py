@@ -145,12 +145,19 @@ class Method:
         the analytic FLOPs count)."""
         return n_visual
 
+    def keeps_image(self, n_patches: int) -> bool:
+        """Whether `reduce_image` keeps every one of an image's `n_patches` patches (all
+        crops together) as they are: the image then reaches the language model exactly as
+        vanilla's (for anyres, with its unpadding and row-end tokens)."""
+        return not self.reduces_images
+
     def validate(self, num_layers: int) -> None:
         """Raise ConfigError if this method does not fit a decoder of `num_layers`."""
 
     def for_layers(self, num_layers: int) -> Method:
         """This method for a decoder of `num_layers`: defaults that depend on the depth
-        filled in (VTW's k), then validated. The decoder only runs fitted methods."""
+        filled in (VTW's k, PDrop's and SparseVLM's layers), then validated, so that the
+        fitted method's fields say what it does. The decoder only runs fitted methods."""
         self.validate(num_layers)
         return self
 
@@ -193,6 +200,34 @@ def check_layer_ids(layers: Iterable[object], num_layers: int) -> None:
         if layer in seen:
             raise ConfigError(f"layer id {layer} is listed twice")
         seen.add(layer)
+
+
+def depth_scaled(reference: tuple[int, ...], num_layers: int, reference_depth: int = 32) -> tuple[int, ...]:
+    """Layer ids at the same fractions of a `num_layers` decoder as `reference` is of a
+    `reference_depth` one: l · num_layers / reference_depth rounded half up (exact in
+    integers), so a 32-layer decoder gets `reference` itself. The result may repeat ids
+    when the decoder is too shallow; callers check it."""
+    return tuple((2 * layer * num_layers + reference_depth) // (2 * reference_depth) for layer in reference)
+
+
+def check_int(value: object, what: str, *, minimum: int = 1, allowed: str = "") -> None:
+    """Raise ConfigError unless `value` is an int (not a bool) >= `minimum`; the message
+    names `what` and what is allowed (`allowed`, default "an integer >= minimum")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{what}={value!r} is not allowed; use {allowed or f'an integer >= {minimum}'}")
+
+
+def check_increasing_layers(layers: object, what: str, *, minimum: int) -> tuple[int, ...]:
+    """`layers` as a tuple of strictly increasing int ids >= `minimum`; ConfigError (naming
+    `what`) for anything else: a string, an empty list, repeats, a wrong order."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ConfigError(f"{what}={layers!r} must be a tuple of layer ids, e.g. (8, 16, 24)")
+    ids = tuple(layer_ids(layers))
+    if not ids:
+        raise ConfigError(f"{what}=() names no layer; give at least one layer id")
+    if list(ids) != sorted(set(ids)) or ids[0] < minimum:
+        raise ConfigError(f"{what}={ids} is not allowed; use strictly increasing layer ids >= {minimum}")
+    return ids
 
 
 def parse_layer_list(text: str) -> list[int]:

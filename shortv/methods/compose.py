@@ -76,6 +76,9 @@ class Compose(Method):
     def image_tokens(self, n_visual: int) -> int:
         return self._owner("image").image_tokens(n_visual)
 
+    def keeps_image(self, n_patches: int) -> bool:
+        return self._owner("image").keeps_image(n_patches)
+
     def validate(self, num_layers: int) -> None:
         for part in self.parts:
             part.validate(num_layers)

@@ -34,6 +34,12 @@ visual tokens (at most all of them), i.e. 196 / 132 / 68 for the field's 192 / 1
 sets it to round(n · (1 − reduction_ratio)) for a sequence of n visual tokens: 128 for 576,
 the code's LLaVA-1.5 default max_num_trunction.
 
+Full budget (differs): a budget >= a sequence's visual tokens (or reduction_ratio 0) keeps
+every one of them, the vanilla model. The code's count, pivot_image + 8 · (budget // 8),
+can fall up to 3 short of n even then (n mod 8 > 4), from the integer division alone,
+and fewer text tokens than text pivots shorten it further. A budget below pivot_image
+(the image pivots are always kept) is refused.
+
 Where ours is defined beyond the code (which handles one image of a batch of one):
 
 - Pivot order: the code loops over a Python `set` of the pivot indices (CPython's hash
@@ -61,7 +67,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..token_types import TokenType
-from .base import Capture, LayerView, Method
+from .base import Capture, LayerView, Method, check_int
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,24 @@ class DART(Method):
     reduction_ratio: float = 0.778
     name = "dart"
     hooks = frozenset({"tokens"})
+
+    def __post_init__(self) -> None:
+        check_int(self.k, "DART k", allowed="a layer id >= 1 (DART reads layer k - 1's keys)")
+        for field in ("pivot_image", "pivot_text"):
+            check_int(getattr(self, field), f"DART {field}", minimum=0, allowed="a non-negative integer")
+        pivots = self.pivot_image + self.pivot_text
+        if pivots < 1:
+            raise ConfigError("DART needs at least one pivot; use pivot_image + pivot_text >= 1")
+        if self.budget is not None:
+            # The image pivots are always kept: a smaller budget cannot be met.
+            least = max(1, self.pivot_image)
+            check_int(self.budget, "DART budget", minimum=least,
+                      allowed=f"at least {least} visual tokens (the {self.pivot_image} image pivots are "
+                              "always kept)")
+        r = self.reduction_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+            raise ConfigError(f"DART reduction_ratio={r!r} is not allowed; use a fraction in [0, 1) "
+                              "(0 keeps every token)")
 
     def drops_at(self, layer: int) -> bool:
         return layer == self.k
@@ -98,9 +122,10 @@ class DART(Method):
     def _retained(self, norms: Tensor, normed: Tensor, visual: Tensor, text: Tensor) -> Tensor:
         """[T] the visual tokens one sequence retains."""
         n_visual = int(visual.sum())
+        budget = dart_budget(n_visual, self.budget, self.reduction_ratio)
+        if budget >= n_visual:
+            return visual.clone()  # full budget: every visual token (the rule for every method)
         chosen = torch.zeros_like(visual)
-        if n_visual == 0:
-            return chosen
         t = visual.shape[0]
         positions = torch.arange(t, device=visual.device)
         image_pivots = _ranked(norms, visual)[: self.pivot_image]
@@ -111,7 +136,7 @@ class DART(Method):
         pivots = torch.cat((image_pivots, text_order[: self.pivot_text]))
         chosen[image_pivots] = True
         pivot_count = self.pivot_image + self.pivot_text
-        topk = dart_budget(n_visual, self.budget, self.reduction_ratio) // pivot_count
+        topk = budget // pivot_count
         for pivot in pivots.tolist():
             left = visual & ~chosen
             if topk == 0 or not bool(left.any()):
@@ -122,22 +147,9 @@ class DART(Method):
         return chosen
 
     def validate(self, num_layers: int) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int):
-            raise ConfigError(f"DART k={self.k!r} must be an integer layer id")
-        if not 1 <= self.k < num_layers:
-            raise ConfigError(f"DART k={self.k} must be in [1, {num_layers}) (it reads layer k - 1's keys)")
-        for field in ("pivot_image", "pivot_text"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"DART {field}={value!r} must be a non-negative integer")
-        if self.pivot_image + self.pivot_text < 1:
-            raise ConfigError("DART needs at least one pivot (pivot_image + pivot_text >= 1)")
-        if self.budget is not None and (
-                isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0):
-            raise ConfigError(f"DART budget={self.budget!r} must be a non-negative token count")
-        r = self.reduction_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
-            raise ConfigError(f"DART reduction_ratio={r!r} must be a fraction in [0, 1]")
+        if self.k >= num_layers:
+            raise ConfigError(f"DART k={self.k} is out of range; use 1 <= k < {num_layers} (the model's "
+                              "layers)")
 
     def describe(self) -> str:
         budget = f"reduction_ratio={self.reduction_ratio}" if self.budget is None else f"budget={self.budget}"
@@ -152,10 +164,11 @@ def dart_budget(n_visual: int, budget: int | None, reduction_ratio: float) -> in
 def dart_kept(n_visual: int, n_text: int, budget: int | None = None, pivot_image: int = 4,
               pivot_text: int = 4, reduction_ratio: float = 0.778) -> int:
     """Visual tokens DART retains of a sequence with n_visual visual and n_text text tokens."""
-    if n_visual == 0:
-        return 0
+    tokens = dart_budget(n_visual, budget, reduction_ratio)
+    if tokens >= n_visual:
+        return n_visual
     pivots = min(pivot_image, n_visual) + min(pivot_text, n_text)
-    topk = dart_budget(n_visual, budget, reduction_ratio) // (pivot_image + pivot_text)
+    topk = tokens // (pivot_image + pivot_text)
     return min(n_visual, min(pivot_image, n_visual) + pivots * topk)
 
 

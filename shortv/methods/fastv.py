@@ -5,6 +5,7 @@ attended to most in layer k - 1 (mean over heads); drop the rest for layers k.. 
 states and KV cache). Kept tokens keep their RoPE positions. In generation the choice is
 made once, at prefill, by the last prompt token, as FastV's own inference does;
 recomputing a longer sequence from scratch would re-rank with its own last token.
+r = 0 keeps every token: no ranking and no drop, the vanilla model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Capture, LayerView, Method, Queries
+from .base import Capture, LayerView, Method, Queries, check_int
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,17 @@ class FastV(Method):
     name = "fastv"
     hooks = frozenset({"tokens"})
 
+    def __post_init__(self) -> None:
+        check_int(self.k, "FastV k", allowed="a layer id >= 1 (FastV ranks with layer k - 1)")
+        r = self.r
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+            raise ConfigError(f"FastV r={r!r} is not allowed; use a fraction in [0, 1] (0 keeps every token)")
+
     def drops_at(self, layer: int) -> bool:
-        return layer == self.k
+        return layer == self.k and self.r > 0  # r = 0 keeps every token: no drop
 
     def capture(self, layer: int) -> Capture | None:
-        return Capture(queries=Queries.LAST) if layer == self.k - 1 else None
+        return Capture(queries=Queries.LAST) if self.drops_at(layer + 1) else None
 
     def keep(self, view: LayerView) -> Tensor:
         scores = view.require_scores("FastV")[:, 0]
@@ -39,14 +46,9 @@ class FastV(Method):
         return ~visual | top_visual(scores, visual, fastv_kept(visual.sum(dim=1), self.r))
 
     def validate(self, num_layers: int) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int):
-            raise ConfigError(f"FastV k={self.k!r} must be an integer layer id")
-        if not 1 <= self.k:
-            raise ConfigError(f"FastV k={self.k} must be >= 1 (it ranks with layer k - 1)")
         if self.k >= num_layers:
-            raise ConfigError(f"FastV k={self.k} must be < the model's {num_layers} layers")
-        if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or not 0.0 <= self.r <= 1.0:
-            raise ConfigError(f"FastV r={self.r!r} must be a fraction in [0, 1]")
+            raise ConfigError(f"FastV k={self.k} is out of range; use 1 <= k < {num_layers} (the model's "
+                              "layers)")
 
     def describe(self) -> str:
         return f"fastv(k={self.k}, r={self.r})"

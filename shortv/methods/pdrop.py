@@ -14,6 +14,14 @@ token_reduction/pyramiddrop.py) and how this module relates to it:
 - Stage boundaries: `rank_layer = layer_idx + 1 in layer_list`, i.e. the drop happens
   before (0-based) layer l for l in layer_list; ours: `layers=(8, 16, 24)` drops before
   the same layers.
+- **Depth** (differs for other depths): the code takes `--layer_list` as given and its
+  scripts pass [8, 16, 24] for every model (also LLaVA-1.5-13B's 40 layers); the paper
+  and README describe it as dividing the forward pass into 4 equal stages. The default
+  here (`layers=None`) is that definition for any depth: L/4, L/2, 3L/4 rounded half up
+  (8, 16, 24 of 32; 10, 20, 30 of 40; 1, 2, 3 of 4), filled in when the method is attached
+  (`for_layers`), so the attached method's fields name them; decoders of fewer than 4
+  layers cannot hold three distinct stages (ConfigError). Pass `layers=(8, 16, 24)` to
+  run the scripts' setting on a 40-layer model.
 - Query row: `prompt_len + image_tokens - 1`, the last prompt position (the code's
   "last instruction token" at inference) = `Queries.LAST` at prefill. Same.
 - Scores: softmax(q·kᵀ/√d + causal mask) in fp32, mean over heads, restricted to the
@@ -54,7 +62,8 @@ at 336 px; use 2880 for LLaVA-NeXT's five 576-token crops, as the papers do). λ
 fixed number per configuration (filled in by `for_layers`), so sequences with other
 visual counts keep the same fractions. A budget the stage layers cannot reach (with
 layers (8, 16, 24) the average is at least a quarter of the image even at λ = 0) is a
-ConfigError naming the minimum.
+ConfigError naming the minimum. A budget of every token (budget >= budget_of), like
+λ = 1, keeps every token: no stage drops or ranks, the vanilla model.
 """
 
 from __future__ import annotations
@@ -66,36 +75,72 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Capture, LayerView, Method, Queries, check_layer_ids, layer_ids
+from .base import (
+    Capture,
+    LayerView,
+    Method,
+    Queries,
+    check_increasing_layers,
+    check_int,
+    check_layer_ids,
+    depth_scaled,
+    layer_ids,
+)
 from .fastv import top_visual
+
+# The published stage layers of a 32-layer decoder: 4 equal stages.
+REFERENCE_LAYERS = (8, 16, 24)
 
 
 @dataclass(frozen=True)
 class PDrop(Method):
     """Keep the fraction `lam` of the visual tokens at each stage layer of `layers`, ranked
     by the last query's attention in the stage layer itself, on its input (see the module
-    docstring). With `budget`, λ is solved so that the average visual tokens per layer is
-    `budget` for an image of `budget_of` visual tokens."""
+    docstring). `layers` None: the paper's four equal stages, l = L/4, L/2, 3L/4 rounded
+    half up (8, 16, 24 of 32; 10, 20, 30 of 40), filled in by `for_layers`. With `budget`,
+    λ is solved so that the average visual tokens per layer is `budget` for an image of
+    `budget_of` visual tokens; a budget >= budget_of (or lam=1) keeps every token."""
 
-    layers: tuple[int, ...] = (8, 16, 24)
+    layers: tuple[int, ...] | None = None
     lam: float = 0.5
     budget: int | None = None
     budget_of: int = 576
     name = "pdrop"
     hooks = frozenset({"tokens"})
 
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            layers = check_increasing_layers(self.layers, "PDrop layers", minimum=1)
+            object.__setattr__(self, "layers", layers)
+        lam = self.lam
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 < lam <= 1.0:
+            raise ConfigError(f"PDrop lam={lam!r} is not allowed; use a fraction in (0, 1] (1 keeps every "
+                              "token)")
+        check_int(self.budget_of, "PDrop budget_of", allowed="a positive visual-token count")
+        if self.budget is not None:
+            check_int(self.budget, "PDrop budget", allowed="a positive average visual-token count")
+
     def for_layers(self, num_layers: int) -> PDrop:
-        self.validate(num_layers)
-        if self.budget is None:
-            return self
-        return replace(self, lam=pdrop_lambda(self.budget / self.budget_of, self.layers, num_layers))
+        fitted = self if self.layers is not None else replace(self, layers=default_layers(num_layers))
+        fitted.validate(num_layers)
+        if fitted.budget is None:
+            return fitted
+        return replace(fitted, lam=pdrop_lambda(fitted.budget / fitted.budget_of, fitted.stages, num_layers))
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The stage layers (ConfigError before `for_layers` filled in the default)."""
+        if self.layers is None:
+            raise ConfigError("PDrop() has no stage layers until it is fitted to a model "
+                              "(model.set_method(...) or .for_layers(num_layers))")
+        return self.layers
 
     def drops_at(self, layer: int) -> bool:
-        return layer in self.layers
+        return self.lam < 1.0 and layer in self.stages  # λ = 1 keeps every token: no stage
 
     def capture(self, layer: int) -> Capture | None:
         # As the code: stage layer l ranks with its own attention on its input, then drops.
-        return Capture(queries=Queries.LAST, before_drop=True) if layer in self.layers else None
+        return Capture(queries=Queries.LAST, before_drop=True) if self.drops_at(layer) else None
 
     def keep(self, view: LayerView) -> Tensor:
         scores = view.require_scores("PDrop")[:, 0]
@@ -103,35 +148,33 @@ class PDrop(Method):
         return ~visual | top_visual(scores, visual, pdrop_kept(visual.sum(dim=1), self.lam))
 
     def validate(self, num_layers: int) -> None:
-        if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
-            raise ConfigError(f"PDrop layers={self.layers!r} must be a tuple of layer ids")
-        ids = layer_ids(self.layers)
-        if not ids:
-            raise ConfigError("PDrop needs at least one stage layer")
+        ids = self.stages
         check_layer_ids(ids, num_layers)
-        if ids != sorted(ids):
-            raise ConfigError(f"PDrop layers={tuple(ids)} must be increasing")
-        if ids[0] < 1:
-            raise ConfigError(f"PDrop stage layer {ids[0]} must be >= 1")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
-            raise ConfigError(f"PDrop lam={self.lam!r} must be a fraction in [0, 1]")
-        if isinstance(self.budget_of, bool) or not isinstance(self.budget_of, int) or self.budget_of < 1:
-            raise ConfigError(f"PDrop budget_of={self.budget_of!r} must be a positive token count")
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0:
-                raise ConfigError(f"PDrop budget={self.budget!r} must be a non-negative token count")
+        if self.budget is not None and self.budget < self.budget_of:
             low = stage_weights(ids, num_layers)[0] * self.budget_of
-            if not low <= self.budget <= self.budget_of:
+            if not low < self.budget:
                 raise ConfigError(
-                    f"PDrop budget={self.budget} is out of reach with stage layers {tuple(ids)} of "
-                    f"{num_layers}: the average visual tokens per layer lies in [{low:g}, "
-                    f"{self.budget_of}] for budget_of={self.budget_of} visual tokens (move the first "
-                    "stage earlier for lower budgets, e.g. layers (2, 8, 16); for LLaVA-NeXT set "
-                    "budget_of=2880, --param budget_of=2880)")
+                    f"PDrop budget={self.budget} is out of reach with stage layers {ids} of "
+                    f"{num_layers}: the average visual tokens per layer is above {low:g} for "
+                    f"budget_of={self.budget_of} visual tokens (move the first stage earlier for lower "
+                    "budgets, e.g. layers (2, 8, 16); for LLaVA-NeXT set budget_of=2880, --param "
+                    "budget_of=2880)")
 
     def describe(self) -> str:
+        layers = "L/4, L/2, 3L/4" if self.layers is None else tuple(self.layers)
         extra = "" if self.budget is None else f", budget={self.budget} of {self.budget_of}"
-        return f"pdrop(layers={tuple(self.layers)}, lam={self.lam:g}{extra})"
+        return f"pdrop(layers={layers}, lam={self.lam:g}{extra})"
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """PDrop's default stage layers for a decoder of `num_layers`: (8, 16, 24) scaled to
+    its depth (L/4, L/2, 3L/4 rounded half up). ConfigError below 4 layers, where the
+    three stages cannot be distinct layers >= 1."""
+    layers = depth_scaled(REFERENCE_LAYERS, num_layers)
+    if num_layers < 4:
+        raise ConfigError(f"PDrop's default stage layers (L/4, L/2, 3L/4) need a decoder of at least 4 "
+                          f"layers; this one has {num_layers}: give layers=... (--param pdrop.layers=1)")
+    return layers
 
 
 def pdrop_kept(n_visual: Tensor, lam: float) -> Tensor:

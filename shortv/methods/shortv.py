@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from ..token_types import TokenType
 from .base import Method, check_layer_ids, layer_ids
 
@@ -23,7 +24,12 @@ class ShortV(Method):
     hooks = frozenset({"layers"})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(sorted(layer_ids(self.layers))))
+        ids = layer_ids(self.layers)
+        for layer in ids:
+            if layer < 0 or ids.count(layer) > 1:
+                raise ConfigError(f"ShortV layers={tuple(ids)}: layer {layer} is not allowed; use distinct "
+                                  "layer ids >= 0")
+        object.__setattr__(self, "layers", tuple(sorted(ids)))
 
     def frozen_type(self, layer: int) -> TokenType | None:
         return TokenType.VISUAL if layer in self.layers else None

@@ -51,25 +51,45 @@ The raters are rated on the decoder's input embeddings of the current tokens
 (`LayerView.embeddings`), as the code does; a view without them (a hand-built one) falls
 back to the drop layer's input hidden states.
 
+Depth (differs for other depths): the code hard-codes `pruning_loc=[2, 6, 15]` (and
+`layer_dict = {2: 0, 6: 1, 15: 2}`) for every model. The default here (`layers=None`) puts
+them at the same fractions of any decoder, l · L / 32 rounded half up: (2, 6, 15) of 32,
+(3, 8, 19) of 40, (1, 2, 4) of 8, (0, 1, 2) of 4; filled in when the method is attached
+(`for_layers`); fewer than 4 layers cannot hold three distinct pruning layers with a layer
+after the last (ConfigError). Pass `layers=(2, 6, 15)` for the code's ids on a deeper model.
+
 Budget and schedule. `budget` is per 576 visual tokens (one LLaVA-1.5 image): a sequence with
 n visual tokens keeps, after the j-th pruning layer, round(current · s_j / s_{j-1}) of its
 `current` visual tokens (s_{-1} = 576), which is exactly the released schedule for n = 576
 and scales it for other n (chained rounding, halves to even). LLaVA-NeXT's 640 / 320 / 160
 for a 2880-token (5 × 576) image are budgets 128 / 64 / 32. Budgets without a released
 schedule (e.g. 32) take the next larger released one scaled by budget / that budget and
-rounded (our choice); `schedule` sets the counts per 576 tokens explicitly.
+rounded (our choice); `schedule` sets the counts per 576 tokens explicitly. A budget of
+576 or more keeps every token, and a stage whose count is not below the previous one's
+keeps every token too (the code's `v_token_num - 1` cap would still drop one): such a
+stage neither ranks nor drops, so a full budget is the vanilla model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..token_types import TokenType
-from .base import Capture, LayerView, Method, Queries, check_layer_ids, layer_ids
+from .base import (
+    Capture,
+    LayerView,
+    Method,
+    Queries,
+    check_increasing_layers,
+    check_int,
+    check_layer_ids,
+    depth_scaled,
+)
 from .fastv import top_visual
 
 REFERENCE_VISUAL = 576  # LLaVA-1.5's visual tokens, what the released schedules count
@@ -80,33 +100,79 @@ SCHEDULES: dict[int, tuple[int, ...]] = {
     64: (66, 30, 17),
 }
 DEFAULT_BUDGET = 192  # the code's RETAIN_TOKN default
+REFERENCE_LAYERS = (2, 6, 15)  # the code's pruning_loc, for 32 layers
 
 
 @dataclass(frozen=True)
 class SparseVLM(Method):
     """Text-rater-guided visual token dropping after each layer in `layers` (see the module
-    docstring); `budget` per 576 visual tokens (None: 192), or an explicit `schedule`."""
+    docstring); `budget` per 576 visual tokens (None: 192; 576 or more keeps every token),
+    or an explicit `schedule`. `layers` None: the code's (2, 6, 15) of 32 layers at the
+    same fractions of the depth (`default_layers`), filled in by `for_layers`."""
 
-    layers: tuple[int, ...] = (2, 6, 15)
+    layers: tuple[int, ...] | None = None
     budget: int | None = None
     schedule: tuple[int, ...] | None = None
     name = "sparsevlm"
     hooks = frozenset({"tokens"})
 
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", check_increasing_layers(self.layers, "SparseVLM layers",
+                                                                       minimum=0))
+        if self.budget is not None:
+            check_int(self.budget, "SparseVLM budget",
+                      allowed=f"a positive number of visual tokens per {REFERENCE_VISUAL}")
+        if self.schedule is not None:
+            if isinstance(self.schedule, (str, bytes)) or not isinstance(self.schedule, Iterable):
+                raise ConfigError(f"SparseVLM schedule={self.schedule!r} must be a tuple of token counts")
+            for count in self.schedule:
+                check_int(count, "a SparseVLM schedule count", minimum=0,
+                          allowed=f"non-negative token counts per {REFERENCE_VISUAL}")
+            object.__setattr__(self, "schedule", tuple(self.schedule))
+        pruning = len(REFERENCE_LAYERS) if self.layers is None else len(self.layers)
+        if len(self.counts()) != pruning:
+            given = "the default layers" if self.layers is None else f"layers={self.layers}"
+            raise ConfigError(f"SparseVLM needs one count per pruning layer: {given} but counts "
+                              f"{self.counts()}; give a schedule with one count each")
+
+    def for_layers(self, num_layers: int) -> SparseVLM:
+        fitted = self if self.layers is not None else replace(self, layers=default_layers(num_layers))
+        fitted.validate(num_layers)
+        return fitted
+
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        """The pruning layers (ConfigError before `for_layers` filled in the default)."""
+        if self.layers is None:
+            raise ConfigError("SparseVLM() has no pruning layers until it is fitted to a model "
+                              "(model.set_method(...) or .for_layers(num_layers))")
+        return self.layers
+
     def counts(self) -> tuple[int, ...]:
         """Visual tokens kept after each pruning layer, per 576."""
         if self.schedule is not None:
-            return tuple(self.schedule)
+            return self.schedule
         return budget_schedule(DEFAULT_BUDGET if self.budget is None else self.budget)
 
+    def _prunes(self, layer: int) -> bool:
+        """Whether pruning layer `layer` drops anything: its count is below the previous
+        stage's (a stage that may keep as many keeps every token)."""
+        layers = self.pruning_layers
+        if layer not in layers:
+            return False
+        stage = layers.index(layer)
+        counts = (REFERENCE_VISUAL, *self.counts())
+        return counts[stage + 1] < counts[stage]
+
     def drops_at(self, layer: int) -> bool:
-        return layer - 1 in self.layers
+        return self._prunes(layer - 1)
 
     def capture(self, layer: int) -> Capture | None:
-        return Capture(queries=Queries.TEXT) if layer in self.layers else None
+        return Capture(queries=Queries.TEXT) if self._prunes(layer) else None
 
     def keep(self, view: LayerView) -> Tensor:
-        stage = self.layers.index(view.layer - 1)
+        stage = self.pruning_layers.index(view.layer - 1)
         counts = (REFERENCE_VISUAL, *self.counts())
         scores = view.require_scores("SparseVLM")
         visual = view.visual()
@@ -123,38 +189,35 @@ class SparseVLM(Method):
         return ~visual | top_visual(rated, visual, n_keep)
 
     def validate(self, num_layers: int) -> None:
-        layers = layer_ids(self.layers)
-        if not layers:
-            raise ConfigError("SparseVLM needs at least one pruning layer")
+        layers = self.pruning_layers
         check_layer_ids(layers, num_layers)
         if max(layers) >= num_layers - 1:
             raise ConfigError(f"SparseVLM pruning layer {max(layers)} leaves no layer after it to drop "
                               f"tokens from (the model has layers 0..{num_layers - 1})")
-        if layers != sorted(layers):
-            raise ConfigError(f"SparseVLM layers={tuple(layers)} must be increasing")
-        if self.schedule is not None:
-            if (isinstance(self.schedule, (str, bytes)) or not all(
-                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in self.schedule)):
-                raise ConfigError(f"SparseVLM schedule={self.schedule!r} must be non-negative token counts")
-            if len(self.schedule) != len(layers):
-                raise ConfigError(f"SparseVLM schedule={tuple(self.schedule)} needs one count per pruning "
-                                  f"layer {tuple(layers)}")
-        else:
-            b = self.budget
-            if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-                raise ConfigError(f"SparseVLM budget={b!r} must be a positive number of visual tokens "
-                                  "(per 576)")
-            if len(self.counts()) != len(layers):
-                raise ConfigError(f"SparseVLM's released schedules have {len(self.counts())} pruning "
-                                  f"layers, got layers={tuple(layers)}; give a schedule with one count each")
 
     def describe(self) -> str:
-        return f"sparsevlm(layers={tuple(self.layers)}, counts={self.counts()} per {REFERENCE_VISUAL})"
+        layers = "(2, 6, 15) of 32 scaled to the depth" if self.layers is None else tuple(self.layers)
+        return f"sparsevlm(layers={layers}, counts={self.counts()} per {REFERENCE_VISUAL})"
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """SparseVLM's default pruning layers for a decoder of `num_layers`: the code's
+    (2, 6, 15) of 32 at the same fractions of the depth, l · L / 32 rounded half up
+    ((2, 6, 15) at 32, (3, 8, 19) at 40, (1, 2, 4) at 8, (0, 1, 2) at 4). Below 4 layers the
+    three cannot be distinct layers with one after the last: ConfigError."""
+    if num_layers < 4:
+        raise ConfigError(f"SparseVLM's default pruning layers (2, 6, 15 of 32, scaled to the depth) need a "
+                          f"decoder of at least 4 layers; this one has {num_layers}: give layers=... "
+                          "and a schedule with one count each")
+    return depth_scaled(REFERENCE_LAYERS, num_layers)
 
 
 def budget_schedule(budget: int) -> tuple[int, ...]:
     """The released schedule for `budget` (per 576 visual tokens), else the next larger
-    released one scaled to it (the largest for budgets above 192)."""
+    released one scaled to it (the largest for budgets above 192); 576 or more: every
+    token at every stage."""
+    if budget >= REFERENCE_VISUAL:
+        return (REFERENCE_VISUAL,) * len(REFERENCE_LAYERS)
     if budget in SCHEDULES:
         return SCHEDULES[budget]
     larger = [b for b in SCHEDULES if b > budget]

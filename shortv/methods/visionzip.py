@@ -39,8 +39,12 @@ tokens, so `budget` tokens split as contextual = round(budget · 5/32), dominant
 first, get one more where it does not divide): VisionZip applies its per-crop setting to
 every crop (the authors, VisionZip issue #17), so the paper's 640 / 320 / 160 for a
 5-crop image are 128 / 64 / 32 per crop, i.e. `budget` 640 / 320 / 160 here. An image keeps
-`min(budget, patches)` tokens (`image_tokens`). Ties in the class-token attention: the
-earlier patch first (the code's `topk` leaves them unspecified).
+`min(budget, patches)` tokens (`image_tokens`). A budget of every patch (or more) keeps
+the image as it is: its patches, in order, with no class token swapped in and nothing
+merged (`keeps_image`; the code has no such setting: its dominant + contextual tokens
+always include the class token and merged ones), so full budget is vanilla's output.
+Ties in the class-token attention: the earlier patch first (the code's `topk` leaves them
+unspecified).
 
 LLaVA-NeXT layout (VisionZip's `restore_image_features_sorted`, used with
 `spatial_unpad`): the base crop's tokens as above, then all tiles' dominant tokens put back
@@ -58,8 +62,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import ImageView, Method
+from .base import ImageView, Method, check_int
 
 # Published split: 10 contextual tokens out of 64 (also 20 / 128 and 30 / 192).
 CONTEXTUAL_SHARE = 10 / 64
@@ -75,6 +78,10 @@ class VisionZip(Method):
     name = "visionzip"
     hooks = frozenset({"image"})
 
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            check_int(self.budget, "VisionZip budget", allowed="a positive number of visual tokens per image")
+
     @property
     def tokens(self) -> int:
         return DEFAULT_BUDGET if self.budget is None else self.budget
@@ -85,6 +92,10 @@ class VisionZip(Method):
 
     def image_tokens(self, n_visual: int) -> int:
         return min(self.tokens, n_visual)
+
+    def keeps_image(self, n_patches: int) -> bool:
+        # A budget that covers every patch leaves nothing to select or merge.
+        return self.tokens >= n_patches
 
     def reduce_image(self, image: ImageView) -> Tensor:
         features = image.features
@@ -98,11 +109,6 @@ class VisionZip(Method):
         if len({t.shape[0] for t in out}) == 1:
             return torch.stack(out)
         return torch.cat(out)[None]  # uneven shares: one row, crops in order
-
-    def validate(self, num_layers: int) -> None:
-        b = self.budget
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-            raise ConfigError(f"VisionZip budget={b!r} must be a positive number of visual tokens per image")
 
     def describe(self) -> str:
         return f"visionzip(budget={self.tokens})"
@@ -126,7 +132,8 @@ def zip_crop(features: Tensor, cls_attention: Tensor, keys: Tensor, cls: Tensor 
     class-token attention [heads, N], keys [heads, N, head_dim] and optionally its class
     token's features [width]."""
     n = features.shape[0]
-    if tokens >= n and cls is None:
+    if tokens >= n:
+        # Full budget: every patch as it is, in order (no class token swapped in, no merge).
         return features
     dominant, contextual = split(tokens)
     patches = dominant - (cls is not None)
