@@ -45,10 +45,10 @@ PROMPTS = [
     "What colour is the circle on the left of the picture? Answer in one word.",
     "What shapes do you see?",
 ]
-# Sampling at temperature 20 is near uniform: these seeds give long answers on the demo
-# (seed 0: 1097 tokens before EOS, seed 5: 1625), which keeps a stream busy for seconds.
-LONG = {"temperature": 20.0, "seed": 0}
-LONGER = {"temperature": 20.0, "seed": 5}
+# Answers that run to max_tokens, which keeps a stream busy for seconds: sampled, with the
+# demo's EOS (id 2) banned through OpenAI's logit_bias.
+LONG = {"temperature": 2.0, "seed": 0, "logit_bias": {"2": -100}}
+LONGER = {"temperature": 2.0, "seed": 5, "logit_bias": {"2": -100}}
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -346,7 +346,9 @@ def test_one_failing_request_does_not_fail_the_batch(demo, max_prefill):
     assert events["c"][-1].text == demo.chat(PROMPTS[1], [EXAMPLE])
     (failed,) = events["b"]
     assert isinstance(failed, Failed) and failed.error.status == 500
-    assert failed.error.message == "internal error: RuntimeError: boom"
+    # The client gets no exception text (the log has it).
+    assert failed.error.message == "internal error: the server failed on this request (its log has the " \
+                                   "details under b)"
     (failed,) = events["d"]
     assert failed.error.status == 400 and "more than the model's context of 2048" in failed.error.message
     assert engine.stats.failed == 2 and engine.stats.finished == 2
@@ -382,7 +384,19 @@ BAD = [
      "messages[0].content must be a string or a list of content parts, got a number"),
     ("unknown-role", _body(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role must be"),
     ("unknown-part", _body(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), 400,
-     "must be a 'text' or 'image_url' part, got 'input_audio'"),
+     'must be a "text" or "image_url" part, got type "input_audio"'),
+    ("role-an-object", _body(messages=[{"role": {"a": 1}, "content": "x"}]), 400,
+     'messages[0].role must be "system", "user" or "assistant", got {"a": 1}'),
+    ("n-an-object", _body(n={"a": [1]}), 400, 'n must be 1, got {"a": [1]}'),
+    ("stream-an-object", _body(stream={"a": 1}), 400, 'stream must be a boolean, got an object {"a": 1}'),
+    ("temperature-above-2", _body(temperature=2.5), 400, "temperature must be at most 2, got 2.5"),
+    ("temperature-negative", _body(temperature=-1), 400, "temperature must be at least 0, got -1"),
+    ("top-p-above-1", _body(top_p=1.5), 400, "top_p must be at most 1, got 1.5"),
+    ("logit-bias-not-an-id", _body(logit_bias={"x": 1}), 400, 'logit_bias keys must be token ids, got "x"'),
+    ("logit-bias-too-big", _body(logit_bias={"5": 101}), 400,
+     "logit_bias[5] must be a number in [-100, 100]"),
+    ("logit-bias-outside-vocab", _body(logit_bias={"99999999": 1}), 400,
+     "logit_bias has token id 99999999, but this model's vocabulary has"),
     ("temperature-wrong-type", _body(temperature="hot"), 400,
      'temperature must be a number, got a string "hot"'),
     ("last-not-user", _body(messages=[{"role": "user", "content": "Hi"},
@@ -404,9 +418,12 @@ BAD = [
     ("too-many-tokens", _body(max_tokens=1025), 400,
      "max_tokens is 1025, more than this server's limit of 1024 (--max-tokens-limit)"),
     ("zero-tokens", _body(max_completion_tokens=0), 400, "max_completion_tokens must be at least 1"),
-    ("unknown-model", _body(model="gpt-4o"), 404, "the model 'gpt-4o' does not exist"),
+    ("unknown-model", _body(model="gpt-4o"), 404, 'the model "gpt-4o" does not exist'),
+    ("model-an-object", _body(model={"a": 1}), 400, "'model' is required and must be a string"),
     ("n-2", _body(n=2), 400, "n must be 1, got 2"),
-    ("tools", _body(tools=[{"type": "function"}]), 400, "'tools' is not supported"),
+    ("tools", _body(tools=[{"type": "function"}]), 400, "tools is not supported"),
+    ("response-format", _body(response_format={"type": "json_object"}), 400,
+     'only response_format {"type": "text"} is supported'),
     ("body-too-large", b"{" + b" " * (2 * 2**20 + 10) + b"}", 400,
      "the request body is over this server's limit of 2097152 bytes"),
 ]
@@ -418,6 +435,8 @@ def test_bad_requests(server, body, status, message):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert message in error["message"]
+    # JSON's words for values and types, never Python's reprs.
+    assert not any(python in error["message"] for python in ("<class", "{'", "['", " object at 0x"))
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # and it keeps serving
 
@@ -644,13 +663,13 @@ def test_serve_compile_warms_up_then_answers_like_eager(capsys, monkeypatch, dem
 
     real_compile = engine_module.compile_for_serving
     monkeypatch.setattr(engine_module, "compile_for_serving",
-                        lambda model: real_compile(model, backend=counting))
+                        lambda model, **options: real_compile(model, backend=counting))
     served: dict[str, object] = {}
 
     def serve_in_process(app_, engine, sock, *, shutdown_timeout):  # instead of uvicorn
         served["warm-up graphs"] = len(graphs)
         served["stats"] = dataclasses.replace(engine.stats)
-        engine.start()  # as the app's lifespan does (the warm-up already has)
+        engine.start()  # as the app's lifespan does
         events: dict[int, object] = {}
         done = threading.Semaphore(0)
 
@@ -711,3 +730,58 @@ def test_request_error_shape():
     error = RequestError(429, "busy", code="queue_full", type="rate_limit_error")
     assert error.body() == {"error": {"message": "busy", "type": "rate_limit_error", "param": None,
                                       "code": "queue_full"}}
+
+
+# ---- request checking, in-process --------------------------------------------------------------
+
+
+def _parse(body: dict, demo: shortv.LLaVA, **limits):
+    from shortv.serve import Limits, parse_chat_request
+
+    return parse_chat_request(json.dumps(body).encode(), model_name=MODEL, template=demo.template,
+                              limits=Limits(**limits))
+
+
+def test_temperature_above_2_is_refused_as_openai_does(demo):
+    with pytest.raises(RequestError) as refused:
+        _parse(_body(temperature=3), demo)
+    assert refused.value.status == 400
+    assert refused.value.body() == {"error": {
+        "message": "temperature must be at most 2, got 3", "type": "invalid_request_error",
+        "param": "temperature", "code": "decimal_above_max_value"}}
+    assert _parse(_body(temperature=2), demo).options.temperature == 2.0
+    # top_p 0 (OpenAI accepts it): only the most likely token, i.e. greedy.
+    options = _parse(_body(temperature=1.0, top_p=0), demo).options
+    assert (options.temperature, options.top_p) == (0.0, None)
+
+
+def test_image_urls_are_fetched_only_when_the_operator_allows(demo, monkeypatch):
+    import shortv.image
+
+    buffer = io.BytesIO()
+    picture(2).save(buffer, format="PNG")
+    fetched: list = []
+
+    def fetch_url(url, *, timeout, max_bytes):
+        fetched.append((url, timeout, max_bytes))
+        return buffer.getvalue()
+
+    monkeypatch.setattr(shortv.image, "fetch_url", fetch_url)
+    body = _image_body("https://example.com/cat.png")
+    with pytest.raises(RequestError, match="this server does not fetch images from the network"):
+        _parse(body, demo)
+    assert fetched == []
+    chat = _parse(body, demo, allow_urls=True, url_timeout=4.0, max_image_bytes=1234567)
+    assert fetched == [("https://example.com/cat.png", 4.0, 1234567)]
+    assert chat.images[0].tobytes() == picture(2).convert("RGB").tobytes()
+    with pytest.raises(RequestError, match="does not fetch images from the network"):  # not http(s)
+        _parse(_image_body("ftp://example.com/cat.png"), demo, allow_urls=True)
+
+    def offline(url, *, timeout, max_bytes):
+        raise shortv.errors.InputError(f"could not fetch image {url}: no answer within {timeout:g} s")
+
+    monkeypatch.setattr(shortv.image, "fetch_url", offline)
+    with pytest.raises(RequestError, match=r"image 0: could not fetch image https://example.com/cat.png: "
+                                           r"no answer within 4 s") as refused:
+        _parse(body, demo, allow_urls=True, url_timeout=4.0)
+    assert refused.value.status == 400

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile for dynamic shapes (no CUDA "
                         "graphs: the batch changes at every join and leave); compiled at start-up "
-                        "by a few throwaway requests, before the first client is answered")
+                        "for a batch of one and of several, before the first client is answered; "
+                        "a graph compiled later is logged as a warning")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int_at_least(1), default=16, metavar="B",
                    help="sequences decoded together (default 16)")
@@ -38,7 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-tokens-limit", type=int_at_least(1), default=512, metavar="N",
                    help="the most max_tokens a request may ask for, and its default (default 512)")
     g.add_argument("--image-root", metavar="DIR",
-                   help="serve local image paths from under DIR (default: data: URLs only)")
+                   help="let clients name local image files under DIR (paths outside it are "
+                        "refused); default: no local files")
+    g.add_argument("--allow-image-urls", action="store_true",
+                   help="fetch http(s) image URLs that clients send (off by default: the server "
+                        "then fetches whatever its network reaches, including internal hosts)")
+    g.add_argument("--image-url-timeout", type=float_in(0.0, 3600.0, open_low=True), default=10.0,
+                   metavar="S", help="seconds one image download may take (default 10)")
     g.add_argument("--max-body-mb", type=float_in(0.0, 1e6, open_low=True), default=32.0, metavar="MB",
                    help="request body size limit (default 32)")
     g.add_argument("--max-image-mb", type=float_in(0.0, 1e6, open_low=True), default=20.0, metavar="MB",
@@ -109,18 +116,19 @@ def run(args: argparse.Namespace) -> int:
         model = load(args.model, device=args.device, dtype=args.dtype, **method)
         model.require_tokenizer()
         from ..serve.app import create_app, run_server
-        from ..serve.engine import Engine, compile_for_serving
+        from ..serve.engine import Engine
         from ..serve.protocol import Limits
 
         limits = Limits(max_body_bytes=int(args.max_body_mb * MIB),
                         max_image_bytes=int(args.max_image_mb * MIB),
                         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
-                        max_tokens=args.max_tokens_limit, image_root=image_root)
+                        max_tokens=args.max_tokens_limit, image_root=image_root,
+                        allow_urls=args.allow_image_urls, url_timeout=args.image_url_timeout)
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_prefill=args.max_prefill, stats_interval=args.stats_interval)
         if args.compile:
-            logging.getLogger("shortv.serve").info("compiling the decode step (warm-up requests) ...")
-            compile_for_serving(model)
+            logging.getLogger("shortv.serve").info("compiling the decode step (warm-up) ...")
+            engine.compile()
             engine.warm_up()
         name = args.name or model.name
 

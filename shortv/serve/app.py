@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -100,7 +101,8 @@ class _Api:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(rid, chat.prompt, chat.images, chat.options, sink, strict_budget=chat.max_tokens_given)
+        job = Job(rid, chat.prompt, chat.images, chat.options, sink, strict_budget=chat.max_tokens_given,
+                  logit_bias=chat.logit_bias)
         try:
             self.engine.submit(job)
         except RequestError as e:
@@ -158,8 +160,9 @@ class _Api:
     async def model(self, request: Request) -> Response:
         model_id = request.path_params["model_id"]
         if model_id != self.model_name:
-            error = RequestError(404, f"the model {model_id!r} does not exist; this server serves "
-                                      f"{self.model_name!r}", param="model", code="model_not_found")
+            error = RequestError(404, f"the model {json.dumps(model_id)} does not exist; this server "
+                                      f"serves {json.dumps(self.model_name)}", param="model",
+                                 code="model_not_found")
             return JSONResponse(error.body(), status_code=404)
         return JSONResponse(self._card())
 
@@ -180,6 +183,8 @@ class _Api:
             ("shortv_decode_rows_total", "counter", "sequences advanced, summed over steps", s.step_rows),
             ("shortv_prompt_tokens_total", "counter", "prompt tokens prefilled", s.prompt_tokens),
             ("shortv_completion_tokens_total", "counter", "tokens generated", s.completion_tokens),
+            ("shortv_compiles_after_warm_up_total", "counter",
+             "graphs of the compiled decode step compiled while serving (--compile)", s.compiles),
         ]
         lines = []
         for name, kind, text, value in rows:
@@ -306,7 +311,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    error = RequestError(500, f"internal error: {exc.__class__.__name__}: {exc}", code="internal_error")
+    error = RequestError(500, "internal error: the server failed on this request (its log has the "
+                              "details)", code="internal_error")
     return JSONResponse(error.body(), status_code=500)
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.fx.experimental import _config as fx_config
 
 from ..errors import InputError, ShortVError
 from ..generate.loop import Answer
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shortv.serve")
 
 PREFILL_ROOM = 16  # KV slots a prefill reserves for the answer (the cache grows beyond)
+WARM_UP_STEPS = 3  # decode steps per kind of batch in `Engine.warm_up`
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ Event = Started | Delta | Finished | Failed
 class Job:
     """One request in the engine. `options.max_new_tokens` is its max_tokens; with
     `strict_budget` a max_tokens that does not fit the context after the prompt fails the
-    request instead of being shortened."""
+    request instead of being shortened. `logit_bias` (OpenAI's) is added to its logits
+    before each of its tokens is picked."""
 
     id: str
     prompt: str  # the conversation as the model's template renders it, <image> in place
@@ -84,6 +87,7 @@ class Job:
     options: GenerationOptions
     sink: Callable[[Event], None]
     strict_budget: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     cancelled: bool = False  # set by the owner (any thread); the worker drops the job
     # Worker-side state.
     done: bool = False
@@ -109,6 +113,7 @@ class Stats:
     cancelled: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    compiles: int = 0  # graphs of the compiled decode step compiled after warm-up
     started_at: float = field(default_factory=time.time)
 
 
@@ -139,6 +144,10 @@ class Engine:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._last_stats = 0.0
+        self.compiled = False  # the decode step is compiled (`compile`)
+        self._warm = False  # `warm_up` has run
+        self._graphs_seen = 0  # dynamo's count of compiled graphs after the last step
+        self._failures_seen = 0  # and of the decode step's guard failures
 
     # ---- the owners' side (any thread) -----------------------------------------------------
 
@@ -172,45 +181,70 @@ class Engine:
                 job.done = True
             self._cond.notify()
 
-    def warm_up(self, timeout: float = 600.0) -> None:
-        """Serve a few throwaway requests before any real one, so that a compiled decode
-        step (`compile_for_serving`) compiles here rather than on the first clients: one
-        request alone, then two of other lengths prefilled together (padded) that join its
-        batch, each leaving at its own length; one grey picture each. Starts the worker;
-        the stats start from zero afterwards."""
+    def compile(self, **options: Any) -> None:
+        """Compile the model's decode step for serving (`compile_for_serving`; `options` go
+        to torch.compile). Then call `warm_up` before serving."""
+        compile_for_serving(self.model, **options)
+        self.compiled = True
+
+    def warm_up(self) -> float:
+        """Compile the decode step for every kind of batch the engine will hand it, before
+        any client is answered; the seconds it took.
+
+        The engine keeps those kinds to two (see `_decode`): a batch of one, and a batch of
+        several (dynamo specialises a dimension of size 1, and compiles the others for any
+        size). A scripted run of the model's own calls covers both, whatever the model
+        answers: one grey-picture prompt alone, then two more of other lengths prefilled
+        together (padded) joining it, rows leaving, and the last one alone again. Each
+        runs a few decode steps. Nothing reaches the stats or the queue; the worker is not
+        started. From here on a compile during serving is logged as a warning."""
+        started = time.perf_counter()
+        graphs = _graphs_compiled()
+        with torch.inference_mode():
+            self._warm_up_batches()
+        self._warm = True
+        self._graphs_seen = _graphs_compiled()
+        self._failures_seen = len(_guard_failures(self.model))
+        seconds = time.perf_counter() - started
+        log.info("warm-up: compiled %d graph(s) of the decode step in %.1f s",
+                 self._graphs_seen - graphs, seconds)
+        return seconds
+
+    def _warm_up_batches(self) -> None:
         from PIL import Image
 
         picture = Image.new("RGB", (336, 336), (128, 128, 128))
-        started, finished = threading.Semaphore(0), threading.Semaphore(0)
-        failures: list[RequestError] = []
+        questions = ["Describe the picture in detail.", "Hi.",
+                     "What colour is the picture? Answer in one word, please."]
+        encoded = [self.model.encode(self.model.template.render([("<image>\n" + q, None)]), [picture],
+                                     template=False) for q in questions]
+        steps = WARM_UP_STEPS
 
-        def sink(event: Event) -> None:
-            if isinstance(event, Started):
-                started.release()
-            elif isinstance(event, Failed):
-                failures.append(event.error)
-            if isinstance(event, Finished | Failed):
-                finished.release()
+        def prefill(batch: list[Encoded]) -> tuple[Tensor, DecodeState]:
+            logits, state = self.model.prefill(batch, max_new_tokens=4 * steps)
+            if state.budget == 0:
+                raise ShortVError("the warm-up prompts fill the model's context; serve without --compile")
+            return logits.argmax(dim=-1), state
 
-        def job(i: int, question: str, new_tokens: int) -> Job:
-            text = self.model.template.render([("<image>\n" + question, None)])
-            return Job(f"warm-up-{i}", text, [picture], GenerationOptions(max_new_tokens=new_tokens), sink)
+        def decode(state: DecodeState, tokens: Tensor) -> Tensor:
+            for _ in range(steps):
+                tokens = self._decode(state, tokens).argmax(dim=-1)
+            return tokens
 
-        def wait(semaphore: threading.Semaphore, what: str) -> None:
-            if not semaphore.acquire(timeout=timeout):
-                raise ShortVError(f"the warm-up requests did not {what} within {timeout:.0f} s")
-
-        self.submit(job(0, "Describe the picture in detail.", 12))
-        self.start()
-        wait(started, "start")
-        self.submit(job(1, "Hi.", 3))
-        self.submit(job(2, "What colour is the picture? Answer in one word, please.", 6))
-        for _ in range(3):
-            wait(finished, "finish")
-        if failures:
-            raise ShortVError(f"a warm-up request failed: {failures[0].message}")
-        with self._cond:
-            self.stats = Stats()
+        tokens, state = prefill(encoded[:1])
+        tokens = decode(state, tokens)  # a batch of one
+        if self.max_batch == 1:
+            return
+        new, joining = prefill(encoded[1:])  # two lengths: padded
+        if self.max_batch >= 3:
+            state, tokens = state.join(joining), torch.cat((tokens, new))
+        else:
+            state, tokens = joining, new
+        tokens = decode(state, tokens)  # several
+        if len(tokens) == 3:  # the middle one leaves
+            state = state.select([0, 2])
+            tokens = decode(state, tokens[[0, 2]])
+        decode(state.select([0]), tokens[:1])  # one again, after the others left
 
     def drain(self, timeout: float) -> None:
         """Begin a graceful shutdown: refuse new jobs; those queued or running may finish
@@ -240,6 +274,13 @@ class Engine:
     # ---- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Every tensor the worker makes (joined and selected caches, the step's tokens) is
+        # an inference tensor, like those `prefill` and `step` make: a compiled step guards
+        # on whether each input is one, so a mix would compile a new graph per combination.
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not (self._waiting or self._running or self._stopped or self._past_deadline()):
@@ -305,6 +346,11 @@ class Engine:
 
     def _encode(self, job: Job) -> Encoded | None:
         try:
+            vocab = self.model.config.text.vocab_size
+            if (outside := [t for t in job.logit_bias if t >= vocab]):
+                raise RequestError(400, f"logit_bias has token id {outside[0]}, but this model's "
+                                        f"vocabulary has {vocab} tokens (ids 0 to {vocab - 1})",
+                                   param="logit_bias")
             encoded = self.model.encode(job.prompt, list(job.images), template=False)
         except Exception as e:
             self._fail(job, _as_request_error(e, job))
@@ -378,7 +424,7 @@ class Engine:
         jobs = self._running
         tokens = torch.tensor([job.last_token for job in jobs], device=self.model.device)
         try:
-            logits = self.model.step(self._state, tokens)
+            logits = self._decode(self._state, tokens)
         except Exception as e:  # the step is shared: every running request fails with it
             log.exception("a decode step failed; failing the %d requests in the batch", len(jobs))
             for job in jobs:
@@ -395,9 +441,38 @@ class Engine:
             except Exception as e:
                 self._fail(job, _as_request_error(e, job))
 
+    def _decode(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        """`model.step`. A compiled step is given inputs of the kinds `warm_up` compiled
+        for, so that serving compiles nothing new: dynamo guards on every Python value the
+        step reads, so a batch of several always takes the masked-attention path (whether
+        or not its rows happen to be padded: a mask of all True is the same attention), and
+        a step whose cache must grow, or becomes exactly full, runs eagerly (each is a graph
+        of its own; they happen a few times per answer, as the buffers double). Sizes that happen to be
+        equal get no symbol of their own (no "duck shapes"): one graph then serves caches
+        whose layers hold different lengths (FastV). Any graph compiled after warm-up is
+        logged with dynamo's reason."""
+        if not self.compiled:
+            return self.model.step(state, tokens)
+        if len(tokens) > 1:
+            for layer in state.cache.layers:
+                layer.has_pad = True
+        if _would_grow(state):
+            with torch.compiler.set_stance("force_eager"):
+                return self.model.step(state, tokens)
+        with fx_config.patch(use_duck_shape=False):
+            logits = self.model.step(state, tokens)
+        if self._warm and (graphs := _graphs_compiled()) != self._graphs_seen:
+            failures = _guard_failures(self.model)
+            reason = _recompile_reason(failures[self._failures_seen:])
+            self._graphs_seen, self._failures_seen = graphs, len(failures)
+            self.stats.compiles += 1
+            log.warning("compiled a new graph after warm-up (%s)", reason)
+        return logits
+
     def _pick(self, logits: Tensor, jobs: Sequence[Job]) -> list[int | None]:
         """Each row's next token, with its own job's options and generator (None where
         sampling raised; that job fails)."""
+        logits = _biased(logits, jobs)
         greedy = logits.argmax(dim=-1).tolist() if any(j.options.temperature == 0 for j in jobs) else []
         out: list[int | None] = []
         for i, job in enumerate(jobs):
@@ -482,14 +557,51 @@ def _as_request_error(e: Exception, job: Job) -> RequestError:
     if isinstance(e, ShortVError):
         return RequestError(400, str(e))
     log.error("%s failed", job.id, exc_info=e)
-    return RequestError(500, f"internal error: {e.__class__.__name__}: {e}", code="internal_error")
+    return RequestError(500, f"internal error: the server failed on this request (its log has the "
+                             f"details under {job.id})", code="internal_error")
 
 
 def compile_for_serving(model: LLaVA, **options: Any) -> LLaVA:
     """Compile the model's decode step for continuous batching: for dynamic shapes and
     without CUDA graphs (`mode="default"`), since the batch and the cache lengths change
     at every join and leave, and each new shape would need its own CUDA-graph recording
-    over a static cache. `options` go to torch.compile. Then `Engine.warm_up` compiles it."""
+    over a static cache. `options` go to torch.compile. `Engine.compile` calls it; then
+    `Engine.warm_up` compiles the graphs serving needs."""
     if options.get("backend", "inductor") == "inductor":  # modes are inductor's
         options.setdefault("mode", "default")
     return model.compile(static=False, **options)
+
+
+def _biased(logits: Tensor, jobs: Sequence[Job]) -> Tensor:
+    """The logits [B, vocab] with each row's job's logit_bias added (a copy, if any)."""
+    if not any(job.logit_bias for job in jobs):
+        return logits
+    logits = logits.clone()
+    for row, job in enumerate(jobs):
+        for token, bias in job.logit_bias.items():
+            logits[row, token] += bias
+    return logits
+
+
+def _would_grow(state: DecodeState) -> bool:
+    """Whether one more token overflows some layer's KV buffer (the step would grow it), or
+    fills it exactly (inductor compiles a slice that is the whole buffer on its own)."""
+    return any(layer.k is not None and layer.length + 1 >= layer.k.shape[2] for layer in state.cache.layers)
+
+
+def _graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _guard_failures(model: LLaVA) -> list[str]:
+    """Dynamo's record of the guards that failed on the decode step, one entry per cached
+    graph checked before each compile."""
+    return torch._dynamo.utils.guard_failures.get(type(model.decoder).step.__code__, [])
+
+
+def _recompile_reason(failures: Sequence[str]) -> str:
+    """Why dynamo compiled again: the first failed guard of each graph it had, without
+    the source comment dynamo appends."""
+    reasons = [str(f).strip().splitlines()[0].split("  #")[0].strip() for f in failures if str(f).strip()]
+    return "; ".join(reasons)[:500] or "no guard failed: the first compile of this step"

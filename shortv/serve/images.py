@@ -1,17 +1,20 @@
-"""Images of a chat request: `data:` URLs always, local files only under the image root,
-network URLs never. Sizes are checked before decoding: the encoded bytes, then the pixel
-count from the image's header."""
+"""Images of a chat request: `data:` URLs always; local files only under the image root
+(`--image-root`); http(s) URLs only when the operator allows them (`--allow-image-urls`);
+other network URLs never. Sizes are checked before decoding: the encoded bytes, then the
+pixel count from the image's header."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import re
 import warnings
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import InputError
 from .protocol import Limits, RequestError, bad
 
 NETWORK_SCHEMES = ("http", "https", "ftp", "ftps", "ws", "wss")
@@ -22,11 +25,13 @@ def load_image_url(url: str, limits: Limits, where: str = "image") -> Image.Imag
     if url.startswith("data:"):
         return decode_image(_data_url_bytes(url, limits, where), limits, where)
     scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https") and limits.allow_urls:
+        return decode_image(_fetched_bytes(url, limits, where), limits, where)
     if scheme in NETWORK_SCHEMES:
         raise bad(f"{where}: this server does not fetch images from the network ({url[:60]}); "
                   "send the image inline as a data: URL (data:image/png;base64,...)", "messages")
     if scheme not in ("", "file") and len(scheme) > 1:  # one letter: a Windows drive
-        raise bad(f"{where}: unsupported image URL scheme {scheme!r}; send a data: URL", "messages")
+        raise bad(f"{where}: unsupported image URL scheme {scheme}:; send a data: URL", "messages")
     path = unquote(urlparse(url).path) if scheme == "file" else url
     return decode_image(_local_bytes(path, limits, where), limits, where)
 
@@ -44,6 +49,17 @@ def _data_url_bytes(url: str, limits: Limits, where: str) -> bytes:
     if len(data) > limits.max_image_bytes:
         raise _too_many_bytes(where, limits)
     return data
+
+
+def _fetched_bytes(url: str, limits: Limits, where: str) -> bytes:
+    """The body of an http(s) image URL (the operator allowed them), within the server's
+    download timeout and its image size limit."""
+    from ..image import fetch_url
+
+    try:
+        return fetch_url(url, timeout=limits.url_timeout, max_bytes=limits.max_image_bytes)
+    except InputError as e:
+        raise bad(f"{where}: {e}", "messages") from None
 
 
 def _local_bytes(path: str, limits: Limits, where: str) -> bytes:
@@ -76,8 +92,13 @@ def decode_image(data: bytes, limits: Limits, where: str = "image") -> Image.Ima
                 return image.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise bad(f"{where} is too large to decode safely ({e})", "messages", "image_too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise bad(f"{where} cannot be read as an image ({e.__class__.__name__}: {e})", "messages") from None
+    except UnidentifiedImageError:
+        raise bad(f"{where} cannot be read as an image: not a format this server knows (PNG, "
+                  "JPEG, GIF, WebP, BMP, ...)", "messages") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL's messages can name the buffer object it read from: keep the words only.
+        reason = re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>", "", str(e)) or "a broken file"
+        raise bad(f"{where} cannot be read as an image: {reason}", "messages") from None
 
 
 def _too_many_bytes(where: str, limits: Limits) -> RequestError:

@@ -34,6 +34,8 @@ class Limits:
     checked from its header before it is decoded. max_images: images in one request.
     max_tokens: the most `max_tokens` a request may ask for, and what it gets without one.
     image_root: local image paths are served only from under this folder (None: never).
+    allow_urls: fetch http(s) image URLs (off by default: a client could make the server
+    fetch from its own network). url_timeout: seconds one image download may take.
     """
 
     max_body_bytes: int = 32 * 2**20
@@ -42,6 +44,8 @@ class Limits:
     max_images: int = 8
     max_tokens: int = 512
     image_root: Path | None = None
+    allow_urls: bool = False
+    url_timeout: float = 10.0
 
 
 class RequestError(Exception):
@@ -79,6 +83,7 @@ class ChatRequest:
     max_tokens_given: bool = False  # an explicit max_tokens must fit the context
     stream: bool = False
     include_usage: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 # Parameters of OpenAI's API that shortv does not implement, with the value that means
@@ -90,7 +95,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "function_call": (None, "none"),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "audio": (None,),
@@ -117,17 +121,18 @@ def parse_chat_request(body: bytes, *, model_name: str, template: Template, limi
     if not isinstance(model, str):
         raise bad("'model' is required and must be a string", "model")
     if model != model_name:
-        raise RequestError(404, f"the model {model!r} does not exist; this server serves "
-                                f"{model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+        raise RequestError(404, f"the model {_show(model)} does not exist; this server serves "
+                                f"{_show(model_name)} (GET /v1/models)", param="model",
+                           code="model_not_found")
     n = request.get("n")
     if n is not None and (not _is_int(n) or n != 1):
-        raise bad(f"n must be 1, got {n!r}: this server answers each request with one choice", "n")
+        raise bad(f"n must be 1, got {_show(n)}: this server answers each request with one choice", "n")
     for name, unused in UNSUPPORTED.items():
         if name in request and request[name] not in unused:
-            raise bad(f"{name!r} is not supported by this server", name)
+            raise bad(f"{name} is not supported by this server", name)
     response_format = request.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
-        raise bad("only response_format {'type': 'text'} is supported", "response_format")
+        raise bad('only response_format {"type": "text"} is supported', "response_format")
 
     stream = _optional(request, "stream", bool) or False
     stream_options = _optional(request, "stream_options", dict)
@@ -141,7 +146,8 @@ def parse_chat_request(body: bytes, *, model_name: str, template: Template, limi
     system, turns, images = _conversation(request.get("messages"), limits, load_image_url)
     if system is not None:
         template = with_system(template, system)
-    return ChatRequest(model, template.render(turns), images, options, given, stream, include_usage)
+    return ChatRequest(model, template.render(turns), images, options, given, stream, include_usage,
+                       _logit_bias(request))
 
 
 def body_too_large(limit: int) -> RequestError:
@@ -161,12 +167,10 @@ def _options(request: dict[str, Any], limits: Limits) -> tuple[GenerationOptions
                 raise bad(f"{name} is {value}, more than this server's limit of {limits.max_tokens} "
                           "(--max-tokens-limit)", name)
             max_tokens = max_tokens or value
-    temperature = _optional(request, "temperature", float)
-    if temperature is not None and not 0 <= temperature <= 100:
-        raise bad(f"temperature must be in [0, 100], got {temperature}", "temperature")
-    top_p = _optional(request, "top_p", float)
-    if top_p is not None and not 0 < top_p <= 1:
-        raise bad(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    temperature = _in_range(request, "temperature", 0, 2)
+    top_p = _in_range(request, "top_p", 0, 1)
+    if top_p == 0:  # only the most likely token: greedy
+        temperature, top_p = 0.0, None
     seed = _optional(request, "seed", int)
     stop = request.get("stop")
     if isinstance(stop, str):
@@ -180,6 +184,30 @@ def _options(request: dict[str, Any], limits: Limits) -> tuple[GenerationOptions
                                 temperature=temperature or 0.0, top_p=top_p, seed=seed,
                                 stop=tuple(s for s in stop or () if s))
     return options, max_tokens is not None
+
+
+def _in_range(request: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    """A number in [low, high], refused outside it with OpenAI's error codes."""
+    value = _optional(request, name, float)
+    if value is not None and value > high:
+        raise bad(f"{name} must be at most {high:g}, got {value:g}", name, "decimal_above_max_value")
+    if value is not None and value < low:
+        raise bad(f"{name} must be at least {low:g}, got {value:g}", name, "decimal_below_min_value")
+    return value
+
+
+def _logit_bias(request: dict[str, Any]) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids (as strings) to numbers in [-100, 100], added to the
+    logits before each token is picked (-100 bans a token, 100 all but forces it)."""
+    value = _optional(request, "logit_bias", dict) or {}
+    bias = {}
+    for key, number in value.items():
+        if not key.isdigit():
+            raise bad(f"logit_bias keys must be token ids, got {_show(key)}", "logit_bias")
+        if not isinstance(number, (int, float)) or isinstance(number, bool) or not -100 <= number <= 100:
+            raise bad(f"logit_bias[{key}] must be a number in [-100, 100], got {_show(number)}", "logit_bias")
+        bias[int(key)] = float(number)
+    return bias
 
 
 def _conversation(messages: Any, limits: Limits, load_image_url: Any
@@ -200,7 +228,8 @@ def _conversation(messages: Any, limits: Limits, load_image_url: Any
             raise bad(f"{where} must be an object with 'role' and 'content', got {_kind(message)}", where)
         role = message.get("role")
         if role not in ("system", "developer", "user", "assistant"):
-            raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}", f"{where}.role")
+            raise bad(f"{where}.role must be \"system\", \"user\" or \"assistant\", got {_show(role)}",
+                      f"{where}.role")
         texts, urls = _content(message.get("content"), where, images_allowed=role == "user")
         text = "\n".join(texts)
         if role in ("system", "developer"):
@@ -259,8 +288,8 @@ def _content(content: Any, where: str, *, images_allowed: bool) -> tuple[list[st
                 raise bad(f"{at}.image_url must be an object with a 'url' string", at)
             urls.append(url)
         else:
-            got = repr(kind) if isinstance(part, dict) else _kind(part)
-            raise bad(f"{at} must be a 'text' or 'image_url' part, got {got}", at)
+            got = f"type {_show(kind)}" if isinstance(part, dict) else _kind(part)
+            raise bad(f"{at} must be a \"text\" or \"image_url\" part, got {got}", at)
     return texts, urls
 
 
@@ -286,11 +315,17 @@ def _optional(request: dict[str, Any], name: str, kind: type) -> Any:
     if kind in (bool, dict, str) and isinstance(value, kind):
         return value
     names = {int: "an integer", float: "a number", bool: "a boolean", dict: "an object", str: "a string"}
-    raise bad(f"{name} must be {names[kind]}, got {_kind(value)} {json.dumps(value)[:40]}", name)
+    raise bad(f"{name} must be {names[kind]}, got {_kind(value)} {_show(value)}", name)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A JSON value as JSON text (never a Python repr), cut to `limit` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _kind(value: Any) -> str:
