@@ -37,7 +37,7 @@ def checkpoint(root: Path, layers: int, hidden: int) -> Path:
     text = {**random_checkpoint.TEXT, "num_hidden_layers": layers, "hidden_size": hidden,
             "intermediate_size": hidden * 11 // 4, "num_attention_heads": hidden // 32,
             "num_key_value_heads": hidden // 32}
-    demo = Path(shortv.zoo.local_weights("llava-tiny-demo"))
+    demo = Path(shortv.store.local_weights("llava-tiny-demo"))
     vocab = json.loads((demo / "config.json").read_text())["vocab_size"]
     random_checkpoint.write(root, text, random_checkpoint.VISION, vocab)
     random_checkpoint.tokenizer_from(demo, root)

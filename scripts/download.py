@@ -4,7 +4,7 @@
     python scripts/download.py llava-v1.6-vicuna-13b --alternate   # the llava-hf repo instead
     python scripts/download.py llava-v1.5-7b --to /data/llava      # another store
 
-A thin wrapper over `shortv.hub.download`, which `shortv download NAME` also runs: only the
+A thin wrapper over `shortv.store.download`, which `shortv download NAME` also runs: only the
 files shortv needs are fetched (configs, tokenizer, one weight format), with progress bars; an
 interrupted download resumes. $SHORTV_WEIGHTS overrides the default store.
 """
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shortv import hub, zoo
+from shortv import store
 from shortv.errors import ShortVError
 
 
@@ -29,14 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        for repo, target in hub.download_plan(args.name, args.to, alternate=args.alternate):
+        for repo, target in store.download_plan(args.name, args.to, alternate=args.alternate):
             print(f"{repo} -> {target}")
-        target = hub.download(args.name, args.to, alternate=args.alternate, progress=not args.quiet)
+        target = store.download(args.name, args.to, alternate=args.alternate, progress=not args.quiet)
     except ShortVError as e:
         print(f"download: error: {e}", file=sys.stderr)
         return 2
     # Loading by name finds only the weight store; a store given with --to is loaded by path.
-    found = zoo.local_weights(args.name)
+    found = store.local_weights(args.name)
     how = repr(args.name) if found is not None and found.resolve() == target.resolve() else repr(str(target))
     print(f"done; load it with shortv.load({how})")
     return 0

@@ -23,12 +23,13 @@ import sys
 from pathlib import Path
 
 import shortv
-from shortv.cli.options import method_entry
 from shortv.errors import ShortVError
-from shortv.eval.questions import read_questions
 from shortv.eval.runner import evaluate
 from shortv.generate import GenerationOptions
 from shortv.methods import Vanilla
+from shortv.methods.spec import parse_entry
+from shortv.questions import read_questions
+from shortv.ranking import fitted_method
 
 
 def main() -> int:
@@ -48,7 +49,9 @@ def main() -> int:
         model = shortv.load(args.model, device="cpu")
         card = shortv.zoo.get_card(args.model)
         entries = [e.strip() for e in (args.methods or "shortv; fastv; vtw").split(";") if e.strip()]
-        methods = {"vanilla": Vanilla(), **{e: method_entry(e, card, model.num_layers) for e in entries}}
+        layers = model.num_layers
+        methods = {"vanilla": Vanilla(),
+                   **{e: fitted_method(parse_entry(e, card, layers), layers, card) for e in entries}}
         args.out.mkdir(parents=True, exist_ok=True)
         # Warm-up (first calls allocate and pick kernels), so the first method is not charged for it.
         warm = questions[: args.batch_size]

@@ -9,6 +9,8 @@ the deepest selected one are built and run; CLIP's final LayerNorm is never used
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,25 @@ def quick_gelu(x: Tensor) -> Tensor:
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
+class ClassAttention(NamedTuple):
+    """What one attention layer reports for VisionZip: the class token's attention
+    probabilities over every token [N, heads, T] and the keys [N, heads, T, head_dim]."""
+
+    attention: Tensor
+    keys: Tensor
+
+
+@dataclass(frozen=True)
+class TowerOutput:
+    """`CLIPVisionTower.forward`'s result: the hidden states [N, 1 + patches, width] asked
+    for, in order, and, when asked, the class-token attention [N, heads, 1 + patches] and
+    keys [N, heads, 1 + patches, head_dim] of the layer that outputs the last of them."""
+
+    hidden_states: list[Tensor]
+    attention: Tensor | None = None
+    keys: Tensor | None = None
+
+
 class VisionAttention(nn.Module):
     def __init__(self, c: VisionConfig) -> None:
         super().__init__()
@@ -35,10 +56,9 @@ class VisionAttention(nn.Module):
         self.v_proj = Linear(c.width, c.width)
         self.out_proj = Linear(c.width, c.width)
 
-    def forward(self, x: Tensor, capture: list[Tensor] | None = None) -> Tensor:
-        """Self-attention over x [N, T, width]. With `capture`, also append the class
-        token's attention probabilities over every token [N, heads, T] and the keys
-        [N, heads, T, head_dim] (what VisionZip reads)."""
+    def forward(self, x: Tensor, class_attention: bool = False) -> tuple[Tensor, ClassAttention | None]:
+        """Self-attention over x [N, T, width], and with `class_attention` the class
+        token's attention and the keys (what VisionZip reads; None otherwise)."""
         b, t, d = x.shape
 
         def split(y: Tensor) -> Tensor:
@@ -46,10 +66,11 @@ class VisionAttention(nn.Module):
 
         q, k, v = (split(proj(x, contiguous=True)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v)
-        if capture is not None:
+        reported = None
+        if class_attention:
             logits = q[:, :, :1].float() @ k.float().transpose(-1, -2) / math.sqrt(d // self.heads)
-            capture += [logits.softmax(dim=-1)[:, :, 0], k]
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+            reported = ClassAttention(logits.softmax(dim=-1)[:, :, 0], k)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d)), reported
 
 
 class VisionMLP(nn.Module):
@@ -73,9 +94,11 @@ class VisionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(c.width, eps=c.norm_eps)
         self.mlp = VisionMLP(c)
 
-    def forward(self, x: Tensor, capture: list[Tensor] | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), capture)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: Tensor, class_attention: bool = False) -> tuple[Tensor, ClassAttention | None]:
+        """The layer's output and, with `class_attention`, what its attention reports."""
+        attended, reported = self.attn(self.norm1(x), class_attention)
+        x = x + attended
+        return x + self.mlp(self.norm2(x)), reported
 
 
 class CLIPVisionTower(nn.Module):
@@ -91,12 +114,12 @@ class CLIPVisionTower(nn.Module):
         self.pre_norm = nn.LayerNorm(c.width, eps=c.norm_eps)
         self.layers = nn.ModuleList(VisionLayer(c) for _ in range(depth))
 
-    def forward(self, pixels: Tensor, hidden_indices: tuple[int, ...],
-                capture: list[Tensor] | None = None) -> list[Tensor]:
+    def forward(self, pixels: Tensor, hidden_indices: tuple[int, ...], *,
+                class_attention: bool = False) -> TowerOutput:
         """Hidden states [N, 1 + patches, width] at `hidden_indices` (0 = the embeddings
         after the pre-norm, i = the output of layer i) for images [N, 3, S, S]. With
-        `capture`, the layer that outputs the last of them appends its class-token
-        attention and keys to it (`VisionAttention.forward`)."""
+        `class_attention`, also the class-token attention and keys of the layer that
+        outputs the last of them (none when that is the embeddings)."""
         if max(hidden_indices) > len(self.layers):
             raise ValueError(f"hidden state {max(hidden_indices)} needs more than {len(self.layers)} layers")
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
@@ -104,7 +127,11 @@ class CLIPVisionTower(nn.Module):
         x = torch.cat((cls, x), dim=1) + self.position_embedding
         x = self.pre_norm(x)
         states = {0: x}
+        reported = None
         for i, layer in enumerate(self.layers[: max(hidden_indices)], start=1):
-            x = layer(x, capture if i == hidden_indices[-1] else None)
+            x, got = layer(x, class_attention and i == hidden_indices[-1])
+            if got is not None:
+                reported = got
             states[i] = x
-        return [states[i] for i in hidden_indices]
+        hidden = [states[i] for i in hidden_indices]
+        return TowerOutput(hidden) if reported is None else TowerOutput(hidden, *reported)

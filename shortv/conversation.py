@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError, InputError
+from .tokenizer import IMAGE_PLACEHOLDER
 
 Turn = tuple[str, "str | None"]  # (user message, assistant reply or None for the open turn)
 
@@ -155,6 +156,17 @@ def get_template(name: str) -> Template:
         raise ConfigError(
             f"unknown conversation template {name!r}; available: {', '.join(known)}"
         ) from None
+
+
+def place_images(texts: Sequence[str], n_images: int) -> list[str]:
+    """The user texts that `n_images` images belong to, with the images placed: when no
+    text has an `<image>` placeholder, one `<image>` line per image at the start of the
+    first text (where LLaVA's prompts have them); otherwise the texts as they are, and
+    the caller checks that their placeholders match the images. `LLaVA.encode` places a
+    conversation's images so, the server each user message's."""
+    if n_images == 0 or any(IMAGE_PLACEHOLDER in text for text in texts):
+        return list(texts)
+    return [(IMAGE_PLACEHOLDER + "\n") * n_images + texts[0], *texts[1:]]
 
 
 def llava_model_name(model_path: str) -> str:

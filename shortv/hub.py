@@ -1,5 +1,7 @@
-"""The Hugging Face cache and Hub: the files shortv needs, fetched or found, and
-`download` (behind `shortv download NAME`), which fills the weight store ahead of time.
+"""The Hugging Face cache and Hub: the files shortv needs from a repo, fetched or found.
+
+`shortv.store` asks here for what its weight store lacks, and fills the store from here
+(`shortv.store.download`, behind `shortv download NAME`).
 
 Only the files needed are fetched (configs, tokenizer, one weight format), resumable, with
 progress bars; HF_HUB_OFFLINE, HF_ENDPOINT and the HF cache variables are honoured, as
@@ -17,10 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError, ModelNotFoundError, ShortVError, require_model_name
-from .zoo import _cards, _looks_like_repo, _store_looked, card, download_dir, looks_like_path, store_name
-
-# ---- the Hugging Face cache and Hub ---------------------------------------------------------
+from .errors import CheckpointError, ModelNotFoundError, ShortVError
 
 
 def hub_offline() -> bool:
@@ -121,9 +120,13 @@ def _cached_files(repo: str, local_dir: Path | None) -> list[str] | None:
     return [f.path for f in tree]
 
 
-def hub_snapshot(repo: str, *, local_dir: Path | None = None, label: str | None = None) -> Path:
+def hub_snapshot(repo: str, *, local_dir: Path | None = None, label: str | None = None,
+                 searched: str | None = None) -> Path:
     """The files of a Hub repo that shortv needs (configs, tokenizer, one weight format), from the
     HF cache or downloaded (resumable, with progress bars), into `local_dir` when given.
+
+    `label` is the name the user asked for (default: the repo); `searched` says where the caller
+    looked before the HF cache (the weight store, say), for the message when nothing is found.
 
     Offline (HF_HUB_OFFLINE), or when the Hub cannot be reached, only local copies count: the HF
     cache, or `local_dir` itself. Every failure is a one-line ShortVError: ModelNotFoundError when
@@ -152,7 +155,7 @@ def hub_snapshot(repo: str, *, local_dir: Path | None = None, label: str | None 
                 raise
             raise failure from None  # nothing cached: the Hub's failure is what to report
     except Exception as e:
-        error = _explain(e, repo=repo, label=label, local_dir=local_dir)
+        error = _explain(e, repo=repo, label=label, local_dir=local_dir, searched=searched)
         if error is None:
             raise
         raise error from None
@@ -211,7 +214,8 @@ def _is_incomplete(e: BaseException) -> bool:
     return isinstance(e, IncompleteSnapshotError)
 
 
-def _explain(e: BaseException, *, repo: str, label: str, local_dir: Path | None) -> ShortVError | None:
+def _explain(e: BaseException, *, repo: str, label: str, local_dir: Path | None,
+             searched: str | None) -> ShortVError | None:
     """The ShortVError to raise for a huggingface_hub failure, chosen by the exception's type (and
     the type of what caused it); None for anything that is not a known way of failing."""
     from huggingface_hub.utils import (
@@ -234,7 +238,9 @@ def _explain(e: BaseException, *, repo: str, label: str, local_dir: Path | None)
                 "from a weight store that has it")
     else:
         head = f"cannot find model {label!r}" + (f" ({repo} on the Hub)" if repo != label else "")
-        where = f"not in the weight store ({_store_looked(label)}) nor the Hugging Face cache ({cache})"
+        where = f"not in the Hugging Face cache ({cache})"
+        if searched:
+            where = f"not in {searched} nor the Hugging Face cache ({cache})"
         todo = (f"fetch it with {fetch} where the Hub is reachable, or pass the path of a local copy, "
                 "or set $SHORTV_WEIGHTS to a weight store that has it")
 
@@ -295,72 +301,9 @@ def _one_line(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
 
 
-# ---- downloading into the weight store ------------------------------------------------------
-
-
-def download_plan(source: str, to: Path | str | None = None, *, alternate: bool = False
-                  ) -> list[tuple[str, Path]]:
-    """What `download(source, to)` fetches, as (Hub repo, target directory) pairs: the model first,
-    then, for an original LLaVA-1.5 checkpoint (which carries no vision tower), its CLIP tower.
-
-    Checks the arguments without touching the network or the disk: ModelNotFoundError for a source
-    that is neither a zoo name nor a Hub repo id, ConfigError for an empty one, a zoo model without
-    a Hub source (the demo), an `alternate` it lacks, or a `to` that is not a directory.
-    """
-    require_model_name(source, accepted="a zoo name (`shortv zoo` lists them) or a Hub repo id")
-    store = Path(to).expanduser() if to is not None else download_dir()
-    if store.exists() and not store.is_dir():
-        raise ConfigError(f"cannot download into {store}: it is not a directory")
-    zoo_card = card(source)
-    if zoo_card is None:
-        if not _looks_like_repo(source):
-            what = "a path" if looks_like_path(source) else "not a zoo name nor a Hub repo id (owner/name)"
-            raise ModelNotFoundError(
-                f"cannot download {source!r}: {what}; `shortv download` takes a zoo name "
-                f"(`shortv zoo` lists them: {', '.join(_cards())}) or a Hub repo id")
-        if alternate:
-            raise ConfigError(f"cannot download {source!r} --alternate: only zoo models have alternates")
-        return [(source, store / store_name(source))]
-    if alternate and not zoo_card.alternates:
-        raise ConfigError(f"{zoo_card.name} has no alternate Hub repo")
-    repo = zoo_card.alternates[0] if alternate else zoo_card.repo
-    if repo is None:
-        raise ConfigError(f"{zoo_card.name} has no Hub source: it ships with shortv, weights included")
-    plan = [(repo, store / store_name(zoo_card.name))]
-    # Original LLaVA-1.5 checkpoints name their tower (mm_vision_tower) instead of carrying it;
-    # LLaVA-NeXT's and the transformers-layout alternates have it inside.
-    if zoo_card.vision_tower and not alternate and zoo_card.config.image_aspect_ratio != "anyres":
-        plan.append((zoo_card.vision_tower, store / store_name(zoo_card.vision_tower)))
-    return plan
-
-
-def download(source: str, to: Path | str | None = None, *, alternate: bool = False,
-             progress: bool = True) -> Path:
-    """Download a zoo model (or any Hub repo id) into the weight store and return its directory.
-
-    The store is `to`, else $SHORTV_WEIGHTS, else the source tree's weights/ (installed from a
-    wheel: the per-user store, ~/.cache/shortv/weights); the model lands in
-    `<store>/<name>/` (repo ids as owner--name) and, for a v1.5 card, the CLIP tower it needs in
-    `<store>/openai--clip-vit-large-patch14-336/`, where loading finds both. Only the files shortv
-    needs are fetched, resumably, with huggingface_hub's progress bars unless `progress` is False.
-    Offline or without the Hub, a copy already in the HF cache is linked into the store instead.
-
-    Raises (all ShortVError): the argument errors of `download_plan`; ModelNotFoundError when the
-    files cannot be had (Hub unreachable or offline and nothing cached, no such repo, gated);
-    CheckpointError when they cannot be written.
-    """
-    plan = download_plan(source, to, alternate=alternate)
-    label = source
-    with _progress_bars(progress):
-        for repo, target in plan:
-            hub_snapshot(repo, local_dir=target, label=label)
-            label = repo  # the tower: `shortv download <tower repo>` fetches it alone
-    return plan[0][1]
-
-
 @contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Silence huggingface_hub's bars for the block when asked to (they are global state, so
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence huggingface_hub's bars for the block unless `enabled` (they are global state, so
     restore them after); `enabled` never forces them on over HF_HUB_DISABLE_PROGRESS_BARS."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 

@@ -28,18 +28,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from . import parallel
 from .errors import ConfigError, InputError
-from .eval import distributed
-from .eval.distributed import Ranks
-from .eval.questions import (
+from .llava import Encoded, ImageLike, LLaVA, Prepared
+from .methods import VANILLA
+from .parallel import Ranks
+from .questions import (
     is_question_record,
     parse_line,
     question_from_record,
     read_lines,
     resolve_images,
 )
-from .llava import Encoded, ImageLike, LLaVA, Prepared
-from .methods import VANILLA
 from .token_types import TokenType
 
 SAMPLE_KEYS = frozenset({"image", "prompt"})
@@ -114,7 +114,7 @@ def read_samples(path: str | os.PathLike, limit: int | None = None, *,
                  image_folder: str | os.PathLike | None = None) -> list[Sample]:
     """Samples from a JSONL file: calibration lines {"image": path or [paths], "prompt":
     text}, or the lines of an eval question file ({"question_id", "image", "text", ...},
-    see `shortv.eval.questions`), so calibration and evaluation can share data. Relative
+    see `shortv.questions`), so calibration and evaluation can share data. Relative
     image paths resolve against `image_folder` (default: the file's folder). Every sample
     needs an image; a problem is an InputError naming the line."""
     path = Path(path)
@@ -198,7 +198,7 @@ class LCSums:
         every rank calls it, and every rank gets the report)."""
         counts = torch.tensor([self.samples, self.layer_evaluations], dtype=torch.float64)
         # One reduction for sums and counts (float64 counts are exact below 2**53).
-        totals = distributed.all_sum(ranks or Ranks(), torch.cat([self.sums.flatten(), counts]))
+        totals = parallel.all_sum(ranks or Ranks(), torch.cat([self.sums.flatten(), counts]))
         samples, evaluations = int(totals[-2]), int(totals[-1])
         if samples == 0:
             raise InputError("no sample was measured, so there is no Layer Contribution to report")
@@ -245,7 +245,7 @@ def layer_contribution(
         error = e
     finally:
         bar.close()
-    distributed.gather(ranks, None, error)
+    parallel.gather(ranks, None, error)
     report = sums.report(model.name, ranks=ranks, data=data)
     if report.visual_is_noise:
         warnings.warn(NOISE_WARNING, stacklevel=2)

@@ -549,7 +549,7 @@ class Decoder(nn.Module):
         the last hidden states [B, T, D]; tokens dropped by FastV/VTW keep the state they
         had when dropped.
         """
-        return self._run(x, types, positions, cache, method, layers, last_only, None)
+        return self._run(x, types, positions, cache=cache, method=method, layers=layers, last_only=last_only)
 
     def forward_with_inputs(
         self, x: Tensor, types: Tensor, positions: Tensor, *, last_only: bool = False
@@ -557,7 +557,7 @@ class Decoder(nn.Module):
         """A vanilla pass that also returns every layer's input [B, T, D] (what Layer
         Contribution restarts its counterfactuals from)."""
         inputs: list[Tensor] = []
-        out = self._run(x, types, positions, None, VANILLA, None, last_only, inputs)
+        out = self._run(x, types, positions, last_only=last_only, inputs=inputs)
         return out, inputs
 
     def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, method: Method) -> Tensor:
@@ -565,7 +565,7 @@ class Decoder(nn.Module):
         positions [B, 1]) after what `cache` holds; next-token logits [B, vocab]."""
         x = self.embed_tokens(tokens[:, None])
         types = torch.full_like(positions, int(TokenType.TEXT), dtype=TYPE_DTYPE)
-        hidden = self._run(x, types, positions, cache, method, None, False, None, TEXT_ONLY)
+        hidden = self._run(x, types, positions, cache=cache, method=method, kinds=TEXT_ONLY)
         return self.head(hidden[:, -1])
 
     def _run(
@@ -573,13 +573,17 @@ class Decoder(nn.Module):
         x: Tensor,
         types: Tensor,
         positions: Tensor,
-        cache: KVCache | None,
-        method: Method,
-        layers: Iterable[int] | None,
-        last_only: bool,
-        inputs: list[Tensor] | None,
+        *,
+        cache: KVCache | None = None,
+        method: Method = VANILLA,
+        layers: Iterable[int] | None = None,
+        last_only: bool = False,
+        inputs: list[Tensor] | None = None,
         kinds: frozenset[TokenType] | None = None,
     ) -> Tensor:
+        """`forward`'s pass; also appends each layer's input to `inputs` when given, and
+        takes the token types present as `kinds` when the caller knows them (see
+        `Segment.build`)."""
         ids = list(range(len(self.layers)) if layers is None else layers)
         if not ids:
             return x

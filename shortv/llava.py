@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .clip import CLIPVisionTower
 from .config import LlavaConfig, projector_depth
-from .conversation import Template, Turn, get_template
+from .conversation import Template, Turn, get_template, place_images
 from .errors import InputError
 from .generate import GenerationOptions, GenerationResult, generate, stream
 from .image import ImageProcessor, grid_shape, load_image, unpad_slices
@@ -196,7 +196,7 @@ class LLaVA(nn.Module):
         counts = [c.shape[0] for c in crops]
         if reduce and self.method.reduces_images:
             return self._reduced_image_features(pixels, counts, sizes)
-        hidden = torch.cat(self.vision(pixels, self.config.vision_hidden_indices), dim=-1)
+        hidden = torch.cat(self.vision(pixels, self.config.vision_hidden_indices).hidden_states, dim=-1)
         if self.config.vision_select_feature == "patch":
             hidden = hidden[:, 1:]
         features = self.projector(hidden).split(counts)
@@ -212,9 +212,12 @@ class LLaVA(nn.Module):
         if self.config.vision_select_feature != "patch" or len(self.config.vision_hidden_indices) != 1:
             raise InputError(f"{self.method.describe()} needs a tower read at one layer without the "
                              "class token (select_feature 'patch')")
-        capture: list[Tensor] = []
-        (hidden,) = self.vision(pixels, self.config.vision_hidden_indices, capture)
-        cls_attention, keys = capture[0][..., 1:], capture[1][:, :, 1:]
+        tower = self.vision(pixels, self.config.vision_hidden_indices, class_attention=True)
+        if tower.attention is None or tower.keys is None:
+            raise InputError(f"{self.method.describe()} needs a tower read at a layer's output, not at "
+                             "its embeddings (vision_select_layer 0)")
+        (hidden,) = tower.hidden_states
+        cls_attention, keys = tower.attention[..., 1:], tower.keys[:, :, 1:]
         out = []
         for h, a, k, size in zip(hidden.split(counts), cls_attention.split(counts), keys.split(counts),
                                  sizes, strict=True):
@@ -422,11 +425,9 @@ class LLaVA(nn.Module):
         pil = [to_pil(im) for im in image_list(images)]
         if template:
             turns = [*_turns(history), (prompt, None)]
-            placed = sum(u.count(IMAGE_PLACEHOLDER) for u, _ in turns)
-            if pil and placed == 0:
-                first = turns[0]
-                turns[0] = ((IMAGE_PLACEHOLDER + "\n") * len(pil) + first[0], first[1])
-            text = self.template.render(turns)
+            users = place_images([user for user, _ in turns], len(pil))
+            replies = [reply for _, reply in turns]
+            text = self.template.render(list(zip(users, replies, strict=True)))
         elif history:
             raise InputError("history needs template=True")
         else:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import zoo
+from . import store, zoo
 from .checkpoint import (
     CLIP_TOWER_LAYOUT,
     ORIGINAL_LAYOUT,
@@ -90,7 +90,7 @@ def load(
     # A zoo card knows the depth: a method that cannot work is refused before the weights
     # are looked for (or downloaded).
     fitted = chosen(card.config.text.layers) if card is not None else None
-    model = load_directory(zoo.locate(source), device=device, dtype=dtype)
+    model = load_directory(store.locate(source), device=device, dtype=dtype)
     model.name = card.name if card is not None else source
     model.template = conversation
     model.set_method(fitted if fitted is not None else chosen(model.num_layers))
@@ -252,7 +252,7 @@ def _tower_config(source: str, tower_dir: Path | None, directory: Path) -> Visio
 
 def _locate_tower(source: str, directory: Path) -> Path:
     try:
-        return zoo.locate(source, relative_to=directory)
+        return store.locate(source, relative_to=directory)
     except ModelNotFoundError as e:
         raise ModelNotFoundError(
             f"the vision tower named by mm_vision_tower in {directory}/config.json is missing: {e}"

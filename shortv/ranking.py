@@ -12,9 +12,11 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .methods import VANILLA, Method, ShortV, check_layer_ids, compose, layer_ids, parse_layer_list
+from .methods.spec import MethodSpec, build
 
 RankingLike = str | os.PathLike | Sequence[int]
 
@@ -143,3 +145,12 @@ def choose_method(
         # With a token-wise method too: both, composed (ShortV's layers, the method's drops).
         method = ShortV(layers) if method is None else compose(ShortV(layers), method)
     return (method or VANILLA).for_layers(num_layers)
+
+
+def fitted_method(spec: MethodSpec, num_layers: int, card: Any = None, *,
+                  model_name: str | None = None) -> Method:
+    """The method a spec asks for (`shortv.methods.spec.build`, with the card's paper N and
+    ranking), fitted to a decoder of `num_layers` as `shortv.load` fits it."""
+    return choose_method(num_layers, **build(spec, card),
+                         default_ranking=card.ranking if card is not None else (),
+                         model_name=model_name)

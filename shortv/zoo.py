@@ -1,13 +1,11 @@
-"""The model zoo: cards in `models/` (TOML, one per model) and where weights are found.
+"""The model zoo: cards in `models/` (TOML, one per model), read and looked up by name.
 
-A zoo name resolves to weights in this order: the local weight store (`weights/<name>/`),
-then the Hugging Face cache / Hub (`shortv.hub`). Sources that are not zoo names are local
-directories or Hub repo ids.
+Cards are data: what a model is and how to run it. Where its weights are found is
+`shortv.store` (the local weight store, then `shortv.hub`).
 """
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
@@ -28,33 +26,6 @@ def cards_dirs() -> list[Path]:
     """Where cards are looked for: the source tree's models/, then the wheel's copy."""
     dirs = [REPO_DIR / "models"] if IN_SOURCE_TREE else []
     return [d for d in (*dirs, PACKAGE_DIR / "_data" / "models") if d.is_dir()]
-
-
-def user_weights_dir() -> Path:
-    """The per-user weight store of an installed wheel: $XDG_CACHE_HOME/shortv/weights
-    (~/.cache/shortv/weights)."""
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home).expanduser() / "shortv" / "weights"
-
-
-def weights_dirs() -> list[Path]:
-    """The local weight store, in search order: $SHORTV_WEIGHTS, then the source tree's
-    weights/ (or, installed from a wheel, the per-user store), then the wheel's own copy
-    of the embedded demo."""
-    dirs = []
-    if os.environ.get("SHORTV_WEIGHTS"):
-        dirs.append(Path(os.environ["SHORTV_WEIGHTS"]).expanduser())
-    dirs += [REPO_DIR / "weights" if IN_SOURCE_TREE else user_weights_dir(),
-             PACKAGE_DIR / "_data" / "weights"]
-    return [d for d in dirs if d.is_dir()]
-
-
-def download_dir() -> Path:
-    """Where `download` puts weights by default: $SHORTV_WEIGHTS, else the source tree's
-    weights/, else (installed from a wheel) the per-user store."""
-    if os.environ.get("SHORTV_WEIGHTS"):
-        return Path(os.environ["SHORTV_WEIGHTS"]).expanduser()
-    return REPO_DIR / "weights" if IN_SOURCE_TREE else user_weights_dir()
 
 
 @dataclass(frozen=True)
@@ -127,7 +98,7 @@ class Card:
         return "paper" if "paper" in self.ranking_source.lower() else "shortv lc"
 
     def summary(self) -> dict[str, Any]:
-        """What `shortv zoo --json` prints for this card."""
+        """What the card says, as `shortv zoo --json` prints it (beside where its weights are)."""
         c = self.config
         return {
             "name": self.name,
@@ -145,7 +116,6 @@ class Card:
             "ranking": list(self.ranking),
             "ranking_origin": self.ranking_origin,
             "ranking_source": self.ranking_source,
-            "local_weights": str(p) if (p := local_weights(self.name)) else None,
         }
 
 
@@ -180,6 +150,11 @@ def cards() -> list[Card]:
     return sorted(_cards().values(), key=lambda c: c.name)
 
 
+def names() -> list[str]:
+    """Every zoo name, in the order the cards were found (for messages listing them)."""
+    return list(_cards())
+
+
 def card(name: str) -> Card | None:
     """The zoo card of that name, or None."""
     return _cards().get(name)
@@ -190,95 +165,6 @@ def get_card(name: str) -> Card:
     found = card(name)
     if found is None:
         raise ModelNotFoundError(
-            f"{name!r} is not a zoo model; `shortv zoo` lists them: {', '.join(_cards())}"
+            f"{name!r} is not a zoo model; `shortv zoo` lists them: {', '.join(names())}"
         )
     return found
-
-
-def store_name(source: str) -> str:
-    """Directory name in the weight store: zoo names as is, repo ids with '/' → '--'."""
-    return source.replace("/", "--")
-
-
-def local_weights(source: str) -> Path | None:
-    """The weight store's directory for a zoo name or repo id, if present."""
-    for d in weights_dirs():
-        candidate = d / store_name(source)
-        if (candidate / "config.json").is_file():
-            return candidate
-    return None
-
-
-def looks_like_path(source: str) -> bool:
-    """Whether `source` can only be meant as a filesystem path, not a zoo name or an `owner/name`
-    Hub id: it starts with ./ ../ / or ~, ends with a separator, has a drive, or holds more
-    separators than a single owner/name does."""
-    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    posix = source
-    for sep in seps:
-        posix = posix.replace(sep, "/")
-    return (
-        posix in {".", "..", "~"}
-        or posix.startswith(("./", "../", "/", "~"))
-        or posix.endswith("/")
-        or posix.count("/") > 1
-        or (os.sep != "/" and os.sep in source)  # Windows: a backslash is never part of a repo id
-        or bool(Path(source).drive)
-    )
-
-
-def _looks_like_repo(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not looks_like_path(s)
-
-
-def locate(source: str, *, relative_to: Path | None = None) -> Path:
-    """A directory holding `source`: an existing path (also relative to `relative_to`), the weight
-    store, the HF cache, or a fresh Hub download, in that order.
-
-    With `relative_to` (a checkpoint naming its vision tower), a store-named directory beside that
-    checkpoint also counts, so that `download(NAME, to=DIR)` leaves a self-contained DIR.
-    Raises ModelNotFoundError with one line saying where it looked and what to do.
-    """
-    path = Path(os.path.expanduser(source))  # Path.expanduser raises on an unknown ~user
-    candidates = [path]
-    if relative_to is not None and not path.is_absolute():
-        candidates.append(relative_to / path)
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    if looks_like_path(source):
-        # Only a path was meant: the weight store and the Hub have nothing to say about it.
-        what = "not a directory" if any(c.exists() for c in candidates) else "no such directory"
-        absolute = os.path.abspath(path)
-        shown = [source if absolute == source else f"{source} ({absolute})", *map(str, candidates[1:])]
-        raise ModelNotFoundError(f"cannot find model {source!r}: {what}: {' nor '.join(shown)}")
-    if relative_to is not None:
-        beside = relative_to.parent / store_name(source)
-        if (beside / "config.json").is_file():
-            return beside
-    found = local_weights(source)
-    if found:
-        return found
-    zoo_card = card(source)
-    repo = zoo_card.repo if zoo_card is not None else source
-    if repo is None or not _looks_like_repo(repo):
-        what = ("a zoo model whose weights ship with shortv, but they are missing"
-                if zoo_card is not None else "not a zoo name, not a directory and not a Hub repo id")
-        raise ModelNotFoundError(
-            f"cannot find model {source!r}: {what}; not in the weight store ({_store_looked(source)}); "
-            "`shortv zoo` lists the zoo names"
-        )
-    from .hub import hub_snapshot  # the Hub module builds on this one
-
-    return hub_snapshot(repo, label=source)
-
-
-def _store_looked(label: str) -> str:
-    """Where the weight store was searched for `label`, for messages."""
-    looked = ", ".join(str(d / store_name(label)) for d in weights_dirs())
-    if not looked:
-        looked = f"no store exists: {download_dir()} is missing and $SHORTV_WEIGHTS is not set"
-    elif os.environ.get("SHORTV_WEIGHTS") and not Path(os.environ["SHORTV_WEIGHTS"]).expanduser().is_dir():
-        looked += f"; $SHORTV_WEIGHTS={os.environ['SHORTV_WEIGHTS']} is not a directory"
-    return looked

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import shortv
-from shortv.eval.questions import read_questions
 from shortv.eval.runner import evaluate
 from shortv.flops import decoder_flops
+from shortv.questions import read_questions
 
 REPO = Path(shortv.__file__).resolve().parents[1]
 IMAGE = REPO / "weights" / "llava-tiny-demo" / "example.png"

@@ -1,5 +1,5 @@
 """The Hugging Face cache and Hub, without the network: an unreachable Hub (a closed loopback
-port), offline mode, a fake Hub served on 127.0.0.1, and `hub.download` into a weight store.
+port), offline mode, a fake Hub served on 127.0.0.1, and `store.download` into a weight store.
 
 Nothing here may leave the machine: every test runs behind a guard that refuses name lookups and
 connections to anything but the loopback address.
@@ -26,7 +26,8 @@ from huggingface_hub.utils import are_progress_bars_disabled, close_session
 
 import shortv
 import shortv.cli
-from shortv import ConfigError, ModelNotFoundError, hub, zoo
+from shortv import ConfigError, ModelNotFoundError, hub
+from shortv.store import download, download_plan, local_weights, locate, looks_like_path, store_name
 
 REPO = Path(shortv.__file__).resolve().parents[1]
 # An upper bound on a hang, not a benchmark: huggingface_hub's backoff on an unreachable Hub
@@ -222,11 +223,11 @@ def timed(fn, *args, **kwargs):
 @pytest.mark.parametrize("source,repo", [("llava-v1.5-7b", "liuhaotian/llava-v1.5-7b"),
                                          ("someone/some-repo", "someone/some-repo")])
 def test_unreachable_hub_fails_fast_in_one_line(hf_home, source, repo):
-    message, elapsed = timed(zoo.locate, source)
+    message, elapsed = timed(locate, source)
     assert elapsed < FAST_S, f"took {elapsed:.1f} s: retrying an unreachable Hub?"
     assert "\n" not in message
     assert repr(source) in message and repo in message
-    assert str(REPO / "weights" / zoo.store_name(source)) in message  # the weight store
+    assert str(REPO / "weights" / store_name(source)) in message  # the weight store
     assert str(hf_home / "hub") in message  # the HF cache actually in use
     assert "cannot be reached" in message and constants.ENDPOINT in message
     assert "ConnectError" in message  # why, by type
@@ -238,7 +239,7 @@ def test_unreachable_hub_names_every_weight_store(hf_home, tmp_path, monkeypatch
     store = tmp_path / "store"
     store.mkdir()
     monkeypatch.setenv("SHORTV_WEIGHTS", str(store))
-    message, _ = timed(zoo.locate, "llava-v1.5-13b")
+    message, _ = timed(locate, "llava-v1.5-13b")
     assert str(store / "llava-v1.5-13b") in message and str(REPO / "weights" / "llava-v1.5-13b") in message
 
 
@@ -248,7 +249,7 @@ def test_offline_fails_fast_without_asking(offline, monkeypatch, source):
         raise AssertionError("offline, yet a connection was attempted")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    message, elapsed = timed(zoo.locate, source)
+    message, elapsed = timed(locate, source)
     assert elapsed < FAST_S
     assert "\n" not in message and repr(source) in message
     assert "offline" in message and "HF_HUB_OFFLINE" in message
@@ -304,7 +305,7 @@ def no_hub(monkeypatch):
 def test_missing_path_is_reported_as_that_path(no_hub, tmp_path, monkeypatch, source):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError) as info:
-        zoo.locate(source)
+        locate(source)
     message = str(info.value)
     assert f"no such directory: {source}" in message
     assert os.path.abspath(os.path.expanduser(source)) in message
@@ -314,11 +315,11 @@ def test_missing_path_is_reported_as_that_path(no_hub, tmp_path, monkeypatch, so
 def test_relative_path_names_where_it_was_looked_for(no_hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError) as info:
-        zoo.locate("./nope")
+        locate("./nope")
     assert f"no such directory: ./nope ({tmp_path / 'nope'})" in str(info.value)
     checkpoint = tmp_path / "ck"
     with pytest.raises(ModelNotFoundError) as info:
-        zoo.locate("./tower", relative_to=checkpoint)
+        locate("./tower", relative_to=checkpoint)
     assert str(checkpoint / "tower") in str(info.value)
 
 
@@ -326,7 +327,7 @@ def test_a_file_is_not_a_directory(no_hub, tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"")
     with pytest.raises(ModelNotFoundError) as info:
-        zoo.locate(str(f))
+        locate(str(f))
     assert f"not a directory: {f}" in str(info.value)
 
 
@@ -336,7 +337,7 @@ def test_a_file_is_not_a_directory(no_hub, tmp_path):
     ("owner/name/", True), ("a/b/c", True), ("x/", True),
 ])
 def test_looks_like_path(source, is_path):
-    assert zoo.looks_like_path(source) is is_path
+    assert looks_like_path(source) is is_path
 
 
 def test_tower_beside_the_checkpoint(no_hub, tmp_path):
@@ -345,7 +346,7 @@ def test_tower_beside_the_checkpoint(no_hub, tmp_path):
     tower = tmp_path / "openai--clip-vit-large-patch14-336"
     tower.mkdir()
     (tower / "config.json").write_text("{}")
-    found = zoo.locate("openai/clip-vit-large-patch14-336", relative_to=tmp_path / "llava-v1.5-7b")
+    found = locate("openai/clip-vit-large-patch14-336", relative_to=tmp_path / "llava-v1.5-7b")
     assert found == tower
 
 
@@ -353,7 +354,7 @@ def test_tower_beside_the_checkpoint(no_hub, tmp_path):
 
 
 def test_locate_downloads_needed_files_into_the_cache(fake_hub, hf_home):
-    path = zoo.locate("someorg/some-llava")
+    path = locate("someorg/some-llava")
     assert path.is_relative_to(hf_home / "hub")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors",
                                                       "tokenizer.model", "tokenizer_config.json"]
@@ -363,37 +364,37 @@ def test_locate_downloads_needed_files_into_the_cache(fake_hub, hf_home):
 
 
 def test_cached_copy_serves_offline_and_when_the_hub_is_gone(fake_hub, hf_home, monkeypatch):
-    first = zoo.locate("someorg/some-llava")  # the cache now lists .bin files it never fetched
+    first = locate("someorg/some-llava")  # the cache now lists .bin files it never fetched
     fake_hub.close()
     point_hub_at(monkeypatch, closed_port_url())
     start = time.monotonic()
-    assert zoo.locate("someorg/some-llava") == first  # unreachable: the cache will do
+    assert locate("someorg/some-llava") == first  # unreachable: the cache will do
     assert time.monotonic() - start < FAST_S
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert zoo.locate("someorg/some-llava") == first  # offline: likewise, not "incomplete"
+    assert locate("someorg/some-llava") == first  # offline: likewise, not "incomplete"
 
 
 def test_unknown_repo_on_a_reachable_hub(fake_hub):
-    message, elapsed = timed(zoo.locate, "someorg/no-such-llava")
+    message, elapsed = timed(locate, "someorg/no-such-llava")
     assert elapsed < FAST_S and "\n" not in message
     assert "has no model repo someorg/no-such-llava" in message and fake_hub.url in message
 
 
 def test_failing_hub_falls_back_to_the_cache(fake_hub):
-    cached = zoo.locate("someorg/some-llava")
+    cached = locate("someorg/some-llava")
     fake_hub.status = 503
-    assert zoo.locate("someorg/some-llava") == cached
-    message, elapsed = timed(zoo.locate, "someorg/bin-llava")  # nothing cached
+    assert locate("someorg/some-llava") == cached
+    message, elapsed = timed(locate, "someorg/bin-llava")  # nothing cached
     assert elapsed < FAST_S and "answered HTTP 503" in message
     assert "`shortv download someorg/bin-llava`" in message
 
 
-# ---- hub.download ---------------------------------------------------------------------------
+# ---- store.download -------------------------------------------------------------------------
 
 
 def test_download_zoo_model_with_its_tower(fake_hub, tmp_path):
     store = tmp_path / "store"
-    target = hub.download("llava-v1.5-7b", to=store, progress=False)
+    target = download("llava-v1.5-7b", to=store, progress=False)
     assert target == store / "llava-v1.5-7b"
     files = {p.name for p in target.iterdir() if p.is_file()}
     assert files == {"config.json", "tokenizer.model", "tokenizer_config.json",
@@ -404,50 +405,50 @@ def test_download_zoo_model_with_its_tower(fake_hub, tmp_path):
     assert not are_progress_bars_disabled()  # progress=False is undone afterwards
     # Again: everything is there, nothing is fetched twice.
     before = len(fake_hub.fetched())
-    hub.download("llava-v1.5-7b", to=store, progress=False)
+    download("llava-v1.5-7b", to=store, progress=False)
     assert len(fake_hub.fetched()) == before
 
 
 def test_download_into_the_default_store(fake_hub, tmp_path, monkeypatch):
     store = tmp_path / "weights"
     monkeypatch.setenv("SHORTV_WEIGHTS", str(store))
-    assert hub.download("someorg/some-llava", progress=False) == store / "someorg--some-llava"
-    assert zoo.local_weights("someorg/some-llava") == store / "someorg--some-llava"
-    assert zoo.locate("someorg/some-llava") == store / "someorg--some-llava"  # no Hub needed now
+    assert download("someorg/some-llava", progress=False) == store / "someorg--some-llava"
+    assert local_weights("someorg/some-llava") == store / "someorg--some-llava"
+    assert locate("someorg/some-llava") == store / "someorg--some-llava"  # no Hub needed now
 
 
 def test_download_offline_links_from_the_hf_cache(fake_hub, tmp_path, monkeypatch):
-    cached = zoo.locate("someorg/some-llava")
+    cached = locate("someorg/some-llava")
     fake_hub.close()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    target = hub.download("someorg/some-llava", to=tmp_path / "store", progress=False)
+    target = download("someorg/some-llava", to=tmp_path / "store", progress=False)
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in cached.iterdir())
     assert (target / "model.safetensors").read_bytes() == (cached / "model.safetensors").read_bytes()
 
 
 def test_download_offline_of_nothing_cached(offline, tmp_path):
-    message, elapsed = timed(hub.download, "llava-v1.5-7b", to=tmp_path / "store")
+    message, elapsed = timed(download, "llava-v1.5-7b", to=tmp_path / "store")
     assert elapsed < FAST_S and "\n" not in message
     assert str(tmp_path / "store" / "llava-v1.5-7b") in message and "offline" in message
     assert "liuhaotian/llava-v1.5-7b" in message and str(offline / "hub") in message
 
 
 def test_download_unreachable(hf_home, tmp_path):
-    message, elapsed = timed(hub.download, "someorg/x", to=tmp_path / "store")
+    message, elapsed = timed(download, "someorg/x", to=tmp_path / "store")
     assert elapsed < FAST_S and "cannot be reached" in message and "`shortv download someorg/x`" in message
 
 
 def test_download_plan():
     store = Path("/somewhere")
-    assert hub.download_plan("llava-v1.5-13b", store) == [
+    assert download_plan("llava-v1.5-13b", store) == [
         ("liuhaotian/llava-v1.5-13b", store / "llava-v1.5-13b"),
         ("openai/clip-vit-large-patch14-336", store / "openai--clip-vit-large-patch14-336")]
     # LLaVA-NeXT carries its tower; so do the transformers-layout alternates.
-    assert hub.download_plan("llava-v1.6-vicuna-7b", store) == [
+    assert download_plan("llava-v1.6-vicuna-7b", store) == [
         ("liuhaotian/llava-v1.6-vicuna-7b", store / "llava-v1.6-vicuna-7b")]
-    assert hub.download_plan("llava-v1.5-7b", store, alternate=True) == [
+    assert download_plan("llava-v1.5-7b", store, alternate=True) == [
         ("llava-hf/llava-1.5-7b-hf", store / "llava-v1.5-7b")]
-    assert hub.download_plan("owner/name", store) == [("owner/name", store / "owner--name")]
+    assert download_plan("owner/name", store) == [("owner/name", store / "owner--name")]
 
 
 @pytest.mark.parametrize("source,error,fragment", [
@@ -457,15 +458,15 @@ def test_download_plan():
 ])
 def test_download_refuses_before_any_network(no_hub, source, error, fragment):
     with pytest.raises(error, match=fragment):
-        hub.download(source)
+        download(source)
 
 
 def test_download_argument_errors(no_hub, tmp_path):
     with pytest.raises(ConfigError, match="only zoo models"):
-        hub.download("owner/name", alternate=True)
+        download("owner/name", alternate=True)
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="not a directory"):
-        hub.download("llava-v1.5-7b", to=tmp_path / "file")
+        download("llava-v1.5-7b", to=tmp_path / "file")
 
 
 def test_download_script_is_a_thin_wrapper(fake_hub, hf_home, tmp_path):

@@ -24,7 +24,7 @@ import shortv
 from shortv import IMAGE_TOKEN, InputError, TokenType, Vanilla
 from shortv.errors import ConfigError
 from shortv.lc import LCReport, Sample, layer_contribution, read_samples
-from shortv.zoo import locate
+from shortv.store import locate
 
 DEMO = "llava-tiny-demo"
 T_, V_, P_ = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)

@@ -209,6 +209,24 @@ def test_class_token_is_kept_first_when_the_view_has_it(demo, images):
             torch.testing.assert_close(ours[c, 0], hidden[c, 0], rtol=0, atol=0)
 
 
+def test_tower_returns_the_select_layers_class_attention_and_keys(demo, images):
+    """What VisionZip reads comes back from the tower itself: asked for, the class token's
+    attention and the keys of the layer that outputs the select hidden state; not asked
+    for, none (and the same hidden states)."""
+    pixels = torch.stack([demo.encode("x", [im]).images[0] for im in images[:2]])
+    hidden, probs, keys = tower_reference(demo, pixels)
+    indices = demo.config.vision_hidden_indices
+    with torch.no_grad():
+        asked = demo.vision(pixels.float(), indices, class_attention=True)
+        plain = demo.vision(pixels.float(), indices)
+    (ours,) = asked.hidden_states
+    torch.testing.assert_close(ours.double(), hidden, **TOL)
+    torch.testing.assert_close(asked.attention.double(), probs[:, :, 0], **TOL)
+    torch.testing.assert_close(asked.keys.double(), keys, **TOL)
+    assert plain.attention is None and plain.keys is None
+    torch.testing.assert_close(plain.hidden_states[0], ours, rtol=0, atol=0)
+
+
 def test_crops_share_an_images_budget():
     """An anyres image's budget is spread over its crops; each crop is reduced alone."""
     g = torch.Generator().manual_seed(0)

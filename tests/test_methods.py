@@ -35,7 +35,7 @@ import shortv
 from shortv import IMAGE_TOKEN, VTW, ConfigError, Encoded, FastV, InputError, ShortV, TokenType, Vanilla
 from shortv.flops import sequence_flops
 from shortv.generate import GenerationOptions, token_steps
-from shortv.zoo import locate
+from shortv.store import locate
 
 T_, V_, P_ = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)
 DEMO = "llava-tiny-demo"

@@ -225,7 +225,7 @@ def test_clip_tower_matches_transformers(act: str):
     with torch.no_grad():
         want = ref(pixel_values=pixels, output_hidden_states=True).hidden_states
         indices = tuple(range(len(want)))
-        got = tower(pixels, indices)
+        got = tower(pixels, indices).hidden_states
     assert len(want) == vision.layers + 1
     for i in indices:
         torch.testing.assert_close(got[i], want[i], **FEATURES, msg=f"hidden state {i}")
@@ -238,7 +238,7 @@ def test_clip_tower_matches_transformers(act: str):
     short.load_state_dict({k: v for k, v in state.items()
                            if not k.startswith(f"layers.{index}.")}, strict=True)
     with torch.no_grad():
-        (penultimate,) = short(pixels, (index,))
+        (penultimate,) = short(pixels, (index,)).hidden_states
     torch.testing.assert_close(penultimate, want[-2], **FEATURES)
 
 
@@ -266,7 +266,7 @@ def test_clip_tower_matches_open_clip():
                                         output_extra_tokens=True, intermediates_only=True)
         blocks = [torch.cat((cls, patches), dim=1) for cls, patches in
                   zip(out["image_intermediates_prefix"], out["image_intermediates"], strict=True)]
-        got = tower(pixels, (0, 1, 2, 3))
+        got = tower(pixels, (0, 1, 2, 3)).hidden_states
     torch.testing.assert_close(got[0], seen[0], **FEATURES)
     for i, want in enumerate(blocks, start=1):
         torch.testing.assert_close(got[i], want, **FEATURES, msg=f"block {i}")

@@ -17,6 +17,7 @@ import torch
 
 import shortv
 from shortv import ModelNotFoundError, hub, zoo
+from shortv.store import locate
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "weights" / "llava-tiny-demo"
@@ -149,7 +150,7 @@ def empty_hf(tmp_path, monkeypatch):
 
 def test_zoo_name_uses_the_local_store_first(no_hub, monkeypatch):
     monkeypatch.delenv("SHORTV_WEIGHTS", raising=False)
-    assert zoo.locate("llava-tiny-demo").resolve() == DEMO.resolve()
+    assert locate("llava-tiny-demo").resolve() == DEMO.resolve()
     model = shortv.load("llava-tiny-demo", device="cpu")
     assert model.name == "llava-tiny-demo"
     assert model.checkpoint_dir.resolve() == DEMO.resolve()
@@ -159,9 +160,9 @@ def test_zoo_name_uses_the_local_store_first(no_hub, monkeypatch):
 def test_directory_path_wins(no_hub, tmp_path, monkeypatch):
     # A directory named like a zoo model, given as a path (absolute and relative).
     (tmp_path / "llava-v1.5-7b").symlink_to(DEMO, target_is_directory=True)
-    assert zoo.locate(str(tmp_path / "llava-v1.5-7b")) == tmp_path / "llava-v1.5-7b"
+    assert locate(str(tmp_path / "llava-v1.5-7b")) == tmp_path / "llava-v1.5-7b"
     monkeypatch.chdir(tmp_path)
-    assert zoo.locate("llava-v1.5-7b") == Path("llava-v1.5-7b")
+    assert locate("llava-v1.5-7b") == Path("llava-v1.5-7b")
     model = shortv.load(tmp_path / "llava-v1.5-7b", device="cpu")
     assert model.num_layers == 8  # the demo's weights, not a download of the 7B
 
@@ -173,9 +174,9 @@ def test_shortv_weights_store_comes_first(no_hub, tmp_path, monkeypatch):
     (store / "llava-v1.5-7b").symlink_to(DEMO, target_is_directory=True)
     (store / "someorg--some-llava").symlink_to(DEMO, target_is_directory=True)
     monkeypatch.setenv("SHORTV_WEIGHTS", str(store))
-    assert zoo.locate("llava-tiny-demo") == store / "llava-tiny-demo"  # before the repo's weights/
-    assert zoo.locate("llava-v1.5-7b") == store / "llava-v1.5-7b"  # before the Hub
-    assert zoo.locate("someorg/some-llava") == store / "someorg--some-llava"  # a repo id
+    assert locate("llava-tiny-demo") == store / "llava-tiny-demo"  # before the repo's weights/
+    assert locate("llava-v1.5-7b") == store / "llava-v1.5-7b"  # before the Hub
+    assert locate("someorg/some-llava") == store / "someorg--some-llava"  # a repo id
     model = shortv.load("llava-tiny-demo", device="cpu")
     assert model.checkpoint_dir == store / "llava-tiny-demo"
 

@@ -2,7 +2,7 @@
 
 Every command that reports numbers takes --json and then prints one JSON object on
 stdout. Errors print one line on stderr and exit with status 2 (under torchrun, on the
-rank that failed; the others stop silently, see `shortv.eval.distributed`). `--help`
+rank that failed; the others stop silently, see `shortv.parallel`). `--help`
 shows every option's default. One module per command (`zoo` also holds `download`);
 `options` holds what they share.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import ShortVError
-from ..eval.distributed import RankError
+from ..parallel import RankError
 from . import bench, chat, eval, flops, lc, serve, zoo
 from .options import EXIT_USAGE, Parser
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..paths import output_path
 from .options import (
     add_compile,
     add_method,
@@ -17,7 +18,6 @@ from .options import (
     generation_options,
     int_at_least,
     method_options,
-    output_path,
     print_json,
 )
 
@@ -46,11 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load, zoo
-    from ..eval import distributed
+    from .. import load, parallel, zoo
     from ..eval.answers import AnswerFile
-    from ..eval.questions import read_questions
     from ..eval.runner import evaluate
+    from ..questions import read_questions
 
     # Everything that can be wrong with the inputs is found before loading the model.
     options = generation_options(args)
@@ -58,12 +57,12 @@ def run(args: argparse.Namespace) -> int:
     output_path(args.answers_out)
     card = zoo.card(args.model)
     method = method_options(args, card)
-    ranks = distributed.start(args.device)
+    ranks = parallel.start(args.device)
     try:
         device = ranks.device or args.device
         known = _known_before_loading(args, card, method, options, device)
-        distributed.on_main(ranks, lambda: AnswerFile(args.answers_out, questions, known,
-                                                      limit=args.limit, overwrite=args.overwrite))
+        parallel.on_main(ranks, lambda: AnswerFile(args.answers_out, questions, known,
+                                                   limit=args.limit, overwrite=args.overwrite))
         model = load(args.model, device=device, dtype=args.dtype, **method)
         if args.compile:
             model.compile()
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                            progress=not (args.quiet or args.json),
                            overwrite=args.overwrite, limit=args.limit)
     finally:
-        distributed.stop(ranks)
+        parallel.stop(ranks)
     if summary is None:  # not rank 0
         return 0
     if summary["answered_now"] == 0:

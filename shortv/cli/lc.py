@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..errors import ConfigError
-from .options import add_runtime, int_at_least, output_path, print_json
+from ..paths import output_path
+from .options import add_runtime, int_at_least, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from .. import lc, load
-    from ..eval import distributed
+    from .. import lc, load, parallel
 
     # Fail on bad data and unwritable outputs before loading and computing.
     samples = lc.read_samples(args.data, limit=args.limit, image_folder=args.image_folder)
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--out and --plot name the same file")
     if plot is not None:
         lc.require_matplotlib()
-    ranks = distributed.start(args.device)  # one process, or one of a torchrun group
+    ranks = parallel.start(args.device)  # one process, or one of a torchrun group
     try:
         model = load(args.model, device=ranks.device or args.device, dtype=args.dtype)
         with warnings.catch_warnings():
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                                            progress=not args.json and not args.quiet,
                                            data=str(args.data), ranks=ranks)
     finally:
-        distributed.stop(ranks)
+        parallel.stop(ranks)
     if not ranks.main:
         return 0
     if out is not None:

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         model.require_tokenizer()
         from ..serve.app import create_app, run_server
         from ..serve.engine import Engine
-        from ..serve.protocol import Limits
+        from ..serve.limits import Limits
 
         limits = Limits(max_body_bytes=int(args.max_body_mb * MIB),
                         max_image_bytes=int(args.max_image_mb * MIB),

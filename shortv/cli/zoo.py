@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .options import print_json
 
@@ -25,12 +26,12 @@ def run(args: argparse.Namespace) -> int:
 
     cards = zoo.cards()
     if args.json:
-        print_json({"models": [c.summary() for c in cards]})
+        print_json({"models": [_summary(c) for c in cards]})
         return 0
     rows = [("name", "layers", "heads/kv", "images", "template", "N", "ranking", "weights",
              "source")]
     for c in cards:
-        s = c.summary()
+        s = _summary(c)
         rows.append((c.name, str(s["layers"]), f"{s['heads']}/{s['kv_heads']}",
                      s["image_aspect_ratio"], c.template, str(s["n_frozen"] or "-"),
                      _ranking_origin(c), "local" if s["local_weights"] else "hub",
@@ -45,13 +46,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(card) -> dict[str, Any]:
+    """The card's summary and where its weights are, if the local store has them."""
+    from ..store import local_weights
+
+    found = local_weights(card.name)
+    return {**card.summary(), "local_weights": str(found) if found else None}
+
+
 def _ranking_origin(card) -> str:
     return {"none": "none (run shortv lc)"}.get(card.ranking_origin, card.ranking_origin)
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from .. import hub
+    from ..store import download
 
-    path = hub.download(args.model, to=args.to)
+    path = download(args.model, to=args.to)
     print(f"{args.model} is in {path}")
     return 0

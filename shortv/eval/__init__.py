@@ -1,2 +1,3 @@
-"""Evaluation: LLaVA-format question files and answer files, VQA scoring, the lmms-eval
-model, and data-parallel runs over torchrun."""
+"""Evaluation: answering LLaVA-format question files (read by `shortv.questions`) into
+answer files, in one process or data-parallel (`shortv.parallel`); VQA scoring; the
+lmms-eval model."""

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..questions import Question
 from .provenance import difference as provenance_difference
-from .questions import Question
 
 ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 PROVENANCE_KEY = "shortv"  # metadata[PROVENANCE_KEY]: the run's record

@@ -22,10 +22,8 @@ The paper measures Layer Contribution through lmms-eval (`--tasks gqa,flickr30k_
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -37,7 +35,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import zoo
-from ..cli.options import method_options, method_spec, output_path
 from ..conversation import get_template
 from ..errors import ConfigError, InputError, ShortVError
 from ..generate import GenerationOptions
@@ -45,7 +42,9 @@ from ..lc import NOISE_WARNING, LCSums
 from ..llava import Encoded, LLaVA, to_pil
 from ..loading import DTYPES, load
 from ..methods import parse_layer_list
-from .distributed import Ranks
+from ..methods.spec import MethodSpec, build, parse_names
+from ..parallel import Ranks
+from ..paths import output_path
 
 MODEL_ID = "shortv"
 
@@ -144,8 +143,8 @@ class ShortVLMM(lmms):
                               "checkpoint directory or Hub repo id)")
         pretrained = str(pretrained)
         # Every value is checked before the (possibly long) load.
-        options = types.SimpleNamespace(
-            method=_method_spec(method),
+        spec = MethodSpec(
+            names=_method_names(method),
             n_frozen=_integer("n_frozen", n_frozen, low=0),
             frozen_layers=_layers("frozen_layers", frozen_layers),
             ranking=None if ranking is None else str(ranking),
@@ -167,7 +166,7 @@ class ShortVLMM(lmms):
         except ConfigError as e:
             raise ConfigError(f"model_args cal_lc={cal_lc}: {e}") from None
         try:
-            method_kwargs = method_options(options, zoo.card(pretrained))
+            method_kwargs = build(spec, zoo.card(pretrained))
         except ConfigError as e:
             raise ConfigError(f"model_args: {_model_args_wording(str(e))}") from None
 
@@ -545,13 +544,13 @@ def _number(name: str, value: Any, *, low: float, high: float | None = None,
     return number
 
 
-def _method_spec(value: Any) -> tuple[str, ...] | None:
+def _method_names(value: Any) -> tuple[str, ...] | None:
     """model_args method=NAME or NAME+NAME (e.g. shortv+fastv)."""
     if value is None:
         return None
     try:
-        return method_spec(str(value))
-    except argparse.ArgumentTypeError as e:
+        return parse_names(str(value))
+    except ConfigError as e:
         raise ConfigError(f"model_args method={value!r}: {e}") from None
 
 
@@ -563,7 +562,7 @@ def _choice(name: str, value: Any, choices: Sequence[str]) -> str | None:
     return value
 
 
-def _layers(name: str, value: Any) -> list[int] | None:
+def _layers(name: str, value: Any) -> tuple[int, ...] | None:
     """Layer ids from "31:29:30" (lmms-eval splits model_args on commas), a quoted or
     bracketed comma list, one id (an int after lmms-eval's parsing), or a Python list."""
     if value is None:
@@ -579,7 +578,7 @@ def _layers(name: str, value: Any) -> list[int] | None:
     if not ids or any(i < 0 for i in ids):
         raise ConfigError(f"model_args {name}={value!r} is not a list of layer ids; separate them "
                           f"with ':' (e.g. {name}=31:29:30)")
-    return ids
+    return tuple(ids)
 
 
 def _batch_size(value: Any) -> int:

@@ -10,16 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import parallel
 from ..errors import InputError
 from ..flops import TERA, count_types, decoder_flops, sequence_flops
 from ..generate import GenerationOptions, GenerationResult, generate
 from ..llava import LLaVA
 from ..methods import VANILLA
+from ..parallel import Ranks
+from ..questions import Question
 from ..tokenizer import IMAGE_TOKEN
-from . import distributed, provenance
+from . import provenance
 from .answers import AnswerFile, answer_record, key
-from .distributed import Ranks
-from .questions import Question
 from .vqa import vqa_accuracy
 
 
@@ -79,9 +80,9 @@ def evaluate(
     started = time.perf_counter()
     run_record = provenance.of_model(model, options)
     # Rank 0 reads the file; every rank stops if it cannot be resumed, then learns what is left.
-    answers = distributed.on_main(ranks, lambda: AnswerFile(
+    answers = parallel.on_main(ranks, lambda: AnswerFile(
         answers_out, questions, run_record, limit=limit, overwrite=overwrite))
-    remaining = distributed.broadcast(ranks, answers.remaining if answers else None)
+    remaining = parallel.broadcast(ranks, answers.remaining if answers else None)
     todo = [q for q in questions if key(q.question_id) in remaining]
     mine = ranks.shard(todo)
     position = {key(q.question_id): i for i, q in enumerate(questions)}
@@ -95,7 +96,7 @@ def evaluate(
                 records, part = _answer(model, batch, options, run_record)
             except Exception as e:  # shared with the other ranks before anyone raises
                 error = e
-            gathered = distributed.gather(ranks, (records, part), error)
+            gathered = parallel.gather(ranks, (records, part), error)
             if gathered is None:
                 continue
             merged = sorted((r for rs, _ in gathered for r in rs),

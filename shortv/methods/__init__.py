@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from .base import (
     VANILLA,
     Capture,
+    Hook,
     ImageView,
     LayerView,
     Method,
@@ -70,6 +71,7 @@ __all__ = [
     "Capture",
     "Compose",
     "FastV",
+    "Hook",
     "ImageView",
     "LayerView",
     "Method",

@@ -1,13 +1,13 @@
 """The interface every method implements, and the vanilla model.
 
-A method answers the decoder's questions at three hook points (docs/design.md §9):
+A method answers the decoder's questions at three hook points (`Hook`, docs/design.md §9):
 
-- before the language model, on one image's visual tokens (`reduce_image`: select or
-  merge them, reading the vision tower's attention and keys at the select layer);
-- at layer boundaries, per sequence (`drops_at` / `keep`: which tokens survive, reading
-  what an earlier layer was asked to `capture`: attention from chosen query rows, keys;
-  the layer's input hidden states are always at hand);
-- inside a layer (`frozen_type`: the token type whose updates the layer skips).
+- `Hook.IMAGE`, before the language model, on one image's visual tokens (`reduce_image`:
+  select or merge them, reading the vision tower's attention and keys at the select layer);
+- `Hook.TOKENS`, at layer boundaries, per sequence (`drops_at` / `keep`: which tokens
+  survive, reading what an earlier layer was asked to `capture`: attention from chosen
+  query rows, keys; the layer's input hidden states are always at hand);
+- `Hook.LAYERS`, inside a layer (`frozen_type`: the token type whose updates the layer skips).
 
 A method answers from its own parameters, so adding one touches its module and the
 registry in `shortv.methods`, not the decoder. `Compose` runs a layer-wise method with
@@ -27,6 +27,14 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..token_types import TokenType
+
+
+class Hook(StrEnum):
+    """The hook points where a method answers the model's questions (module docstring)."""
+
+    IMAGE = "image"  # reduces_images, reduce_image, image_tokens, keeps_image
+    TOKENS = "tokens"  # drops_at, capture, keep
+    LAYERS = "layers"  # frozen_type
 
 
 class Queries(StrEnum):
@@ -101,9 +109,8 @@ class Method:
     """Base class: the vanilla answer to every hook (see the module docstring)."""
 
     name = "method"
-    # The hook points this method uses: "image" (reduce_image), "tokens" (drops_at, capture,
-    # keep), "layers" (frozen_type). `Compose` combines methods with disjoint hooks.
-    hooks: ClassVar[frozenset[str]] = frozenset()
+    # The hook points this method answers at; `Compose` combines methods with disjoint hooks.
+    hooks: ClassVar[frozenset[Hook]] = frozenset()
 
     def frozen_type(self, layer: int) -> TokenType | None:
         """The token type whose updates `layer` skips, if any."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..token_types import TokenType
-from .base import VANILLA, Capture, ImageView, LayerView, Method
+from .base import VANILLA, Capture, Hook, ImageView, LayerView, Method
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Compose(Method):
                 raise ConfigError(f"compose() takes shortv methods, got {part!r}")
             flat += part.parts if isinstance(part, Compose) else [part]
         flat = [p for p in flat if p.hooks]  # vanilla parts do nothing
-        owners: dict[str, Method] = {}
+        owners: dict[Hook, Method] = {}
         for part in flat:
             for hook in part.hooks:
                 if hook in owners:
@@ -48,36 +48,36 @@ class Compose(Method):
         object.__setattr__(self, "_owners", owners)
 
     @property
-    def hooks(self) -> frozenset[str]:  # type: ignore[override]
+    def hooks(self) -> frozenset[Hook]:  # type: ignore[override]
         return frozenset(self._owners)
 
-    def _owner(self, hook: str) -> Method:
+    def _owner(self, hook: Hook) -> Method:
         return self._owners.get(hook, VANILLA)
 
     def frozen_type(self, layer: int) -> TokenType | None:
-        return self._owner("layers").frozen_type(layer)
+        return self._owner(Hook.LAYERS).frozen_type(layer)
 
     def drops_at(self, layer: int) -> bool:
-        return self._owner("tokens").drops_at(layer)
+        return self._owner(Hook.TOKENS).drops_at(layer)
 
     def capture(self, layer: int) -> Capture | None:
-        return self._owner("tokens").capture(layer)
+        return self._owner(Hook.TOKENS).capture(layer)
 
     def keep(self, view: LayerView) -> Tensor:
-        return self._owner("tokens").keep(view)
+        return self._owner(Hook.TOKENS).keep(view)
 
     @property
     def reduces_images(self) -> bool:
-        return self._owner("image").reduces_images
+        return self._owner(Hook.IMAGE).reduces_images
 
     def reduce_image(self, image: ImageView) -> Tensor:
-        return self._owner("image").reduce_image(image)
+        return self._owner(Hook.IMAGE).reduce_image(image)
 
     def image_tokens(self, n_visual: int) -> int:
-        return self._owner("image").image_tokens(n_visual)
+        return self._owner(Hook.IMAGE).image_tokens(n_visual)
 
     def keeps_image(self, n_patches: int) -> bool:
-        return self._owner("image").keeps_image(n_patches)
+        return self._owner(Hook.IMAGE).keeps_image(n_patches)
 
     def validate(self, num_layers: int) -> None:
         for part in self.parts:
@@ -94,9 +94,9 @@ class Compose(Method):
 
 
 _HOOK_WORDS = {
-    "layers": "freeze tokens inside layers",
-    "tokens": "drop tokens inside the language model",
-    "image": "reduce visual tokens before the language model",
+    Hook.LAYERS: "freeze tokens inside layers",
+    Hook.TOKENS: "drop tokens inside the language model",
+    Hook.IMAGE: "reduce visual tokens before the language model",
 }
 
 

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..token_types import TokenType
-from .base import Capture, LayerView, Method, check_int
+from .base import Capture, Hook, LayerView, Method, check_int
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class DART(Method):
     pivot_text: int = 4
     reduction_ratio: float = 0.778
     name = "dart"
-    hooks = frozenset({"tokens"})
+    hooks = frozenset({Hook.TOKENS})
 
     def __post_init__(self) -> None:
         check_int(self.k, "DART k", allowed="a layer id >= 1 (DART reads layer k - 1's keys)")

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Capture, LayerView, Method, Queries, check_int
+from .base import Capture, Hook, LayerView, Method, Queries, check_int
+from .select import top_visual
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class FastV(Method):
     k: int = 2
     r: float = 0.5
     name = "fastv"
-    hooks = frozenset({"tokens"})
+    hooks = frozenset({Hook.TOKENS})
 
     def __post_init__(self) -> None:
         check_int(self.k, "FastV k", allowed="a layer id >= 1 (FastV ranks with layer k - 1)")
@@ -52,17 +53,6 @@ class FastV(Method):
 
     def describe(self) -> str:
         return f"fastv(k={self.k}, r={self.r})"
-
-
-def top_visual(scores: Tensor, visual: Tensor, n_keep: Tensor) -> Tensor:
-    """[B, T] True at each row's n_keep[b] visual tokens of highest score (ties: the
-    earlier position first)."""
-    ranked = scores.float().masked_fill(~visual, float("-inf"))
-    order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )
-    return visual & (rank < n_keep[:, None])
 
 
 def fastv_kept(n_visual: Tensor, r: float) -> Tensor:

@@ -77,6 +77,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .base import (
     Capture,
+    Hook,
     LayerView,
     Method,
     Queries,
@@ -86,7 +87,7 @@ from .base import (
     depth_scaled,
     layer_ids,
 )
-from .fastv import top_visual
+from .select import top_visual
 
 # The published stage layers of a 32-layer decoder: 4 equal stages.
 REFERENCE_LAYERS = (8, 16, 24)
@@ -106,7 +107,7 @@ class PDrop(Method):
     budget: int | None = None
     budget_of: int = 576
     name = "pdrop"
-    hooks = frozenset({"tokens"})
+    hooks = frozenset({Hook.TOKENS})
 
     def __post_init__(self) -> None:
         if self.layers is not None:

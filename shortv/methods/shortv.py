@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..token_types import TokenType
-from .base import Method, check_layer_ids, layer_ids
+from .base import Hook, Method, check_layer_ids, layer_ids
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ShortV(Method):
 
     layers: tuple[int, ...] = ()
     name = "shortv"
-    hooks = frozenset({"layers"})
+    hooks = frozenset({Hook.LAYERS})
 
     def __post_init__(self) -> None:
         ids = layer_ids(self.layers)

@@ -82,6 +82,7 @@ from ..errors import ConfigError
 from ..token_types import TokenType
 from .base import (
     Capture,
+    Hook,
     LayerView,
     Method,
     Queries,
@@ -90,7 +91,7 @@ from .base import (
     check_layer_ids,
     depth_scaled,
 )
-from .fastv import top_visual
+from .select import top_visual
 
 REFERENCE_VISUAL = 576  # LLaVA-1.5's visual tokens, what the released schedules count
 SCHEDULES: dict[int, tuple[int, ...]] = {
@@ -114,7 +115,7 @@ class SparseVLM(Method):
     budget: int | None = None
     schedule: tuple[int, ...] | None = None
     name = "sparsevlm"
-    hooks = frozenset({"tokens"})
+    hooks = frozenset({Hook.TOKENS})
 
     def __post_init__(self) -> None:
         if self.layers is not None:

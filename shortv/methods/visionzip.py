@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import ImageView, Method, check_int
+from .base import Hook, ImageView, Method, check_int
 
 # Published split: 10 contextual tokens out of 64 (also 20 / 128 and 30 / 192).
 CONTEXTUAL_SHARE = 10 / 64
@@ -76,7 +76,7 @@ class VisionZip(Method):
 
     budget: int | None = None
     name = "visionzip"
-    hooks = frozenset({"image"})
+    hooks = frozenset({Hook.IMAGE})
 
     def __post_init__(self) -> None:
         if self.budget is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import LayerView, Method, check_int
+from .base import Hook, LayerView, Method, check_int
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class VTW(Method):
 
     k: int | None = None
     name = "vtw"
-    hooks = frozenset({"tokens"})
+    hooks = frozenset({Hook.TOKENS})
 
     def __post_init__(self) -> None:
         if self.k is not None:

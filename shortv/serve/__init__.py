@@ -1,8 +1,10 @@
 """`shortv serve`: the model over HTTP, in OpenAI's chat-completions format, with
 continuous batching across requests (docs/design.md §11).
 
-- `protocol`: request checking (`parse_chat_request`, `Limits`, `RequestError`) and the
-  response, chunk and error shapes;
+- `limits`: what one request may ask of the server (`Limits`);
+- `errors`: how a request fails: `RequestError` (an HTTP status in OpenAI's error shape),
+  and the engine's `EngineError`, named by kind (`Refusal`), each kind with one status;
+- `protocol`: request checking (`parse_chat_request`) and the response and chunk shapes;
 - `images`: `data:` URLs and local files under the image root, with size limits;
 - `engine`: the batching engine (`Engine`, `Job`), one worker thread driving the model, and
   `compile_for_serving` (its decode step compiled for changing batches);
@@ -11,7 +13,9 @@ continuous batching across requests (docs/design.md §11).
 """
 
 from .engine import Engine, Job, compile_for_serving
-from .protocol import ChatRequest, Limits, RequestError, parse_chat_request
+from .errors import RequestError
+from .limits import Limits
+from .protocol import ChatRequest, parse_chat_request
 
 __all__ = ["ChatRequest", "Engine", "Job", "Limits", "RequestError", "compile_for_serving",
            "parse_chat_request"]

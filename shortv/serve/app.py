@@ -33,16 +33,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .engine import Delta, Engine, Event, Failed, Finished, Job, Started
-from .protocol import (
-    Limits,
-    RequestError,
-    body_too_large,
-    chunk,
-    completion,
-    parse_chat_request,
-    sse,
-    usage,
-)
+from .errors import RequestError
+from .limits import Limits
+from .protocol import body_too_large, chunk, completion, parse_chat_request, sse, usage
 
 log = logging.getLogger("shortv.serve")
 

@@ -30,7 +30,7 @@ from torch.fx.experimental import _config as fx_config
 from ..errors import InputError, ShortVError
 from ..generate.loop import Answer
 from ..generate.sampling import GenerationOptions, make_generator, pick
-from .protocol import RequestError
+from .errors import EngineError, Refusal
 
 if TYPE_CHECKING:
     from ..llava import DecodeState, Encoded, LLaVA
@@ -68,7 +68,9 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    error: RequestError
+    """The request failed (nothing more follows): what went wrong, by kind (`Refusal`)."""
+
+    error: EngineError
 
 
 Event = Started | Delta | Finished | Failed
@@ -121,7 +123,7 @@ class Engine:
     """Continuous batching of chat requests on one model (see the module docstring).
 
     max_batch: sequences decoded together. max_queue: requests waiting for a batch slot;
-    `submit` refuses more with a 429. max_prefill: new requests prefilled together in one
+    `submit` refuses more (`Refusal.OVERLOADED`). max_prefill: new requests prefilled together in one
     padded batch (1: each alone, exactly `model.chat`'s prefill). stats_interval: seconds
     between stats log lines while busy (0: none)."""
 
@@ -158,14 +160,14 @@ class Engine:
             self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a job; RequestError 429 when the queue is full, 503 when shutting down."""
+        """Queue a job; EngineError when the queue is full (OVERLOADED) or the engine is
+        shutting down (SHUTTING_DOWN)."""
         with self._cond:
             if self._draining or self._stopped:
                 raise shutting_down()
             if len(self._waiting) >= self.max_queue:
-                raise RequestError(429, f"the server is busy: {len(self._waiting)} requests are "
-                                        "waiting (--max-queue); retry later",
-                                   code="queue_full", type="rate_limit_error")
+                raise EngineError(Refusal.OVERLOADED, f"the server is busy: {len(self._waiting)} requests "
+                                                      "are waiting (--max-queue); retry later")
             self._waiting.append(job)
             self.stats.queue = len(self._waiting)
             self._cond.notify()
@@ -216,8 +218,7 @@ class Engine:
         picture = Image.new("RGB", (336, 336), (128, 128, 128))
         questions = ["Describe the picture in detail.", "Hi.",
                      "What colour is the picture? Answer in one word, please."]
-        encoded = [self.model.encode(self.model.template.render([("<image>\n" + q, None)]), [picture],
-                                     template=False) for q in questions]
+        encoded = [self.model.encode(q, [picture]) for q in questions]
         steps = WARM_UP_STEPS
 
         def prefill(batch: list[Encoded]) -> tuple[Tensor, DecodeState]:
@@ -248,7 +249,7 @@ class Engine:
 
     def drain(self, timeout: float) -> None:
         """Begin a graceful shutdown: refuse new jobs; those queued or running may finish
-        within `timeout` seconds, after which they fail with a 503."""
+        within `timeout` seconds, after which they fail as shutting down."""
         with self._cond:
             self._draining = True
             self._deadline = time.monotonic() + timeout
@@ -264,7 +265,7 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Fail whatever is left with a 503 and end the worker thread."""
+        """Fail whatever is left (shutting down) and end the worker thread."""
         with self._cond:
             self._draining = self._stopped = True
             self._cond.notify()
@@ -301,7 +302,7 @@ class Engine:
                 log.exception("the engine failed; failing the %d requests in the batch", len(self._running))
                 for job in [*new, *self._running]:
                     if not job.done:
-                        self._fail(job, _as_request_error(e, job))
+                        self._fail(job, _as_engine_error(e, job))
                 self._running, self._state = [], None
                 self.stats.batch = 0
             self._log_stats()
@@ -348,12 +349,12 @@ class Engine:
         try:
             vocab = self.model.config.text.vocab_size
             if (outside := [t for t in job.logit_bias if t >= vocab]):
-                raise RequestError(400, f"logit_bias has token id {outside[0]}, but this model's "
-                                        f"vocabulary has {vocab} tokens (ids 0 to {vocab - 1})",
-                                   param="logit_bias")
+                raise EngineError(Refusal.BAD_INPUT, f"logit_bias has token id {outside[0]}, but this "
+                                  f"model's vocabulary has {vocab} tokens (ids 0 to {vocab - 1})",
+                                  param="logit_bias")
             encoded = self.model.encode(job.prompt, list(job.images), template=False)
         except Exception as e:
-            self._fail(job, _as_request_error(e, job))
+            self._fail(job, _as_engine_error(e, job))
             return None
         job.images = ()  # the pixels are in `encoded` now
         return encoded
@@ -374,7 +375,7 @@ class Engine:
         except Exception as e:
             if len(jobs) > 1:
                 return [s for job, e1 in zip(jobs, encoded, strict=True) for s in self._prefill([job], [e1])]
-            self._fail(jobs[0], _as_request_error(e, jobs[0]))
+            self._fail(jobs[0], _as_engine_error(e, jobs[0]))
             return []
         for job, n in zip(jobs, state.prompt_lengths, strict=True):
             try:
@@ -385,7 +386,7 @@ class Engine:
                 job.sink(Started(n))
                 self.stats.prompt_tokens += n
             except Exception as e:
-                self._fail(job, _as_request_error(e, job))
+                self._fail(job, _as_engine_error(e, job))
         rows = [i for i, job in enumerate(jobs) if not job.done]
         for i, token in zip(rows, self._pick(logits[rows], [jobs[i] for i in rows]), strict=True):
             try:
@@ -393,7 +394,7 @@ class Engine:
                     raise RuntimeError("sampling failed")
                 self._accept(jobs[i], token)
             except Exception as e:
-                self._fail(jobs[i], _as_request_error(e, jobs[i]))
+                self._fail(jobs[i], _as_engine_error(e, jobs[i]))
         ready = [i for i in rows if not jobs[i].done]
         self._running += [jobs[i] for i in ready]
         if not ready:
@@ -402,20 +403,19 @@ class Engine:
 
     def _budget(self, job: Job) -> int:
         """How many tokens the job may generate: its max_tokens, or less where the context
-        ends (RequestError when nothing fits, or when an explicit max_tokens does not)."""
+        ends (EngineError TOO_LONG when nothing fits, or when an explicit max_tokens does not)."""
         n = job.prompt_tokens
         context = self.model.config.text.max_position_embeddings
         if n >= context:
-            raise RequestError(400, f"the prompt has {n} tokens after expanding its images, which "
-                                    f"fills the model's context of {context} tokens; shorten the "
-                                    "messages or send fewer images", param="messages",
-                               code="context_length_exceeded")
+            raise EngineError(Refusal.TOO_LONG, f"the prompt has {n} tokens after expanding its images, "
+                                                f"which fills the model's context of {context} tokens; "
+                                                "shorten the messages or send fewer images", param="messages")
         wanted = job.options.max_new_tokens
         if job.strict_budget and n + wanted > context:
-            raise RequestError(400, f"the prompt has {n} tokens after expanding its images and "
-                                    f"max_tokens is {wanted}: {n + wanted} is more than the model's "
-                                    f"context of {context} tokens; ask for at most {context - n}",
-                               param="max_tokens", code="context_length_exceeded")
+            raise EngineError(Refusal.TOO_LONG, f"the prompt has {n} tokens after expanding its images "
+                                                f"and max_tokens is {wanted}: {n + wanted} is more than the "
+                                                f"model's context of {context} tokens; ask for at most "
+                                                f"{context - n}", param="max_tokens")
         return min(wanted, context - n)
 
     def _step(self) -> None:
@@ -428,7 +428,7 @@ class Engine:
         except Exception as e:  # the step is shared: every running request fails with it
             log.exception("a decode step failed; failing the %d requests in the batch", len(jobs))
             for job in jobs:
-                self._fail(job, _as_request_error(e, job))
+                self._fail(job, _as_engine_error(e, job))
             self._running, self._state = [], None
             return
         self.stats.steps += 1
@@ -439,7 +439,7 @@ class Engine:
                     raise RuntimeError("sampling failed")
                 self._accept(job, token)
             except Exception as e:
-                self._fail(job, _as_request_error(e, job))
+                self._fail(job, _as_engine_error(e, job))
 
     def _decode(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """`model.step`. A compiled step is given inputs of the kinds `warm_up` compiled
@@ -507,7 +507,7 @@ class Engine:
         self.stats.completion_tokens += n
         job.sink(Finished(job.answer.text, job.answer.reason or "length", job.prompt_tokens, n))
 
-    def _fail(self, job: Job, error: RequestError) -> None:
+    def _fail(self, job: Job, error: EngineError) -> None:
         job.done = True
         self.stats.failed += 1
         try:
@@ -544,21 +544,21 @@ class Engine:
                      s.step_rows / max(1, s.steps), s.finished, s.failed, s.cancelled)
 
 
-def shutting_down(detail: str = "") -> RequestError:
+def shutting_down(detail: str = "") -> EngineError:
     message = "the server is shutting down" + (f": {detail}" if detail else "")
-    return RequestError(503, message, code="server_shutting_down")
+    return EngineError(Refusal.SHUTTING_DOWN, message)
 
 
-def _as_request_error(e: Exception, job: Job) -> RequestError:
-    """What a request that raised `e` gets: a RequestError as is, a shortv error (a bad
-    prompt or image) as a 400, anything else as a 500 (logged with its traceback)."""
-    if isinstance(e, RequestError):
+def _as_engine_error(e: Exception, job: Job) -> EngineError:
+    """What a request that raised `e` gets: an EngineError as is, a shortv error (a bad
+    prompt or image) as bad input, anything else as internal (logged with its traceback)."""
+    if isinstance(e, EngineError):
         return e
     if isinstance(e, ShortVError):
-        return RequestError(400, str(e))
+        return EngineError(Refusal.BAD_INPUT, str(e))
     log.error("%s failed", job.id, exc_info=e)
-    return RequestError(500, f"internal error: the server failed on this request (its log has the "
-                             f"details under {job.id})", code="internal_error")
+    return EngineError(Refusal.INTERNAL, f"internal error: the server failed on this request (its log "
+                                         f"has the details under {job.id})")
 
 
 def compile_for_serving(model: LLaVA, **options: Any) -> LLaVA:

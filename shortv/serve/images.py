@@ -15,7 +15,8 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
-from .protocol import Limits, RequestError, bad
+from .errors import RequestError, bad
+from .limits import Limits
 
 NETWORK_SCHEMES = ("http", "https", "ftp", "ftps", "ws", "wss")
 

@@ -3,8 +3,8 @@
 `parse_chat_request` checks a request body against the subset of the API that shortv
 serves and turns it into a `ChatRequest`: the conversation rendered with the model's
 template (image placeholders in place), the decoded images, and the generation options.
-Every way a request can be wrong is a `RequestError` carrying its HTTP status and a
-message, which the app sends in OpenAI's error shape.
+Every way a request can be wrong is a `RequestError` (`errors`) carrying its HTTP status
+and a message, which the app sends in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -13,62 +13,18 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from ..conversation import Template
+from ..conversation import Template, place_images
 from ..generate.sampling import GenerationOptions
 from ..tokenizer import IMAGE_PLACEHOLDER
+from .errors import RequestError, bad
+from .images import load_image_url
+from .limits import Limits
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of the server.
-
-    max_body_bytes: the request body. max_image_bytes: one image's encoded bytes (a data:
-    URL's decoded payload, or a local file). max_image_pixels: width × height of one image,
-    checked from its header before it is decoded. max_images: images in one request.
-    max_tokens: the most `max_tokens` a request may ask for, and what it gets without one.
-    image_root: local image paths are served only from under this folder (None: never).
-    allow_urls: fetch http(s) image URLs (off by default: a client could make the server
-    fetch from its own network). url_timeout: seconds one image download may take.
-    """
-
-    max_body_bytes: int = 32 * 2**20
-    max_image_bytes: int = 20 * 2**20
-    max_image_pixels: int = 4096 * 4096
-    max_images: int = 8
-    max_tokens: int = 512
-    image_root: Path | None = None
-    allow_urls: bool = False
-    url_timeout: float = 10.0
-
-
-class RequestError(Exception):
-    """A request the server refuses: its HTTP status and OpenAI's error fields."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict[str, Any]:
-        """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> RequestError:
-    """A 400 (invalid_request_error)."""
-    return RequestError(400, message, param=param, code=code)
 
 
 @dataclass
@@ -107,8 +63,6 @@ def parse_chat_request(body: bytes, *, model_name: str, template: Template, limi
 
     Decodes the images (data: URLs, or local paths under `limits.image_root`), so call it
     off the event loop."""
-    from .images import load_image_url
-
     if len(body) > limits.max_body_bytes:
         raise body_too_large(limits.max_body_bytes)
     try:
@@ -143,7 +97,7 @@ def parse_chat_request(body: bytes, *, model_name: str, template: Template, limi
         raise bad("stream_options.include_usage must be a boolean", "stream_options")
 
     options, given = _options(request, limits)
-    system, turns, images = _conversation(request.get("messages"), limits, load_image_url)
+    system, turns, images = _conversation(request.get("messages"), limits)
     if system is not None:
         template = with_system(template, system)
     return ChatRequest(model, template.render(turns), images, options, given, stream, include_usage,
@@ -210,7 +164,7 @@ def _logit_bias(request: dict[str, Any]) -> dict[int, float]:
     return bias
 
 
-def _conversation(messages: Any, limits: Limits, load_image_url: Any
+def _conversation(messages: Any, limits: Limits
                   ) -> tuple[str | None, list[tuple[str, str | None]], list[Image.Image]]:
     """(system text or None, (user, reply) turns with the last reply None, images in order).
 
@@ -243,10 +197,9 @@ def _conversation(messages: Any, limits: Limits, load_image_url: Any
         for j, url in enumerate(urls):
             images.append(load_image_url(url, limits, f"{where}.content image {j}"))
         if role == "user":
+            (text,) = place_images([text], len(urls))
             placed = text.count(IMAGE_PLACEHOLDER)
-            if placed == 0:
-                text = (IMAGE_PLACEHOLDER + "\n") * len(urls) + text
-            elif placed != len(urls):
+            if placed != len(urls):
                 raise bad(f"{where} has {placed} {IMAGE_PLACEHOLDER} placeholder(s) but {len(urls)} "
                           "image(s)", f"{where}.content")
         if merged and merged[-1][0] == role:

@@ -1,16 +1,17 @@
 """Data parallelism over torchrun, with torch.distributed: one model per process, each
-process (rank) takes a shard of the work, rank 0 writes the results.
+process (rank) takes a shard of the work, rank 0 writes the results. The workflows that
+run data-parallel share it: `shortv eval`, `shortv lc`, and the lmms-eval model's LC sums.
 
-`torchrun --nproc-per-node N -m shortv eval ...` sets RANK / WORLD_SIZE / LOCAL_RANK; the
-process group is nccl on CUDA (device cuda:LOCAL_RANK) and gloo on the CPU. A failure on
-one rank is shared with all of them at the next collective step, so every rank stops
-instead of waiting for a peer that is gone. One rank speaks for the failure: the lowest
-failing one raises its error as `RankError` "rank N: ..." (the CLI prints it and exits 2);
-the others raise a RankError marked `relayed`, on which the CLI stays silent and exits 0.
-So the error is printed once, and torchrun's failure report blames rank N: had the others
-exited non-zero too, whichever exited first would be reported as the root cause, and
-torchrun would stop the rest, maybe rank N before it printed. (torchrun itself exits 1
-whenever a worker fails.)
+`torchrun --nproc-per-node N -m shortv eval ...` (or `lc ...`) sets RANK / WORLD_SIZE /
+LOCAL_RANK; the process group is nccl on CUDA (device cuda:LOCAL_RANK) and gloo on the
+CPU. A failure on one rank is shared with all of them at the next collective step, so
+every rank stops instead of waiting for a peer that is gone. One rank speaks for the
+failure: the lowest failing one raises its error as `RankError` "rank N: ..." (the CLI
+prints it and exits 2); the others raise a RankError marked `relayed`, on which the CLI
+stays silent and exits 0. So the error is printed once, and torchrun's failure report
+blames rank N: had the others exited non-zero too, whichever exited first would be
+reported as the root cause, and torchrun would stop the rest, maybe rank N before it
+printed. (torchrun itself exits 1 whenever a worker fails.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..errors import ConfigError, ShortVError
+from .errors import ConfigError, ShortVError
 
 T = TypeVar("T")
 

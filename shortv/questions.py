@@ -1,4 +1,6 @@
-"""LLaVA's question files (what `llava/eval/model_vqa_loader.py` reads).
+"""LLaVA's question files (what `llava/eval/model_vqa_loader.py` reads): `shortv eval`
+answers them, and `shortv lc` takes their lines as calibration samples, so the line,
+record and image-path readers here serve both.
 
 One JSON object per line: `question_id`, `image` (a path relative to the image folder, or
 absolute; a list for several images; absent for a text-only question), `text` (the
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from .errors import InputError
 
 QUESTION_KEYS = frozenset({"question_id", "image", "text", "answer"})
 
