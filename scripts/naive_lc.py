@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from shortv import LLaVA
+from shortv.batch import Encoded
 from shortv.lc import TYPES, LCReport, kl
-from shortv.llava import Encoded
 from shortv.methods import VANILLA, Method
 from shortv.token_types import TokenType
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .config import LlavaConfig
 from .errors import InputError
+from .version import __version__
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -130,8 +131,6 @@ def _download(url: str, timeout: float, max_bytes: int) -> tuple[bytes, str]:
     """(body, Content-Type) of an http(s) URL; see `fetch_url`."""
     def failed(reason: str) -> InputError:
         return InputError(f"could not fetch image {url}: {reason}; download it and pass the file")
-
-    from . import __version__
 
     # Percent-encode spaces and non-ASCII characters (a browser's address bar does; urllib
     # does not).

@@ -29,8 +29,9 @@ from PIL import Image
 from torch import Tensor
 
 from . import parallel
+from .batch import Encoded, Prepared
 from .errors import ConfigError, InputError
-from .llava import Encoded, ImageLike, LLaVA, Prepared
+from .llava import ImageLike, LLaVA
 from .methods import VANILLA
 from .parallel import Ranks
 from .questions import (

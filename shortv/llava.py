@@ -4,14 +4,15 @@
 `generate`). Every IMAGE_TOKEN in a prompt is replaced by that image's visual tokens;
 beside the embeddings the assembly produces the token-type tensor (text / visual /
 padding) that every decoder layer receives. Generation (`shortv.generate`) drives the
-model through `prefill` and `step` only.
+model through `prefill` and `step` only (its `GenerativeModel` protocol, which `LLaVA`
+implements); `chat` and `generate` are conveniences over it. The data a batch is made of
+(`Encoded`, `Prepared`, `DecodeState`) lives in `shortv.batch`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .batch import DecodeState, Encoded, Prepared
 from .clip import CLIPVisionTower
 from .config import LlavaConfig, projector_depth
 from .conversation import Template, Turn, get_template, place_images
@@ -37,66 +39,6 @@ CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 # One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
 ImageLike = Image.Image | str | os.PathLike | bytes
 Images = ImageLike | Sequence[ImageLike] | None
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A tokenized prompt with its preprocessed images.
-
-    input_ids: 1-D LongTensor of text ids with one IMAGE_TOKEN (-200) per image.
-    images: per image, [3, S, S] ("pad"/"square") or [1 + tiles, 3, S, S] ("anyres").
-    image_sizes: per image, the original (width, height).
-    """
-
-    input_ids: Tensor
-    images: tuple[Tensor, ...] = ()
-    image_sizes: tuple[tuple[int, int], ...] = ()
-    prompt: str = ""
-
-    def __post_init__(self) -> None:
-        n = int((self.input_ids == IMAGE_TOKEN).sum())
-        if n != len(self.images) or len(self.images) != len(self.image_sizes):
-            raise InputError(
-                f"the prompt has {n} image placeholder(s) but {len(self.images)} image(s) "
-                f"and {len(self.image_sizes)} size(s) were given"
-            )
-
-
-@dataclass
-class Prepared:
-    """A batch ready for the decoder: embeddings, token types and RoPE positions, each
-    left-padded to the longest sequence ([B, T, D] and [B, T])."""
-
-    embeds: Tensor
-    types: Tensor
-    positions: Tensor
-    lengths: list[int] = field(default_factory=list)
-
-
-@dataclass
-class DecodeState:
-    """A batch between decode steps: its KV cache, the next RoPE positions [B, 1], the
-    prompt lengths, and how many new tokens fit (max_new_tokens, or less where the context
-    runs out)."""
-
-    cache: KVCache
-    positions: Tensor
-    prompt_lengths: list[int]
-    budget: int
-
-    def join(self, other: DecodeState) -> DecodeState:
-        """One batch of this state's sequences followed by `other`'s, each with the room it
-        had (continuous batching: a newly prefilled batch joins the running one between
-        steps). The next tokens to `step` are this batch's, then other's. The result is
-        on a dynamic-mode cache; `budget` is the larger of the two."""
-        return DecodeState(self.cache.join(other.cache), torch.cat((self.positions, other.positions)),
-                           self.prompt_lengths + other.prompt_lengths, max(self.budget, other.budget))
-
-    def select(self, rows: Sequence[int]) -> DecodeState:
-        """The sequences at batch indices `rows`, in that order (finished ones leave)."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.positions.device)
-        return DecodeState(self.cache.select(index), self.positions.index_select(0, index),
-                           [self.prompt_lengths[i] for i in rows], self.budget)
 
 
 class Projector(nn.Sequential):

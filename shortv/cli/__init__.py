@@ -14,9 +14,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
 from ..errors import ShortVError
 from ..parallel import RankError
+from ..version import __version__
 from . import bench, chat, eval, flops, lc, serve, zoo
 from .options import EXIT_USAGE, Parser
 

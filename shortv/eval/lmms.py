@@ -35,11 +35,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import zoo
+from ..batch import Encoded
 from ..conversation import get_template
 from ..errors import ConfigError, InputError, ShortVError
 from ..generate import GenerationOptions
 from ..lc import NOISE_WARNING, LCSums
-from ..llava import Encoded, LLaVA, to_pil
+from ..llava import LLaVA, to_pil
 from ..loading import DTYPES, load
 from ..methods import parse_layer_list
 from ..methods.spec import MethodSpec, build, parse_names

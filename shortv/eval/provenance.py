@@ -32,6 +32,7 @@ import torch
 
 from ..generate import GenerationOptions
 from ..methods import Method
+from ..version import __version__
 
 # Compared in this order; the first that differs is the one an error names.
 FIELDS = ("model", "method", "template", "generation", "dtype", "version")
@@ -39,8 +40,6 @@ FIELDS = ("model", "method", "template", "generation", "dtype", "version")
 
 def version() -> str:
     """The running shortv's version."""
-    from .. import __version__
-
     return __version__
 
 

@@ -3,7 +3,7 @@
 Batches are left-padded, so every sequence's next token is at the last position; rows
 that finish keep decoding (their tokens are ignored) until all have. Generation stops at
 EOS, at a stop string (the template's and the caller's) or after max_new_tokens. The loop
-talks to the model through its prefill / step interface only.
+talks to the model through `GenerativeModel` (prefill / step) only.
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..batch import Encoded
 from ..errors import InputError
+from .protocol import GenerativeModel
 from .sampling import GenerationOptions, make_generator, pick
 from .text import TextAssembler
-
-if TYPE_CHECKING:
-    from ..llava import Encoded, LLaVA
 
 
 @dataclass
@@ -40,7 +38,9 @@ class GenerationResult:
     decode_seconds: float = 0.0
 
 
-def generate(model: LLaVA, batch: Sequence[Encoded], options: GenerationOptions) -> list[GenerationResult]:
+def generate(
+    model: GenerativeModel, batch: Sequence[Encoded], options: GenerationOptions
+) -> list[GenerationResult]:
     """Answers for a batch of encoded prompts, in input order."""
     answers = [Answer.start(model, options) for _ in batch]
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def generate(model: LLaVA, batch: Sequence[Encoded], options: GenerationOptions)
     ]
 
 
-def stream(model: LLaVA, encoded: Encoded, options: GenerationOptions) -> Iterator[str]:
+def stream(model: GenerativeModel, encoded: Encoded, options: GenerationOptions) -> Iterator[str]:
     """Text pieces of one answer as they settle; they join to `generate`'s text."""
     answer = Answer.start(model, options)
     steps = token_steps(model, [encoded], options)
@@ -86,14 +86,16 @@ class Answer:
     server's batching engine (`shortv.serve.engine`) all build answers with it."""
 
     assembler: TextAssembler
-    eos_id: int
+    eos_id: int | None
     reason: str | None = None
     sent: str = ""
 
     @classmethod
-    def start(cls, model: LLaVA, options: GenerationOptions) -> Answer:
+    def start(cls, model: GenerativeModel, options: GenerationOptions) -> Answer:
         """An empty answer with the template's and `options`' stop strings."""
-        return cls(_assembler(model, options), model.tokenizer.eos_id)
+        tokenizer = model.require_tokenizer()
+        stops = tuple(s for s in (*model.template.stop_strings, *options.stop) if s)
+        return cls(TextAssembler(tokenizer.decode, stops), tokenizer.eos_id)
 
     @property
     def done(self) -> bool:
@@ -127,15 +129,9 @@ class Answer:
         return ""
 
 
-def _assembler(model: LLaVA, options: GenerationOptions) -> TextAssembler:
-    model.require_tokenizer()
-    stops = tuple(s for s in (*model.template.stop_strings, *options.stop) if s)
-    return TextAssembler(model.tokenizer.decode, stops)
-
-
 @torch.inference_mode()
 def token_steps(
-    model: LLaVA, batch: Sequence[Encoded], options: GenerationOptions
+    model: GenerativeModel, batch: Sequence[Encoded], options: GenerationOptions
 ) -> Iterator[list[int]]:
     """First the prompt lengths (tokens after image expansion), then the next token of
     every sequence, step by step; the caller decides when to stop."""

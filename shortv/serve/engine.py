@@ -33,7 +33,8 @@ from ..generate.sampling import GenerationOptions, make_generator, pick
 from .errors import EngineError, Refusal
 
 if TYPE_CHECKING:
-    from ..llava import DecodeState, Encoded, LLaVA
+    from ..batch import DecodeState, Encoded
+    from ..llava import LLaVA
 
 log = logging.getLogger("shortv.serve")
 
