@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=28, patch_size=14, projection_dim=16)
@@ -246,3 +247,38 @@ def _save(state: dict[str, torch.Tensor], path: Path, fmt: str) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
     else:
         torch.save(state, path)
+
+
+# ---- shared between test modules ----------------------------------------------------------
+
+
+_built: dict[tuple, Path] = {}
+
+
+def original_bin_checkpoint(hf_dir: Path, out: Path) -> Path:
+    """hf_dir in original LLaVA-1.5's layout as 3 `.bin` shards with rotary buffers
+    (built once per session and shared between test modules)."""
+    key = ("bin", hf_dir)
+    if key not in _built:
+        _built[key] = to_original(hf_dir, out, fmt="bin", shards=3, rotary_buffers=True)
+    return _built[key]
+
+
+# ---- weights of single modules ------------------------------------------------------------
+
+
+def randomize(module: nn.Module, seed: int = 0) -> None:
+    """Random weights of a useful size (norm weights near 1, biases and embeddings non-zero)
+    so that a wrong mapping or a wrong op shows up in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
+            is_norm = "norm" in owner or owner.startswith("ln")
+            if p.dim() == 1 and is_norm and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise * 0.5 / p.shape[-1] ** 0.5)

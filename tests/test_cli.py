@@ -15,12 +15,12 @@ import torch
 
 import shortv
 
-from .cli_runner import run_main
+from .cli_runner import CPU, assert_one_line_error, run_main
+from .data import TABLE
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "weights" / "llava-tiny-demo"
 IMAGE = DEMO / "example.png"
-CPU = ["--device", "cpu", "--dtype", "float32"]
 PAPER_MODELS = {"llava-v1.5-7b": 19, "llava-v1.5-13b": 24, "llava-v1.6-vicuna-7b": 19,
                 "llava-v1.6-vicuna-13b": 24}
 # Cards without a published ranking: (layers, KV heads).
@@ -33,13 +33,6 @@ def shortv_cli(*args: str, stdin: str | None = None, cwd: Path = REPO) -> subpro
     return subprocess.run([sys.executable, "-m", "shortv", *args], input=stdin, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=180)
 
-
-
-def assert_one_line_error(code: int, err: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0], err
 
 
 @pytest.fixture(scope="module")
@@ -220,9 +213,7 @@ def test_interactive_exit_word(capsys, monkeypatch, demo):
 
 
 def test_flops_reproduces_the_paper_table(capsys):
-    """The CLI's numbers for every cell of the paper's table (typed in, tests/test_flops.py)."""
-    from tests.test_flops import TABLE
-
+    """The CLI's numbers for every cell of the paper's table (typed in, tests/data.py)."""
     for model, method, tflops, percent in TABLE:
         k, r = str(getattr(method, "k", "")), str(getattr(method, "r", ""))
         options = {"vanilla": [], "fastv": ["--k", k, "--r", r], "vtw": ["--k", k],
@@ -238,8 +229,6 @@ def test_flops_text_shows_the_json_percentages(capsys):
     """Every percentage --json gives is the one the text line prints: the paper's (58 % for
     LLaVA-1.5-7B FastV, from 4.9 / 8.5) next to the unrounded ratio's (57 %) where they differ."""
     import re
-
-    from tests.test_flops import TABLE
 
     for model, method, _, paper_percent in TABLE:
         k, r = str(getattr(method, "k", "")), str(getattr(method, "r", ""))

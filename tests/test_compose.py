@@ -12,8 +12,9 @@ import torch
 import shortv
 from shortv.flops import decoder_flops, sequence_flops
 from shortv.methods import VTW, Compose, FastV, ShortV, Vanilla, compose
-from tests.cli_runner import run_main
-from tests.test_methods import (
+
+from .cli_runner import run_main
+from .reference import (
     T_,
     V_,
     _attention_probs,
@@ -22,15 +23,20 @@ from tests.test_methods import (
     base_mask,
     batch_prompts,
     counted_flops,
-    demo,  # noqa: F401 (fixture)
-    demo_model,  # noqa: F401 (fixture)
-    images,  # noqa: F401 (fixture)
     prepared_and_types,
     select_dropped,
     two_image_prompt,
 )
 
 FROZEN = (1, 3, 4, 6)
+
+
+@pytest.fixture
+def demo(demo_model: shortv.LLaVA):
+    """The fp64 demo model (tests/conftest.py), back to vanilla after every test."""
+    demo_model.set_method(Vanilla())
+    yield demo_model
+    demo_model.set_method(Vanilla())
 
 
 def reference(model, prepared, types, frozen: tuple[int, ...], hidden_keys: dict[int, torch.Tensor]):
@@ -55,7 +61,7 @@ def reference(model, prepared, types, frozen: tuple[int, ...], hidden_keys: dict
 
 @pytest.mark.parametrize("k,r", [(2, 0.5), (4, 0.75)])
 @pytest.mark.parametrize("case", ["two-images", "batch"])
-def test_shortv_plus_fastv_equals_both_rules(demo, images, k, r, case):  # noqa: F811
+def test_shortv_plus_fastv_equals_both_rules(demo, images, k, r, case):
     batch = [two_image_prompt(demo, images)] if case == "two-images" else batch_prompts(demo, images)
     prepared, types = prepared_and_types(demo, batch)
     # FastV's ranking: the last query of layer k-1, on the input that ShortV's freezing gives.
@@ -75,7 +81,7 @@ def test_shortv_plus_fastv_equals_both_rules(demo, images, k, r, case):  # noqa:
     assert not torch.allclose(fastv_only[types == T_].double(), ref[types == T_], atol=1e-3)
 
 
-def test_load_and_compose_agree(demo):  # noqa: F811
+def test_load_and_compose_agree(demo):
     """n_frozen= with method= composes them (the API form of --method shortv+fastv)."""
     model = shortv.load("llava-tiny-demo", n_frozen=4, method=FastV(k=2, r=0.5))
     assert isinstance(model.method, Compose)
@@ -83,7 +89,7 @@ def test_load_and_compose_agree(demo):  # noqa: F811
     assert model.method == Compose((ShortV(layers), FastV(k=2, r=0.5)))
 
 
-def test_flops_count_both(demo, images):  # noqa: F811
+def test_flops_count_both(demo, images):
     """The composition's count is the frozen layers' saving on the tokens FastV kept, and
     torch.utils.flop_counter agrees within 2%."""
     c = demo.config.text

@@ -4,10 +4,6 @@ bad inputs, and data-parallel runs over torchrun (2 CPU processes, gloo) against
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,14 +13,13 @@ import torch
 import shortv
 from shortv.eval.vqa import vqa_accuracy
 
-from .cli_runner import run_main
+from .cli_runner import root_cause, run_main, shortv_eval, torchrun
 
 REPO = Path(shortv.__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import make_demo_eval  # noqa: E402
 
 N = 12
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +36,6 @@ def demo() -> shortv.LLaVA:
 def questions(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-
-def shortv_eval(eval_set: Path, answers: Path, *extra: str, capsys) -> tuple[int, dict, str]:
-    code, out, err = run_main(["eval", "llava-tiny-demo", "--questions", str(eval_set),
-                               "--answers-out", str(answers), "--quiet", "--json",
-                               "--max-new-tokens", "24", *extra], capsys)
-    return code, (json.loads(out) if code == 0 else {}), err
 
 
 # ---- formats, order, answers equal chat ----------------------------------------------------
@@ -209,22 +197,6 @@ def test_lc_reads_question_files(eval_set, tmp_path):
 # ---- torchrun: 2 processes equal 1 ------------------------------------------------------------
 
 
-def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 -m shortv ARGS`, in its own process group
-    so that a run past `timeout` is ended with all its workers (none left orphaned)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "shortv", *args]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                          cwd=REPO, start_new_session=True) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
-
-
 def test_torchrun_eval_equals_one_process_byte_for_byte(eval_set, tmp_path, capsys):
     one = tmp_path / "one.jsonl"
     assert shortv_eval(eval_set, one, "--batch-size", "3", capsys=capsys)[0] == 0
@@ -271,12 +243,3 @@ def test_a_failure_on_one_rank_ends_all_ranks(eval_set, tmp_path):
     assert line.startswith("shortv eval: error: rank 1: ")
     assert "broken.png" in line and "q.jsonl:2" in line
     assert root_cause(run.stderr) == ("1", "2")
-
-
-def root_cause(stderr: str) -> tuple[str, str]:
-    """(rank, exit status) of the "Root Cause" of torchrun's failure report."""
-    report = stderr[stderr.index("Root Cause"):]
-    rank = re.search(r"rank\s*:\s*(\d+)", report)
-    status = re.search(r"exitcode\s*:\s*(-?\d+)", report)
-    assert rank and status, stderr
-    return rank.group(1), status.group(1)

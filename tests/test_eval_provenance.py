@@ -17,8 +17,10 @@ import pytest
 import shortv
 from shortv.conversation import get_template
 
-from .cli_runner import run_main
-from .test_eval import ENV, REPO, make_demo_eval, root_cause, shortv_eval, torchrun
+from .cli_runner import ENV, REPO, root_cause, run_main, shortv_eval, torchrun
+
+sys.path.insert(0, str(REPO / "scripts"))
+import make_demo_eval
 
 DEMO_PATH = str(REPO / "weights" / "llava-tiny-demo")
 

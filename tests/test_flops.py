@@ -27,18 +27,10 @@ from shortv.flops import (
 from shortv.methods import VTW, FastV, LayerView, Method, Queries, ShortV, Vanilla, fastv_kept
 from shortv.token_types import TokenType
 
+from .data import RANKINGS, TABLE
+
 T, V, P = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)
 
-# Paper rankings (docs/design.md §7); the first N are frozen.
-RANKINGS = {
-    "llava-v1.5-7b": (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19),
-    "llava-v1.5-13b": (39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35,
-                       22, 24, 21, 20, 17),
-    "llava-v1.6-vicuna-7b": (31, 29, 30, 28, 26, 27, 22, 24, 21, 23, 25, 20, 19, 17, 18, 15, 12,
-                             0, 2),
-    "llava-v1.6-vicuna-13b": (39, 32, 29, 36, 27, 30, 37, 23, 25, 31, 26, 2, 28, 22, 33, 35, 34,
-                              24, 38, 21, 20, 18, 1, 17),
-}
 MODELS = {  # model -> (decoder, n_visual)
     "llava-v1.5-7b": (VICUNA_7B, 576),
     "llava-v1.5-13b": (VICUNA_13B, 576),
@@ -46,25 +38,6 @@ MODELS = {  # model -> (decoder, n_visual)
     "llava-v1.6-vicuna-13b": (VICUNA_13B, 2880),
 }
 
-# The paper's table (docs/design.md §8), typed in: the oracle. (model, method, TFLOPs, percent)
-TABLE = [
-    ("llava-v1.5-7b", Vanilla(), 8.5, 100),
-    ("llava-v1.5-7b", FastV(k=2, r=0.5), 4.9, 58),
-    ("llava-v1.5-7b", VTW(k=16), 4.7, 55),
-    ("llava-v1.5-7b", ShortV(RANKINGS["llava-v1.5-7b"][:19]), 4.7, 55),
-    ("llava-v1.5-13b", Vanilla(), 16.6, 100),
-    ("llava-v1.5-13b", FastV(k=2, r=0.5), 9.4, 57),
-    ("llava-v1.5-13b", VTW(k=20), 9.1, 55),
-    ("llava-v1.5-13b", ShortV(RANKINGS["llava-v1.5-13b"][:24]), 9.1, 55),
-    ("llava-v1.6-vicuna-7b", Vanilla(), 42.7, 100),
-    ("llava-v1.6-vicuna-7b", FastV(k=2, r=0.5), 22.0, 52),
-    ("llava-v1.6-vicuna-7b", VTW(k=16), 21.8, 51),
-    ("llava-v1.6-vicuna-7b", ShortV(RANKINGS["llava-v1.6-vicuna-7b"][:19]), 21.6, 51),
-    ("llava-v1.6-vicuna-13b", Vanilla(), 81.8, 100),
-    ("llava-v1.6-vicuna-13b", FastV(k=2, r=0.5), 42.1, 51),
-    ("llava-v1.6-vicuna-13b", VTW(k=20), 41.7, 51),
-    ("llava-v1.6-vicuna-13b", ShortV(RANKINGS["llava-v1.6-vicuna-13b"][:24]), 41.0, 50),
-]
 
 
 def _id(cell: tuple) -> str:

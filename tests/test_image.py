@@ -1,7 +1,7 @@
 """Image preprocessing vs transformers' CLIP image processor, PIL modes, and image files.
 
 The oracle for LLaVA-1.5's "pad" preprocessing is what original LLaVA runs:
-`expand2square(image.convert('RGB'), mean colour)` (re-implemented in tests/oracles.py)
+`expand2square(image.convert('RGB'), mean colour)` (re-implemented in tests/reference.py)
 followed by transformers' CLIPImageProcessor (PIL backend). "square" is the processor alone.
 """
 
@@ -19,7 +19,7 @@ from PIL import Image, ImageFile
 import shortv
 from shortv.image import ImageProcessor, load_image
 
-from . import image_server, oracles
+from . import image_server, reference
 
 EXACT = dict(atol=1e-6, rtol=0)
 SIZES = {
@@ -37,9 +37,9 @@ SIZES = {
 @pytest.mark.parametrize("shape", list(SIZES))
 def test_pad_matches_transformers(shape: str, side: int):
     w, h = SIZES[shape]
-    image = oracles.random_rgb(w, h, seed=w * 1000 + h)
+    image = reference.random_rgb(w, h, seed=w * 1000 + h)
     got = ImageProcessor(size=side, aspect_ratio="pad")(image)
-    want = oracles.reference_pixels(image, side, pad=True)
+    want = reference.reference_pixels(image, side, pad=True)
     assert got.dtype == torch.float32 and got.shape == (3, side, side)
     torch.testing.assert_close(got, want, **EXACT)
 
@@ -48,16 +48,16 @@ def test_pad_matches_transformers(shape: str, side: int):
 @pytest.mark.parametrize("shape", ["wide", "tall", "odd-wide", "extreme-wide"])
 def test_square_matches_transformers(shape: str, side: int):
     w, h = SIZES[shape]
-    image = oracles.random_rgb(w, h, seed=w + h)
+    image = reference.random_rgb(w, h, seed=w + h)
     got = ImageProcessor(size=side, aspect_ratio="square")(image)
-    want = oracles.reference_pixels(image, side, pad=False)
+    want = reference.reference_pixels(image, side, pad=False)
     torch.testing.assert_close(got, want, **EXACT)
 
 
 def test_pad_really_pads():
     """'pad' and 'square' differ on a non-square image, and the padding has the CLIP mean
     colour (which normalises to about zero)."""
-    image = oracles.random_rgb(60, 20, seed=3)
+    image = reference.random_rgb(60, 20, seed=3)
     pad = ImageProcessor(size=28, aspect_ratio="pad")(image)
     square = ImageProcessor(size=28, aspect_ratio="square")(image)
     assert (pad - square).abs().max() > 0.5
@@ -68,9 +68,9 @@ def test_pad_really_pads():
 
 def test_processor_for_config_uses_model_settings(hf_llava: Path):
     model = shortv.load(hf_llava, device="cpu")
-    image = oracles.random_rgb(50, 21, seed=9)
+    image = reference.random_rgb(50, 21, seed=9)
     got = model.encode("<image>", [image], template=False).images[0]
-    torch.testing.assert_close(got, oracles.reference_pixels(image, 28, pad=True), **EXACT)
+    torch.testing.assert_close(got, reference.reference_pixels(image, 28, pad=True), **EXACT)
 
 
 # ---- PIL modes ------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_modes_match_their_rgb_equivalent(mode: str):
     image, rgb = mode_cases()[mode]
     assert image.mode == mode
     got = ImageProcessor(size=28, aspect_ratio="pad")(image)
-    want = oracles.reference_pixels(Image.fromarray(rgb, "RGB"), 28, pad=True)
+    want = reference.reference_pixels(Image.fromarray(rgb, "RGB"), 28, pad=True)
     assert got.shape == (3, 28, 28) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, **EXACT)
 
@@ -132,7 +132,7 @@ def test_sixteen_bit_white_is_white(mode: str):
     processor = ImageProcessor(size=28, aspect_ratio="pad")
     for value16, value8 in ((65535, 255), (0, 0), (128 * 257, 128), (51 * 257, 51)):
         got = processor(Image.new(mode, (W, H), value16))
-        want = oracles.reference_pixels(Image.new("RGB", (W, H), (value8,) * 3), 28)
+        want = reference.reference_pixels(Image.new("RGB", (W, H), (value8,) * 3), 28)
         torch.testing.assert_close(got, want, **EXACT, msg=f"{mode} {value16}")
 
 
@@ -141,7 +141,7 @@ def test_dark_sixteen_bit_image_stays_dark():
     <= 255) must come out (nearly) black, not be read as 8-bit."""
     processor = ImageProcessor(size=28, aspect_ratio="pad")
     got = processor(Image.new("I;16", (W, H), 255))  # 255/65535 of white: 0 or 1 in 8 bits
-    want = oracles.reference_pixels(Image.new("RGB", (W, H), (0, 0, 0)), 28)
+    want = reference.reference_pixels(Image.new("RGB", (W, H), (0, 0, 0)), 28)
     torch.testing.assert_close(got, want, atol=1.5 / (255 * 0.26), rtol=0)
 
 
@@ -149,7 +149,7 @@ def test_dark_sixteen_bit_image_stays_dark():
 
 
 def write_png(path: Path) -> Image.Image:
-    image = oracles.random_rgb(31, 19, seed=1)
+    image = reference.random_rgb(31, 19, seed=1)
     image.save(path)
     return image
 
@@ -168,7 +168,7 @@ def broken_files(tmp_path: Path) -> dict[str, Path]:
     write_png(png)
     png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])
     jpg = tmp_path / "truncated.jpg"
-    oracles.random_rgb(64, 64, seed=2).save(jpg, quality=95)
+    reference.random_rgb(64, 64, seed=2).save(jpg, quality=95)
     jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
     text = tmp_path / "notes.png"
     text.write_text("this is not an image\n")
@@ -229,7 +229,7 @@ def image_site():
     """(base URL, the image it serves) on localhost: /photo.png with a Content-Length,
     /stream.png without one, "/café photo.png" (percent-encoded on the wire), /page.html (not
     an image) and 404 for anything else."""
-    image = oracles.random_rgb(31, 19, seed=3)
+    image = reference.random_rgb(31, 19, seed=3)
     body = png_bytes(image)
     routes = {"/photo.png": ("image/png", body, True), "/stream.png": ("image/png", body, False),
               "/caf%C3%A9%20photo.png": ("image/png", body, True),
@@ -247,7 +247,7 @@ def test_load_image_fetches_an_http_url(image_site, path: str):
 
 
 def test_load_image_reads_encoded_bytes(tmp_path: Path):
-    image = oracles.random_rgb(23, 17, seed=4)
+    image = reference.random_rgb(23, 17, seed=4)
     jpeg = tmp_path / "photo.jpg"
     image.save(jpeg, quality=90)
     from_file = np.asarray(load_image(jpeg))

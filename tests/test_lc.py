@@ -21,10 +21,12 @@ import torch
 from PIL import Image
 
 import shortv
-from shortv import IMAGE_TOKEN, InputError, TokenType, Vanilla
+from shortv import IMAGE_TOKEN, InputError, TokenType
 from shortv.errors import ConfigError
 from shortv.lc import LCReport, Sample, layer_contribution, read_samples
 from shortv.store import locate
+
+from .reference import kl_q_p, last_logits
 
 DEMO = "llava-tiny-demo"
 T_, V_, P_ = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)
@@ -76,39 +78,6 @@ def types_from_ids(model: shortv.LLaVA, enc: shortv.Encoded) -> torch.Tensor:
     for t in enc.input_ids.tolist():
         out += [V_] * n if t == IMAGE_TOKEN else [T_]
     return torch.tensor([out])
-
-
-def last_logits(model: shortv.LLaVA, prepared, reset: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Last-position logits of a VANILLA run where layer i's output rows reset[i] ([B, T])
-    are replaced by the layer's input."""
-
-    def hook_for(rows):
-        def hook(module, args, output):
-            x = args[0]
-            out, scores = output
-            assert out.shape == x.shape
-            return torch.where(rows[..., None], x, out), scores
-
-        return hook
-
-    handles = [model.decoder.layers[i].register_forward_hook(hook_for(rows))
-               for i, rows in reset.items()]
-    try:
-        with torch.no_grad():
-            hidden = model.hidden_states(prepared, method=Vanilla())[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
-    d = model.decoder
-    h = hidden.double()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + model.config.text.rms_norm_eps)
-    return (h * d.norm.weight.double()) @ d.lm_head.weight.double().T
-
-
-def kl_q_p(q_logits: torch.Tensor, p_logits: torch.Tensor) -> float:
-    log_q = torch.log_softmax(q_logits.double(), dim=-1)
-    log_p = torch.log_softmax(p_logits.double(), dim=-1)
-    return float((log_q.exp() * (log_q - log_p)).sum())
 
 
 def brute_force_lc(model: shortv.LLaVA, encoded: list[shortv.Encoded]) -> dict[str, list[float]]:

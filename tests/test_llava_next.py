@@ -1,7 +1,7 @@
 """LLaVA-NeXT (v1.6) "anyres": shortv against the original algorithm and transformers.
 
 - pixels: shortv's ImageProcessor vs an independent re-implementation of the original's
-  process_anyres_image (tests/anyres_reference.py) + transformers' CLIP processor;
+  process_anyres_image (tests/reference.py) + transformers' CLIP processor;
 - visual tokens (count and order) for `spatial_unpad`, `spatial` and `flat` vs the
   original's merge branch applied to features computed by transformers' tower + projector;
 - whole-model logits vs transformers' LlavaNextForConditionalGeneration on the same
@@ -32,8 +32,10 @@ from shortv.config import TextConfig, VisionConfig
 from shortv.image import ImageProcessor, grid_shape, select_best_resolution, unpad_slices
 from shortv.token_types import TokenType
 
-from . import anyres_reference as ref
-from . import oracles
+from . import checkpoints
+from . import reference as ref
+from .data import image
+from .reference import hf_logits, hf_num_crops, hf_visual_count
 
 PIXELS = dict(atol=1e-6, rtol=0)
 FEATURES = dict(atol=1e-5, rtol=1e-5)
@@ -67,10 +69,6 @@ PARITY = {
 }
 
 REAL_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-
-
-def image(size: tuple[int, int]):
-    return oracles.random_rgb(*size, seed=size[0] * 7919 + size[1])
 
 
 def pinpoints(model: shortv.LLaVA) -> list[tuple[int, int]]:
@@ -142,45 +140,6 @@ def hf_crop_features(hf, pixels: torch.Tensor) -> torch.Tensor:
         out = hf.model.vision_tower(pixels, output_hidden_states=True)
         hidden = out.hidden_states[cfg.vision_feature_layer][:, 1:]
         return hf.model.multi_modal_projector(hidden)
-
-
-def hf_num_crops(hf, size: tuple[int, int]) -> int:
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    w, h = size
-    return image_size_to_num_patches((h, w), hf.config.image_grid_pinpoints,
-                                     hf.config.vision_config.image_size)
-
-
-def hf_visual_count(hf, size: tuple[int, int]) -> int:
-    """transformers' own count: pack_image_features on zero features of the right shape."""
-    vc = hf.config.vision_config
-    side = vc.image_size // vc.patch_size
-    w, h = size
-    feats = torch.zeros(hf_num_crops(hf, size), side * side, hf.config.text_config.hidden_size)
-    with torch.no_grad():
-        _, lens = hf.model.pack_image_features([feats], torch.tensor([[h, w]]), "default",
-                                               image_newline=hf.model.image_newline)
-    return int(lens[0])
-
-
-def hf_logits(hf, encoded: shortv.Encoded, counts: list[int]) -> torch.Tensor:
-    """transformers' logits [T, V]: each -200 expanded into its image's token count,
-    pixel_values [images, max crops, 3, S, S] zero-padded, image_sizes (height, width)."""
-    token = hf.config.image_token_id
-    ids: list[int] = []
-    it = iter(counts)
-    for i in encoded.input_ids.tolist():
-        ids.extend([token] * next(it) if i == shortv.IMAGE_TOKEN else [i])
-    kwargs = {}
-    if encoded.images:
-        most = max(im.shape[0] for im in encoded.images)
-        pixels = torch.stack([torch.cat((im, im.new_zeros(most - im.shape[0], *im.shape[1:])))
-                              for im in encoded.images])
-        kwargs = dict(pixel_values=pixels,
-                      image_sizes=torch.tensor([[h, w] for w, h in encoded.image_sizes]))
-    with torch.no_grad():
-        return hf(input_ids=torch.tensor([ids]), **kwargs).logits[0]
 
 
 # ---- geometry ---------------------------------------------------------------------------------
@@ -359,7 +318,7 @@ def narrow_real_geometry() -> shortv.LLaVA:
                         kv_heads=2, head_dim=8, max_position_embeddings=8192),
     )
     model = shortv.LLaVA(config)
-    oracles.randomize(model)
+    checkpoints.randomize(model)
     return model
 
 
@@ -405,7 +364,7 @@ def test_logits_depend_on_image_and_size(ours_original: shortv.LLaVA):
     with another original size (another unpadding), change the logits."""
     model = ours_original
     a = model.encode("<image> what?", [image((60, 25))], template=False)
-    b = model.encode("<image> what?", [oracles.random_rgb(60, 25, seed=1)], template=False)
+    b = model.encode("<image> what?", [ref.random_rgb(60, 25, seed=1)], template=False)
     assert not torch.allclose(model.logits(a), model.logits(b), **LOGITS)
     c = shortv.Encoded(a.input_ids, a.images, ((84, 25),))  # same grid, no unpadding
     assert visual_count(model, c) != visual_count(model, a)

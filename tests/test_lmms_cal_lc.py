@@ -8,21 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from shortv.cli import main
-from tests.test_lmms_loglikelihood import DEMO, mc_run, mc_task, task_rows  # noqa: F401 (the run's fixtures)
+
+from .lmms_tasks import assert_same_report, task_rows
+
+DEMO = "llava-tiny-demo"
 
 
-def assert_same_report(got: dict, want: dict) -> None:
-    assert (got["model"], got["samples"]) == (want["model"], want["samples"])
-    for kind in ("visual", "text"):
-        torch.testing.assert_close(torch.tensor(got[kind], dtype=torch.float64),
-                                   torch.tensor(want[kind], dtype=torch.float64), rtol=1e-6, atol=1e-13)
-    assert got["ranking"] == want["ranking"] and got["ranking_str"] == want["ranking_str"]
-
-
-def test_cal_lc_report_is_the_report_of_shortv_lc(mc_run, mc_task: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_cal_lc_report_is_the_report_of_shortv_lc(mc_run, mc_task: Path, tmp_path: Path) -> None:
     run = mc_run["good"]
     assert run["returncode"] == 0, run["stdout"][-6000:]
     got = json.loads(run["report"].read_text())

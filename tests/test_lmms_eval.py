@@ -30,6 +30,10 @@ from PIL import Image
 import shortv
 from shortv import IMAGE_PLACEHOLDER, InputError, ShortVError
 
+from .data import held_out
+from .lmms_tasks import assert_same_report
+from .reference import reference_loglikelihood
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "llava-tiny-demo"
 GEN_TASK = "shortv_test_shapes"
@@ -52,14 +56,6 @@ else:
 def _lmms_eval_installed() -> None:
     if MISSING:
         pytest.fail(MISSING, pytrace=False)
-
-
-def held_out(n: int, seed: int) -> list[tuple[Image.Image, str, str]]:
-    """(image, question, answer) scenes the demo never trained on (scripts/make_demo.py)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import make_demo
-
-    return make_demo.held_out(n, seed=seed)
 
 
 # ---- the task, written for lmms-eval --------------------------------------------------------
@@ -216,7 +212,6 @@ def test_cal_lc_in_two_processes_writes_the_report_of_shortv_lc(runs, task_dir: 
     # The ranks' shares are summed: the report covers every document once, measured on the
     # unmodified model although ShortV answers, as `shortv lc` measures the same prompts.
     from shortv.cli import main
-    from tests.test_lmms_cal_lc import assert_same_report
 
     calibration = tmp_path / "calib.jsonl"
     calibration.write_text("".join(json.dumps({"image": str(task_dir / r["image"]), "prompt": r["question"]})
@@ -269,22 +264,6 @@ def colour_items(demo: shortv.LLaVA, n: int) -> list[tuple[Image.Image, str, lis
             break
     assert len(items) == n, "too few colour questions that the demo answers right"
     return items
-
-
-def reference_loglikelihood(model: shortv.LLaVA, question: str, image: Image.Image,
-                            continuation: str) -> tuple[float, bool]:
-    """log p(continuation | the chat prompt of question + image) from model.logits alone."""
-    context = model.template.render([(IMAGE_PLACEHOLDER + "\n" + question, None)])
-    context_ids = model.encode(context, [image], template=False).input_ids
-    encoded = model.encode(context + continuation, [image], template=False)
-    ids = encoded.input_ids
-    assert torch.equal(ids[:len(context_ids)], context_ids)
-    target = ids[len(context_ids):]
-    assert model.tokenizer.decode(target.tolist()).strip() == continuation.strip()
-    logits = model.logits(encoded).double()  # [T after image expansion, vocab]
-    predicting = logits[-len(target) - 1:-1]  # each continuation token is predicted one earlier
-    logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, target[:, None]).sum()
-    return float(logprobs), bool((predicting.argmax(-1) == target).all())
 
 
 def pairs(results: list) -> list[tuple[float, bool]]:

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 
 import shortv
 
-from . import checkpoints, oracles
+from . import checkpoints
 
 
 @pytest.fixture(scope="session")
 def original_bin(tmp_path_factory: pytest.TempPathFactory, hf_llava: Path) -> Path:
-    return oracles.original_bin_checkpoint(hf_llava, tmp_path_factory.mktemp("orig-v15-bin"))
+    return checkpoints.original_bin_checkpoint(hf_llava, tmp_path_factory.mktemp("orig-v15-bin"))
 
 
 def copy(src: Path, dst: Path) -> Path:

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import shortv
-from shortv import ConfigError
+from shortv import ConfigError, Vanilla
 from shortv.flops import layer_tokens, sequence_flops
 from shortv.methods.base import LayerView
 from shortv.methods.dart import DART, dart_kept
-from tests import test_methods
-from tests.test_methods import (
+
+from .reference import (
     P_,
     T_,
     V_,
@@ -43,9 +43,13 @@ from tests.test_methods import (
     two_image_prompt,
 )
 
-# pytest fixtures shared with tests/test_methods.py
-demo, demo_model, gqa_model, images = (test_methods.demo, test_methods.demo_model, test_methods.gqa_model,
-                                       test_methods.images)
+
+@pytest.fixture
+def demo(demo_model: shortv.LLaVA):
+    """The fp64 demo model (tests/conftest.py), back to vanilla after every test."""
+    demo_model.set_method(Vanilla())
+    yield demo_model
+    demo_model.set_method(Vanilla())
 
 
 def explicit_keys(model: shortv.LLaVA, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

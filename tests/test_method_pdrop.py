@@ -23,8 +23,8 @@ from shortv import ConfigError, Vanilla
 from shortv.config import TextConfig
 from shortv.flops import layer_tokens, sequence_flops
 from shortv.methods.pdrop import PDrop, pdrop_kept, pdrop_lambda
-from tests import test_methods
-from tests.test_methods import (
+
+from .reference import (
     P_,
     T_,
     V_,
@@ -41,8 +41,13 @@ from tests.test_methods import (
     two_image_prompt,
 )
 
-# pytest fixtures shared with tests/test_methods.py
-demo, demo_model, images = test_methods.demo, test_methods.demo_model, test_methods.images
+
+@pytest.fixture
+def demo(demo_model: shortv.LLaVA):
+    """The fp64 demo model (tests/conftest.py), back to vanilla after every test."""
+    demo_model.set_method(Vanilla())
+    yield demo_model
+    demo_model.set_method(Vanilla())
 
 STAGES = (2, 4, 6)
 

@@ -1,6 +1,6 @@
 """SparseVLM against references that do not use the code under test.
 
-Reference: stage by stage, the explicit float64 forward of tests/test_methods.py
+Reference: stage by stage, the explicit float64 forward of tests/reference.py
 (`reference_decoder`) with the tokens dropped so far hidden as keys; the pruning layer's
 attention probabilities computed here from its input (`_attention_probs`, mean over heads);
 raters and kept sets chosen with plain Python (relevance mean_v softmax_t(h_v·h_t) above its
@@ -9,7 +9,6 @@ released schedule scaled by the chained rounding of the method's docstring). Out
 same forward with every dropped token hidden from the layer after its pruning layer on.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.test_methods are redefined as arguments)
 from __future__ import annotations
 
 import math
@@ -21,7 +20,8 @@ from shortv import ConfigError, Vanilla
 from shortv.flops import layer_tokens, sequence_flops
 from shortv.methods.base import LayerView
 from shortv.methods.sparsevlm import SCHEDULES, SparseVLM, budget_schedule
-from tests.test_methods import (  # noqa: F401  (fixtures
+
+from .reference import (
     P_,
     T_,
     V_,
@@ -32,9 +32,6 @@ from tests.test_methods import (  # noqa: F401  (fixtures
     cached_tokens,
     closed_form_layer,
     counted_flops,
-    demo_model,
-    grown,
-    images,
     pinned_reference_tokens,
     prepared_and_types,
     reference_decoder,

@@ -5,11 +5,10 @@ LayerNorms, softmax(QKᵀ/√d)·V, quick_gelu MLP), recording the select layer'
 keys; VisionZip's rule applied with plain Python sorting and loops (dominant = highest
 class-token attention summed over heads; the rest merged into uniform-stride targets by
 cosine similarity of head-averaged keys, target + mean of its assigned patches); the
-projector, the splice and `reference_decoder` (tests/test_methods.py) then give the visual
+projector, the splice and `reference_decoder` (tests/reference.py) then give the visual
 tokens entering the language model and the logits.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.test_methods are redefined as arguments)
 from __future__ import annotations
 
 import math
@@ -23,7 +22,8 @@ from shortv import IMAGE_TOKEN, ConfigError, Vanilla
 from shortv.flops import decoder_flops, sequence_flops
 from shortv.methods.base import ImageView
 from shortv.methods.visionzip import VisionZip, crop_shares, split, zip_crop
-from tests.test_methods import (  # noqa: F401  (fixtures)
+
+from .reference import (
     P_,
     T_,
     TOL,
@@ -32,8 +32,6 @@ from tests.test_methods import (  # noqa: F401  (fixtures)
     batch_prompts,
     cached_tokens,
     counted_flops,
-    demo_model,
-    images,
     recomputed_tokens,
     reference_decoder,
     reference_head,

@@ -4,12 +4,12 @@ References (all on the model's own weights):
 - ShortV: a *vanilla* run with forward hooks that reset the visual rows of each frozen
   layer's output to the layer's input (docs/design.md §6: "the vanilla layer's output with the
   attention and MLP residual updates of visual tokens set to zero").
-- VTW / FastV: `reference_decoder`, an explicit float64 Llama forward written here
+- VTW / FastV: `reference_decoder` (tests/reference.py), an explicit float64 Llama forward
   (own RMSNorm, RoPE, softmax(QKᵀ/√d + mask)·V, SwiGLU) in which chosen keys are masked
   for all queries from some layer on — dropping a token for all later layers is the same
   as hiding it as a key, since RoPE positions are kept.
 - FastV's kept set: explicit attention probabilities of layer k−1's last query (mean over
-  heads) computed here from the layer's input captured with a hook.
+  heads), from the layer's input captured with a hook.
 - Token types: rebuilt from the input ids (each IMAGE_TOKEN → that image's visual tokens)
   rather than taken from `prepare`.
 - FLOPs: torch's FlopCounterMode on the real decoder forward against closed forms.
@@ -20,49 +20,44 @@ Everything in fp32 (reference in fp64) unless noted; one bf16 smoke test.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import shortv
-from shortv import IMAGE_TOKEN, VTW, ConfigError, Encoded, FastV, InputError, ShortV, TokenType, Vanilla
+from shortv import VTW, ConfigError, FastV, InputError, ShortV, Vanilla
 from shortv.flops import sequence_flops
-from shortv.generate import GenerationOptions, token_steps
 from shortv.store import locate
 
-T_, V_, P_ = int(TokenType.TEXT), int(TokenType.VISUAL), int(TokenType.PAD)
+from .reference import (
+    P_,
+    T_,
+    TOL,
+    V_,
+    _attention_probs,
+    assert_rows_close,
+    base_mask,
+    batch_prompts,
+    cached_tokens,
+    closed_form_layer,
+    counted_flops,
+    fastv_dropped,
+    frozen_reference,
+    pinned_keys,
+    pinned_reference_tokens,
+    prepared_and_types,
+    recomputed_tokens,
+    reference_decoder,
+    reference_head,
+    select_dropped,
+    two_image_prompt,
+    visual_per_image,
+)
+
 DEMO = "llava-tiny-demo"
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-# ---- fixtures ----------------------------------------------------------------------------
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-
-
-@pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    example = Image.open(locate(DEMO) / "example.png").convert("RGB")
-    return [example, noise_image(70, 50, 1), noise_image(40, 64, 2)]
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> shortv.LLaVA:
-    """The trained demo in float64: its hidden states reach ~150, where fp32 rounding alone
-    would differ from the fp64 references by ~3e-4 (the GQA model covers fp32)."""
-    model = shortv.load(DEMO, device="cpu", dtype=torch.float64)
-    assert model.num_layers == 8 and model.dtype == torch.float64
-    return model
+# ---- fixtures (images, demo_model and gqa_model: tests/conftest.py) -------------------------
 
 
 @pytest.fixture
@@ -73,163 +68,12 @@ def demo(demo_model: shortv.LLaVA):
     demo_model.set_method(Vanilla())
 
 
-@pytest.fixture(scope="module")
-def gqa_model(hf_llava: Path) -> shortv.LLaVA:
-    """A tiny transformers-layout LLaVA with grouped-query attention (4 heads, 2 KV heads)."""
-    model = shortv.load(hf_llava, device="cpu", dtype=torch.float32)
-    assert model.config.text.kv_heads < model.config.text.heads
-    return model
-
-
 @pytest.fixture(params=["demo", "gqa"])
 def any_model(request, demo_model: shortv.LLaVA):
     model = demo_model if request.param == "demo" else request.getfixturevalue("gqa_model")
     model.set_method(Vanilla())
     yield model
     model.set_method(Vanilla())
-
-
-def two_image_prompt(model: shortv.LLaVA, images: list[Image.Image]) -> Encoded:
-    return model.encode("Compare the first <image> with the second <image>: which is brighter?",
-                        images[1:3])
-
-
-def batch_prompts(model: shortv.LLaVA, images: list[Image.Image]) -> list[Encoded]:
-    """Different lengths and image counts (1, 2, 0): left padding, and fillers for gathered rows."""
-    return [
-        model.encode("What is this?", [images[0]]),
-        model.encode("Describe both pictures in detail, left then right, with colors.", images[1:3]),
-        model.encode("hello there, what color is the sky today?"),
-    ]
-
-
-def visual_per_image(model: shortv.LLaVA) -> int:
-    v = model.config.vision
-    return (v.image_size // v.patch_size) ** 2
-
-
-def expected_types(model: shortv.LLaVA, batch: list[Encoded]) -> torch.Tensor:
-    """[B, T] token types rebuilt from the ids: each IMAGE_TOKEN becomes that image's
-    visual tokens (flat LLaVA-1.5 merge, 'patch' features), left padding is PAD."""
-    n = visual_per_image(model)
-    rows = []
-    for enc in batch:
-        row: list[int] = []
-        for t in enc.input_ids.tolist():
-            row += [V_] * n if t == IMAGE_TOKEN else [T_]
-        rows.append(row)
-    width = max(len(r) for r in rows)
-    return torch.tensor([[P_] * (width - len(r)) + r for r in rows], dtype=torch.long)
-
-
-def prepared_and_types(model: shortv.LLaVA, batch: list[Encoded]):
-    prepared = model.prepare(batch)
-    types = expected_types(model, batch)
-    assert torch.equal(prepared.types.long(), types), "prepare() produced unexpected token types"
-    return prepared, types
-
-
-# ---- references --------------------------------------------------------------------------
-
-
-def frozen_reference(model: shortv.LLaVA, prepared, types: torch.Tensor, layers,
-                     kind: int = V_) -> torch.Tensor:
-    """A VANILLA run in which each layer of `layers` keeps its input for the `kind` rows:
-    output[kind] = input[kind], i.e. their attention and MLP updates are zeroed."""
-    reset = (types == kind)[..., None]
-
-    def hook(module, args, output):
-        x = args[0]
-        out, scores = output
-        assert out.shape == x.shape == (*types.shape, x.shape[-1])
-        return torch.where(reset, x, out), scores
-
-    handles = [model.decoder.layers[i].register_forward_hook(hook) for i in layers]
-    try:
-        with torch.no_grad():
-            return model.hidden_states(prepared, method=Vanilla())
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
-
-
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Llama RoPE (rotate-half convention) on [B, H, T, D] at integer positions [B, T]."""
-    d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    angles = positions.double()[..., None] * inv_freq  # [B, T, D/2]
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def _attention_probs(model: shortv.LLaVA, layer: int, x: torch.Tensor, allowed: torch.Tensor,
-                     positions: torch.Tensor):
-    """(probs [B, H, T, S], v [B, H, S, D]) of one layer, explicitly, in float64.
-    allowed: [B, T, S] bool."""
-    c = model.config.text
-    w = model.decoder.layers[layer]
-    h = _rms(x.double(), w.attn_norm.weight, c.rms_norm_eps)
-    b, t, _ = h.shape
-
-    def heads(proj, n):
-        return (h @ proj.weight.double().T).view(b, t, n, c.head_dim).transpose(1, 2)
-
-    q = _rope(heads(w.attn.q_proj, c.heads), positions, c.rope_theta)
-    k = _rope(heads(w.attn.k_proj, c.kv_heads), positions, c.rope_theta)
-    v = heads(w.attn.v_proj, c.kv_heads)
-    group = c.heads // c.kv_heads
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    logits = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without keys: padding
-    return probs, v
-
-
-def base_mask(types: torch.Tensor) -> torch.Tensor:
-    """[B, T, T]: causal, padding keys excluded."""
-    t = types.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
-    return causal[None] & (types != P_)[:, None, :]
-
-
-def reference_decoder(model: shortv.LLaVA, prepared, types: torch.Tensor,
-                      hidden_keys: dict[int, torch.Tensor] | None = None):
-    """Explicit float64 forward of the decoder layers. hidden_keys[i]: [B, T] keys that no
-    query of layer i may attend to. Returns (output, inputs of every layer)."""
-    c = model.config.text
-    hidden_keys = hidden_keys or {}
-    x = prepared.embeds.double()
-    positions = prepared.positions
-    mask = base_mask(types)
-    inputs = []
-    for i, w in enumerate(model.decoder.layers):
-        inputs.append(x)
-        allowed = mask & ~hidden_keys[i][:, None, :] if i in hidden_keys else mask
-        probs, v = _attention_probs(model, i, x, allowed, positions)
-        b, _, t, _ = probs.shape
-        attn = (probs @ v).transpose(1, 2).reshape(b, t, -1) @ w.attn.o_proj.weight.double().T
-        y = x + attn
-        hm = _rms(y, w.mlp_norm.weight, c.rms_norm_eps)
-        gate = torch.nn.functional.silu(hm @ w.mlp.gate_proj.weight.double().T)
-        y = y + (gate * (hm @ w.mlp.up_proj.weight.double().T)) @ w.mlp.down_proj.weight.double().T
-        x = y
-    return x, inputs
-
-
-def reference_head(model: shortv.LLaVA, hidden: torch.Tensor) -> torch.Tensor:
-    d = model.decoder
-    return _rms(hidden.double(), d.norm.weight, model.config.text.rms_norm_eps) @ \
-        d.lm_head.weight.double().T
-
-
-def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor, **tol):
-    assert bool(rows.any())
-    torch.testing.assert_close(actual[rows].double(), expected[rows].double(), **(tol or TOL))
 
 
 def test_reference_decoder_is_vanilla(any_model, images):
@@ -306,52 +150,6 @@ def test_logits_with_set_frozen_layers_match_reference(demo, images, layers):
 # ---- 2 + 6. Generation with the KV cache == recomputation --------------------------------
 
 
-def cached_tokens(model: shortv.LLaVA, batch: list[Encoded], n: int) -> list[list[int]]:
-    """Greedy tokens per sequence from the library's cached generation loop."""
-    steps = list(token_steps(model, batch, GenerationOptions(max_new_tokens=n)))[1:]
-    assert len(steps) == n
-    return [list(seq) for seq in zip(*steps, strict=True)]
-
-
-def grown(enc: Encoded, new: list[int]) -> Encoded:
-    ids = torch.cat((enc.input_ids, torch.tensor(new, dtype=torch.long)))
-    return Encoded(ids, enc.images, enc.image_sizes)
-
-
-def recomputed_tokens(model: shortv.LLaVA, enc: Encoded, n: int) -> list[int]:
-    """Greedy decoding by full recomputation of model.logits (model's method) each step."""
-    out: list[int] = []
-    for _ in range(n):
-        logits = model.logits(grown(enc, out))[-1]
-        top = logits.topk(2).values
-        # fp32 logits agree to ~1e-6; a closer race would make the comparison ambiguous
-        assert top[0] - top[1] > 1e-5, "near tie: the greedy comparison would be ambiguous"
-        out.append(int(logits.argmax()))
-    return out
-
-
-def pinned_reference_tokens(model: shortv.LLaVA, enc: Encoded, n: int,
-                            hidden_keys: Callable[[int], dict[int, torch.Tensor]]) -> list[int]:
-    """Greedy tokens by explicit float64 recomputation of the grown prompt at every step,
-    with what a method dropped at the prefill pinned: hidden_keys(new) gives, for the prompt
-    grown by `new` tokens, the keys each layer may not attend to."""
-    out: list[int] = []
-    for _ in range(n):
-        p, t = prepared_and_types(model, [grown(enc, out)])
-        hidden, _ = reference_decoder(model, p, t, hidden_keys(len(out)))
-        logits = reference_head(model, hidden[0, -1])
-        top = logits.topk(2).values
-        assert top[0] - top[1] > 1e-5
-        out.append(int(logits.argmax()))
-    return out
-
-
-def pinned_keys(dropped: torch.Tensor, start: int, num_layers: int, extra: int) -> dict[int, torch.Tensor]:
-    """`dropped` [1, T] hidden as keys in layers start.., padded for `extra` new tokens."""
-    hide = torch.cat((dropped, torch.zeros(1, extra, dtype=torch.bool)), 1)
-    return {i: hide for i in range(start, num_layers)}
-
-
 GEN_METHODS = {"shortv": ShortV((1, 3, 7)), "shortv-all": ShortV(tuple(range(8))),
                "vtw": VTW(3), "vtw0": VTW(0), "vanilla": Vanilla()}
 
@@ -365,29 +163,6 @@ def test_generation_with_cache_equals_recomputation(demo, images, method):
         assert tokens == recomputed_tokens(demo, enc, 10)
     # batch of one as well (no padding, plain causal kernels in the prefill)
     assert cached_tokens(demo, batch[1:2], 10)[0] == got[1]
-
-
-def fastv_dropped(model: shortv.LLaVA, prepared, types: torch.Tensor, k: int, r: float):
-    """[B, T] visual tokens FastV drops, from explicit attention of layer k-1's last query
-    over all keys (mean over heads), its input taken from the reference forward."""
-    _, inputs = reference_decoder(model, prepared, types)
-    probs, _ = _attention_probs(model, k - 1, inputs[k - 1], base_mask(types), prepared.positions)
-    return select_dropped(probs[:, :, -1].mean(dim=1), types, r)[0]
-
-
-def select_dropped(scores: torch.Tensor, types: torch.Tensor, r: float):
-    """Top round((1-r)·n_visual) visual tokens by score are kept; returns (dropped [B, T],
-    smallest score gap at the keep/drop boundary)."""
-    dropped = torch.zeros_like(types, dtype=torch.bool)
-    gap = math.inf
-    for b in range(types.shape[0]):
-        vis = torch.nonzero(types[b] == V_).flatten()
-        n_keep = round((1 - r) * len(vis))
-        order = vis[scores[b, vis].argsort(descending=True)]
-        dropped[b, order[n_keep:]] = True
-        if 0 < n_keep < len(vis):
-            gap = min(gap, float(scores[b, order[n_keep - 1]] - scores[b, order[n_keep]]))
-    return dropped, gap
 
 
 @pytest.mark.parametrize("k,r", [(1, 0.5), (3, 0.25)])
@@ -406,26 +181,6 @@ def test_fastv_generation_with_cache_equals_recomputation(demo, images, k, r):
 
 
 # ---- 3. FLOPs on the real forward ----------------------------------------------------------
-
-
-def counted_flops(model: shortv.LLaVA, prepared, method) -> int:
-    """Matmul FLOPs of the decoder layers only (Decoder.forward applies no LM head), with
-    SDPA on its math backend so that FlopCounterMode sees the attention matmuls (on CPU the
-    fused kernels are not counted at all)."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = model.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
-    assert out.shape == prepared.embeds.shape  # hidden states, not logits
-    return counter.get_total_flops()
-
-
-def closed_form_layer(c, queries: int, keys: int) -> int:
-    """Convention: 2 FLOPs per multiply-add; Q and O for queries, K and V for keys; the
-    attention score and value matmuls over the full queries × keys rectangle (SDPA's math
-    path computes all of it, masked or not); gate/up/down of the MLP for queries."""
-    d, m, q_dim, kv_dim = c.hidden_size, c.intermediate_size, c.heads * c.head_dim, c.kv_heads * c.head_dim
-    proj = 2 * queries * d * q_dim + 2 * queries * q_dim * d + 2 * 2 * keys * d * kv_dim
-    attn = 2 * 2 * queries * keys * q_dim
-    return proj + attn + 2 * 3 * queries * d * m
 
 
 def test_flop_counter_shows_frozen_work_skipped(demo, images):

@@ -8,7 +8,7 @@ Oracles, all independent of shortv's own code paths:
   by shortv from the transformers layout and from original LLaVA's (LlavaMistralForCausalLM /
   LlavaLlamaForCausalLM, tower inside); fp32 logits within 1e-4;
 - ShortV against a hooked vanilla run, the KV cache against recomputation, FastV's kept set
-  against explicit attention (tests/test_methods.py's references) on those GQA models;
+  against explicit attention (tests/reference.py) on those GQA models;
 - the conversation templates against a rendering written here from original LLaVA's
   llava/conversation.py (conv_mistral_instruct: SeparatorStyle.LLAMA_2, system "", sep "",
   sep2 "</s>"; conv_chatml_direct: SeparatorStyle.MPT, system "<|im_start|>system\\nAnswer the
@@ -41,12 +41,16 @@ from shortv.methods import VTW, FastV, ShortV, Vanilla
 from shortv.token_types import TokenType
 
 from . import checkpoints
-from .test_llava_next import hf_logits, hf_visual_count, image
-from .test_methods import (
+from .data import image
+from .reference import (
     assert_rows_close,
     cached_tokens,
     fastv_dropped,
     frozen_reference,
+    hf_logits,
+    hf_visual_count,
+    kl_q_p,
+    last_logits,
     recomputed_tokens,
 )
 
@@ -657,10 +661,8 @@ def test_flops_table_for_the_new_cards():
 
 def test_lc_equals_brute_force_on_gqa(original_yi):
     """Layer Contribution on the Yi-style GQA decoder (fp64) against one hooked vanilla run
-    per layer and type (tests/test_lc.py's reference, with the anyres token types)."""
+    per layer and type (tests/reference.py, with the anyres token types)."""
     from shortv.lc import layer_contribution
-
-    from .test_lc import kl_q_p, last_logits
 
     model = shortv.load(original_yi, device="cpu", dtype=torch.float64)
     model.template = get_template("chatml_direct")

@@ -29,7 +29,7 @@ from shortv.clip import CLIPVisionTower
 from shortv.llama import Decoder, KVCache
 from shortv.token_types import TYPE_DTYPE, TokenType
 
-from . import checkpoints, oracles
+from . import checkpoints, reference
 from .open_clip_tower import open_clip_tower_state
 
 LOGITS = dict(atol=1e-4, rtol=1e-4)
@@ -48,7 +48,7 @@ def hf_reference(hf_llava: Path):
 
 @pytest.fixture(scope="session")
 def original_bin(tmp_path_factory: pytest.TempPathFactory, hf_llava: Path) -> Path:
-    return oracles.original_bin_checkpoint(hf_llava, tmp_path_factory.mktemp("orig-v15-bin"))
+    return checkpoints.original_bin_checkpoint(hf_llava, tmp_path_factory.mktemp("orig-v15-bin"))
 
 
 @pytest.fixture(scope="module", params=["transformers", "original", "original-bin"])
@@ -62,8 +62,8 @@ def ours(request, hf_llava: Path, original_v15: Path, original_bin: Path) -> sho
 
 def reference_logits(ref, encoded: shortv.Encoded) -> torch.Tensor:
     """transformers' logits [T, V] for the same prompt and the same pixels."""
-    ids = oracles.hf_input_ids(encoded.input_ids, ref.config.image_token_index,
-                               oracles.hf_tokens_per_image(ref.config))
+    ids = reference.hf_input_ids(encoded.input_ids, ref.config.image_token_index,
+                               reference.hf_tokens_per_image(ref.config))
     kwargs = {}
     if encoded.images:
         kwargs["pixel_values"] = torch.stack(encoded.images)
@@ -84,7 +84,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_llava_logits_match_transformers(ours: shortv.LLaVA, hf_reference, case: str):
     prompt, sizes = CASES[case]
-    images = [oracles.random_rgb(w, h, seed=i + 1) for i, (w, h) in enumerate(sizes)]
+    images = [reference.random_rgb(w, h, seed=i + 1) for i, (w, h) in enumerate(sizes)]
     encoded = ours.encode(prompt, images, template=False)
     assert int((encoded.input_ids == shortv.IMAGE_TOKEN).sum()) == len(images)
     got = ours.logits(encoded)
@@ -98,8 +98,8 @@ def test_llava_logits_depend_on_the_image(hf_llava: Path, hf_reference):
     the image by far more than the tolerance (so a model ignoring pixels would fail)."""
     model = shortv.load(hf_llava, device="cpu", dtype=torch.float32)
     prompt = "USER: <image>\nWhat is it? ASSISTANT:"
-    a = model.encode(prompt, [oracles.random_rgb(40, 40, seed=1)], template=False)
-    b = model.encode(prompt, [oracles.random_rgb(40, 40, seed=2)], template=False)
+    a = model.encode(prompt, [reference.random_rgb(40, 40, seed=1)], template=False)
+    b = model.encode(prompt, [reference.random_rgb(40, 40, seed=2)], template=False)
     first = int((a.input_ids == shortv.IMAGE_TOKEN).nonzero()[0])
     la, lb = model.logits(a), model.logits(b)
     torch.testing.assert_close(la[:first], lb[:first], **LOGITS)  # causal: before the image
@@ -133,7 +133,7 @@ def test_llava_config_variants_match_transformers(hf_llava_variant: Path):
     assert model.config.vision.act == "gelu" and not model.config.projector_bias
     assert ref.model.multi_modal_projector.linear_1.bias is None
     encoded = model.encode("USER: <image> and <image>\nsame? ASSISTANT:",
-                           [oracles.random_rgb(33, 20, seed=5), oracles.random_rgb(20, 20, seed=6)],
+                           [reference.random_rgb(33, 20, seed=5), reference.random_rgb(20, 20, seed=6)],
                            template=False)
     torch.testing.assert_close(model.logits(encoded), reference_logits(ref, encoded), **LOGITS)
 
@@ -193,7 +193,7 @@ def test_projector_types_match_explicit_reference(
     ref = LlavaForConditionalGeneration.from_pretrained(hf_llava, dtype=torch.float32).eval()
     ref.model.multi_modal_projector = ReferenceProjector(weights)
     encoded = model.encode("USER: <image>\nWhat is it? <image> ASSISTANT:",
-                           [oracles.random_rgb(30, 40, seed=7), oracles.random_rgb(40, 40, seed=8)],
+                           [reference.random_rgb(30, 40, seed=7), reference.random_rgb(40, 40, seed=8)],
                            template=False)
     torch.testing.assert_close(model.logits(encoded), reference_logits(ref, encoded), **LOGITS)
     # The projector module alone, on random features.
@@ -214,11 +214,11 @@ def test_clip_tower_matches_transformers(act: str):
                            hidden_act=act, layer_norm_eps=1e-5)
     torch.manual_seed(0)
     ref = CLIPVisionModel(cfg).eval()
-    oracles.randomize(ref, seed=1)
+    checkpoints.randomize(ref, seed=1)
     vision = shortv.VisionConfig.from_hf(cfg.to_dict())
     assert (vision.layers, vision.act, vision.num_patches) == (4, act, 9)
     tower = CLIPVisionTower(vision).eval()
-    state = oracles.strip_prefix(oracles.map_state(ref.state_dict(), CLIP_TOWER_LAYOUT), "vision.")
+    state = reference.strip_prefix(reference.map_state(ref.state_dict(), CLIP_TOWER_LAYOUT), "vision.")
     tower.load_state_dict(state, strict=True)
 
     pixels = torch.randn(2, 3, 42, 42)
@@ -251,7 +251,7 @@ def test_clip_tower_matches_open_clip():
     torch.manual_seed(0)
     ref = VisionTransformer(image_size=28, patch_size=14, width=32, layers=3, heads=4,
                             mlp_ratio=2, output_dim=16, act_layer=QuickGELU).eval()
-    oracles.randomize(ref, seed=2)
+    checkpoints.randomize(ref, seed=2)
     state = open_clip_tower_state(ref.state_dict())
     vision = shortv.VisionConfig(image_size=28, patch_size=14, width=32, layers=3, heads=4,
                                  mlp_dim=64, act="quick_gelu")
@@ -312,9 +312,9 @@ def llama_pair(name: str):
     cfg = LlamaConfig(**LLAMA_CONFIGS[name])
     torch.manual_seed(0)
     ref = LlamaForCausalLM(cfg).eval()
-    oracles.randomize(ref, seed=4)
+    checkpoints.randomize(ref, seed=4)
     decoder = Decoder(shortv.TextConfig.from_hf(cfg.to_dict())).eval()
-    state = oracles.strip_prefix(oracles.map_state(ref.state_dict(), ORIGINAL_LAYOUT), "decoder.")
+    state = reference.strip_prefix(reference.map_state(ref.state_dict(), ORIGINAL_LAYOUT), "decoder.")
     decoder.load_state_dict(state, strict=True)
     return ref, decoder
 

@@ -1,9 +1,9 @@
 """Prompt text and prompt tokenization, against original LLaVA.
 
-The oracle is a re-implementation, on top of the `sentencepiece` package and the same
-tokenizer.model, of what original LLaVA ran: transformers' slow `LlamaTokenizer`
-(4.31-4.37: special tokens written in the text, the legacy / non-legacy dummy-prefix
-rules and the "<unk>" prefix trick) called through LLaVA's `tokenizer_image_token`.
+The oracle (tests/reference.py) is a re-implementation, on top of the `sentencepiece`
+package and the same tokenizer.model, of what original LLaVA ran: transformers' slow
+`LlamaTokenizer` (4.31-4.37: special tokens written in the text, the legacy / non-legacy
+dummy-prefix rules and the "<unk>" prefix trick) called through LLaVA's `tokenizer_image_token`.
 Template strings are typed in from LLaVA's llava/conversation.py (conv_vicuna_v1, "curious
 user"; tests/test_templates.py checks every template against LLaVA's get_prompt).
 """
@@ -11,7 +11,6 @@ user"; tests/test_templates.py checks every template against LLaVA's get_prompt)
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -22,86 +21,12 @@ from PIL import Image
 import shortv
 from shortv import IMAGE_TOKEN, InputError, Tokenizer
 
+from .reference import SPACE, SlowLlamaTokenizer, llava_tokenize
+
 spm = pytest.importorskip("sentencepiece")
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "weights" / "llava-tiny-demo"
-SPACE = "\u2581"
-
-# ---- the reference: transformers 4.37 slow LlamaTokenizer + LLaVA's tokenizer_image_token ----
-
-# ModelProto field 3 (normalizer_spec, length-delimited) holding NormalizerSpec field 3
-# (add_dummy_prefix, varint) = 0. Protobuf merges repeated message fields, so appending it
-# to a serialized model is `model.normalizer_spec.MergeFrom(NormalizerSpec(add_dummy_prefix=
-# False))`, which is what LlamaTokenizer.get_spm_processor did for legacy=False.
-NO_DUMMY_PREFIX = bytes([(3 << 3) | 2, 2, (3 << 3) | 0, 0])
-
-
-class SlowLlamaTokenizer:
-    """transformers 4.37 LlamaTokenizer (slow) with the model's own <unk>/<s>/</s> as its
-    special tokens (AddedTokens without lstrip/rstrip, as in LLaVA's tokenizer_config)."""
-
-    def __init__(self, model_file: Path, *, legacy: bool, add_bos: bool = True) -> None:
-        proto = Path(model_file).read_bytes()
-        self.sp = spm.SentencePieceProcessor(model_proto=proto if legacy else proto + NO_DUMMY_PREFIX)
-        self.legacy = legacy
-        self.add_bos = add_bos
-        self.unk = self.sp.id_to_piece(self.sp.unk_id())
-        self.bos = self.sp.bos_id()
-        self.special = (
-            self.sp.id_to_piece(self.sp.unk_id()),
-            self.sp.id_to_piece(self.sp.bos_id()),
-            self.sp.id_to_piece(self.sp.eos_id()),
-        )
-
-    def _tokenize(self, text: str) -> list[str]:
-        tokens = self.sp.encode(text, out_type=str)
-        if self.legacy or not text.startswith((SPACE, " ")):
-            return tokens
-        tokens = self.sp.encode(self.unk + text, out_type=str)
-        unk_token_length = len(self.sp.encode(self.unk, out_type=str))
-        return tokens[unk_token_length:] if len(tokens) >= unk_token_length else tokens
-
-    def _base_tokenize(self, text: str) -> list[str]:
-        # PreTrainedTokenizer.tokenize: split on the added (special) tokens, then _tokenize.
-        pattern = "(" + "|".join(re.escape(s) for s in self.special) + ")"
-        out: list[str] = []
-        for part in re.split(pattern, text):
-            if not part:
-                continue
-            out += [part] if part in self.special else self._tokenize(part)
-        return out
-
-    def tokenize(self, text: str) -> list[str]:
-        if self.legacy or len(text) == 0:
-            return self._base_tokenize(text)
-        tokens = self._base_tokenize(SPACE + text.replace(SPACE, " "))
-        if len(tokens) > 1 and tokens[0] == SPACE and tokens[1] in self.special:
-            tokens = tokens[1:]
-        return tokens
-
-    def __call__(self, text: str) -> list[int]:
-        """tokenizer(text).input_ids"""
-        ids = [self.sp.piece_to_id(t) for t in self.tokenize(text)]
-        return [self.bos, *ids] if self.add_bos else ids
-
-
-def llava_tokenize(prompt: str, tokenizer: SlowLlamaTokenizer) -> list[int]:
-    """llava.mm_utils.tokenizer_image_token, verbatim in substance."""
-    prompt_chunks = [tokenizer(chunk) for chunk in prompt.split("<image>")]
-
-    def insert_separator(x, sep):
-        return [ele for sublist in zip(x, [sep] * len(x), strict=True) for ele in sublist][:-1]
-
-    input_ids: list[int] = []
-    offset = 0
-    if prompt_chunks and prompt_chunks[0] and prompt_chunks[0][0] == tokenizer.bos and tokenizer.add_bos:
-        offset = 1
-        input_ids.append(prompt_chunks[0][0])
-    for x in insert_separator(prompt_chunks, [IMAGE_TOKEN] * (offset + 1)):
-        input_ids.extend(x[offset:])
-    return input_ids
-
 
 # ---- prompts -------------------------------------------------------------------------------
 

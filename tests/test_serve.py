@@ -28,23 +28,18 @@ import httpx
 import openai
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import shortv
 from shortv.serve import Engine, Job, RequestError
 from shortv.serve.engine import Failed, Finished, Started
 
 from .cli_runner import run_main
+from .data import PROMPTS, picture
 
 REPO = Path(shortv.__file__).resolve().parents[1]
 EXAMPLE = REPO / "weights" / "llava-tiny-demo" / "example.png"
 MODEL = "llava-tiny-demo"
-PROMPTS = [
-    "What is in this picture?",
-    "Describe the picture.",
-    "What colour is the circle on the left of the picture? Answer in one word.",
-    "What shapes do you see?",
-]
 # Answers that run to max_tokens, which keeps a stream busy for seconds: sampled, with the
 # demo's EOS (id 2) banned through OpenAI's logit_bias.
 LONG = {"temperature": 2.0, "seed": 0, "logit_bias": {"2": -100}}
@@ -100,16 +95,6 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             server.proc.kill()
             server.proc.wait()
-
-
-def picture(i: int) -> Image.Image:
-    """A small picture of coloured shapes, different for every i (the demo's world)."""
-    colours = [(220, 30, 30), (30, 60, 220), (30, 170, 60), (240, 200, 20), (150, 40, 180)]
-    image = Image.new("RGB", (64 + 8 * (i % 5), 48 + 6 * (i % 3)), (250, 250, 250) if i % 2 else (20, 20, 20))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((4, 8, 28, 32), fill=colours[i % 5])
-    draw.rectangle((34, 10, 58, 34), fill=colours[(i // 5 + 2) % 5])
-    return image
 
 
 def data_url(image: Image.Image) -> str:

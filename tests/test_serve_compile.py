@@ -20,7 +20,9 @@ import shortv
 from shortv.serve import Engine, Job
 from shortv.serve.engine import Failed, Finished
 
-from .test_serve import MODEL, PROMPTS, picture
+from .data import PROMPTS, picture
+
+MODEL = "llava-tiny-demo"
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ The oracle is original LLaVA (haotian-liu/LLaVA): its templates' fields typed in
 llava/conversation.py, its Conversation.get_prompt written out again here, and its CLI's
 template rule (llava/serve/cli.py, llava/eval/run_llava.py) as a table of model names with
 the mode LLaVA picks for each, worked out by hand. Token ids: LLaVA's tokenizer_image_token
-over transformers' slow Llama tokenizer (tests/test_prompt.py's reference).
+over transformers' slow Llama tokenizer (tests/reference.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from shortv import ConfigError, zoo
 from shortv.conversation import cli_template_name, get_template
 
 from .cli_runner import run_main
-from .test_prompt import SlowLlamaTokenizer, llava_tokenize
+from .reference import SlowLlamaTokenizer, llava_tokenize
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "weights" / "llava-tiny-demo"

@@ -17,8 +17,7 @@ import shortv
 from shortv.errors import ConfigError, InputError
 
 from . import image_server
-from .cli_runner import run_main
-from .test_cli import CPU, assert_one_line_error
+from .cli_runner import CPU, assert_one_line_error, run_main
 
 REPO = Path(shortv.__file__).resolve().parents[1]
 IMAGE = REPO / "weights" / "llava-tiny-demo" / "example.png"
