@@ -33,9 +33,11 @@ Convention (the one that reproduces every number of the ShortV paper's table, do
       still compute K and V, nothing else), so the saving is the same for any N layers;
     * FastV(k, r): layers ≥ k see the text tokens plus round((1 − r) · n_visual) visual ones;
     * VTW(k): layers ≥ k see the text tokens only.
-  The per-layer counts are derived from the `Method` interface itself (`frozen_type`,
-  `drops_at`, `capture`, `keep`, and `image_tokens` for a reduction before the language
-  model), so any method built on it, and any composition, is counted the same way.
+  The per-layer counts walk the method's plan (`methods.layer_plan`, from `drops_at`,
+  `capture`, `frozen_type`), the very steps the decoder runs, in its order
+  (`methods.walk_plan`), with `keep` deciding the drops and `image_tokens` a reduction
+  before the language model; so any method built on the interface, and any composition,
+  is counted as it runs.
 - TFLOPs are 10¹² FLOPs. With n_text = 64 and n_visual = 576 (LLaVA-1.5) or 2880
   (LLaVA-NeXT) this gives every printed TFLOPs value of the table rounded to one decimal
   (largest deviation 0.047 TFLOPs: LLaVA-NeXT-7B VTW, 21.753 vs 21.8).
@@ -55,7 +57,7 @@ import torch
 
 from .config import LlavaConfig, TextConfig
 from .errors import ConfigError
-from .methods import Capture, LayerView, Method, Queries, Vanilla
+from .methods import Capture, LayerStep, LayerView, Method, Queries, Vanilla, layer_plan, walk_plan
 from .token_types import TokenType
 
 TERA = 1e12
@@ -101,35 +103,53 @@ def layer_tokens(config: TextConfig, method: Method, types: torch.Tensor) -> lis
     """Per-layer (queries, keys) for one sequence of token types (1-D; PAD is ignored),
     as they enter the language model (after any image reduction).
 
+    Walks the method's plan (`methods.layer_plan`) with `walk_plan`, as the decoder does.
     Drops are simulated with `method.keep` on placeholder inputs (seeded random hidden
     states, keys and scores of what the method captures): which tokens survive does not
     change the FLOPs, only how many of each type.
     """
     method = method.for_layers(config.layers)
     types = _row(types)
-    types = types[types != TokenType.PAD]
-    g = torch.Generator().manual_seed(0)
-    capture: Capture | None = None
-    out = []
-    for layer in range(config.layers):
-        ranking = 0
-        if method.drops_at(layer) and bool((types == TokenType.VISUAL).any()):
-            early = method.capture_before_drop(layer)
-            if early is not None:
-                capture = early
-                ranking += capture_flops(config, early, types)
-            keep = method.keep(_placeholder_view(layer, types, capture, g))
-            types = types[keep[0]]
-            capture = None
-        keys = types.numel()
-        frozen = method.frozen_type(layer)
-        queries = keys - (int((types == frozen).sum()) if frozen is not None else 0)
-        after = method.capture_after(layer) if bool((types == TokenType.VISUAL).any()) else None
-        if after is not None:
-            capture = after
-            ranking += capture_flops(config, after, types)
-        out.append(LayerTokens(queries=queries, keys=keys, ranking=ranking))
-    return out
+    count = _Count(config, method, types[types != TokenType.PAD])
+    walk_plan(layer_plan(method, config.layers), count)
+    return count.layers
+
+
+class _Count:
+    """The FLOPs count's pass through a plan (the hooks of `methods.PlanPass`): the token
+    types at hand, what was captured since the last drop, and each layer's counts."""
+
+    def __init__(self, config: TextConfig, method: Method, types: torch.Tensor) -> None:
+        self.config, self.method, self.types = config, method, types
+        self.capture: Capture | None = None  # the latest capture since the last drop
+        self.ranking = 0  # capture FLOPs charged to the layer about to run
+        self.layers: list[LayerTokens] = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    def visual_left(self) -> bool:
+        return bool((self.types == TokenType.VISUAL).any())
+
+    def capture_before(self, step: LayerStep) -> None:
+        assert step.capture_before is not None
+        self.capture = step.capture_before
+        self.ranking += capture_flops(self.config, step.capture_before, self.types)
+
+    def drop(self, step: LayerStep) -> None:
+        keep = self.method.keep(_placeholder_view(step.layer, self.types, self.capture, self.generator))
+        self.types = self.types[keep[0]]
+        self.capture = None
+
+    def nothing_to_drop(self, step: LayerStep) -> None:
+        pass  # the same tokens go on (the decoder only starts a new cache segment)
+
+    def run_layer(self, step: LayerStep, capture: Capture | None) -> None:
+        keys = self.types.numel()
+        frozen = int((self.types == step.frozen).sum()) if step.frozen is not None else 0
+        if capture is not None:
+            self.capture = capture
+            self.ranking += capture_flops(self.config, capture, self.types)
+        self.layers.append(LayerTokens(queries=keys - frozen, keys=keys, ranking=self.ranking))
+        self.ranking = 0
 
 
 def capture_flops(config: TextConfig, capture: Capture, types: torch.Tensor) -> int:

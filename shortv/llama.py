@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TextConfig
-from .methods import VANILLA, Capture, LayerView, Method, Queries
+from .methods import VANILLA, Capture, LayerStep, LayerView, Method, Queries, layer_plan, walk_plan
 from .ops import Linear
 from .token_types import TYPE_DTYPE, TokenType
 
@@ -583,48 +583,17 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """`forward`'s pass; also appends each layer's input to `inputs` when given, and
         takes the token types present as `kinds` when the caller knows them (see
-        `Segment.build`)."""
+        `Segment.build`). The method's plan (`methods.layer_plan`) says what each layer
+        does; `walk_plan` runs it on a `_Pass` in the plan's order."""
         ids = list(range(len(self.layers)) if layers is None else layers)
         if not ids:
             return x
-        cache_of = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
-        seg = self.segment(types, positions, x.dtype, cache_of(ids[0]), kinds)
-        captured: Captured | None = None
-        drops: list[tuple[Tensor, Subset]] = []
-        embeds = x  # the tokens' inputs to the first layer run, gathered along with each drop
-        for i in ids:
-            if method.drops_at(i):
-                # The layers from here on hold other cache contents (a new segment); without
-                # visual tokens to drop, the token types stay what they were.
-                kinds = seg.kinds
-                if TokenType.VISUAL in seg.kinds:
-                    early = method.capture_before_drop(i)
-                    if early is not None:
-                        captured = self.layers[i].observe(x, seg, early, cache_of(i))
-                    kept = Subset.of(method.keep(self._view(i, seg, x, embeds, captured)))
-                    drops.append((x, kept))
-                    embeds = kept.take(embeds)
-                    x, types, positions = kept.take(x), _kept_types(kept, seg.types), kept.take(seg.positions)
-                    kinds, captured = None, None
-                seg = self.segment(types, positions, x.dtype, cache_of(i), kinds)
-            rows = self._rows(seg, method.frozen_type(i), last_only and i == ids[-1])
-            capture = method.capture_after(i) if TokenType.VISUAL in seg.kinds else None
-            if inputs is not None:
-                inputs.append(x)
-            x, got = self.layers[i](x, seg, rows, cache_of(i), capture)
-            captured = got if got is not None else captured
-        # Dropped tokens keep the hidden state they had when they were dropped.
-        for full, kept in reversed(drops):
-            x = kept.put_back(full, x)
-        return x
-
-    def _view(self, layer: int, seg: Segment, x: Tensor, embeds: Tensor,
-              captured: Captured | None) -> LayerView:
-        view = LayerView(layer, seg.types, x, self.norm, embeddings=embeds)
-        if captured is not None:
-            view.scores, view.keys = captured.scores, captured.keys
-            view.query_positions, view.query_real = captured.query_positions, captured.query_real
-        return view
+        steps = layer_plan(method, len(self.layers))
+        past = cache.layers[ids[0]] if cache is not None else None
+        seg = self.segment(types, positions, x.dtype, past, kinds)
+        run = _Pass(self, method, x, seg, cache, ids[-1] if last_only else None, inputs)
+        walk_plan([steps[i] for i in ids], run)
+        return run.output()
 
     @staticmethod
     def _rows(seg: Segment, frozen: TokenType | None, last_only: bool) -> Rows:
@@ -639,6 +608,76 @@ class Decoder(nn.Module):
             last[:, -1] = True
             active = active & last
         return seg.rows_where(active, (frozen, last_only))
+
+
+class _Pass:
+    """The state of one `Decoder._run` pass, which `walk_plan` moves through the layers
+    (the hooks of `methods.PlanPass`): the hidden states at hand, their segment, the
+    latest capture since the last drop, and each drop's tokens to put back at the end."""
+
+    def __init__(self, decoder: Decoder, method: Method, x: Tensor, seg: Segment,
+                 cache: KVCache | None, last_only_at: int | None, inputs: list[Tensor] | None) -> None:
+        self.decoder, self.method, self.cache = decoder, method, cache
+        self.last_only_at = last_only_at  # the layer that computes the last position only
+        self.inputs = inputs
+        self.x = x
+        self.embeds = x  # the tokens' inputs to the first layer run, gathered at each drop
+        self.seg = seg
+        self.captured: Captured | None = None
+        self.drops: list[tuple[Tensor, Subset]] = []
+
+    def cache_of(self, layer: int) -> LayerCache | None:
+        return self.cache.layers[layer] if self.cache is not None else None
+
+    def visual_left(self) -> bool:
+        return TokenType.VISUAL in self.seg.kinds
+
+    def capture_before(self, step: LayerStep) -> None:
+        assert step.capture_before is not None
+        self.captured = self.decoder.layers[step.layer].observe(
+            self.x, self.seg, step.capture_before, self.cache_of(step.layer))
+
+    def drop(self, step: LayerStep) -> None:
+        seg = self.seg
+        kept = Subset.of(self.method.keep(self._view(step.layer)))
+        self.drops.append((self.x, kept))
+        self.embeds, self.x = kept.take(self.embeds), kept.take(self.x)
+        # The layers from here on hold other cache contents: a new segment.
+        self.seg = self.decoder.segment(_kept_types(kept, seg.types), kept.take(seg.positions),
+                                        self.x.dtype, self.cache_of(step.layer))
+        self.captured = None
+
+    def _view(self, layer: int) -> LayerView:
+        """What `Method.keep` sees before `layer`: the tokens at hand and the latest capture."""
+        view = LayerView(layer, self.seg.types, self.x, self.decoder.norm, embeddings=self.embeds)
+        if self.captured is not None:
+            got = self.captured
+            view.scores, view.keys = got.scores, got.keys
+            view.query_positions, view.query_real = got.query_positions, got.query_real
+        return view
+
+    def nothing_to_drop(self, step: LayerStep) -> None:
+        # The same tokens, but the layers from here on may hold other cache contents (an
+        # earlier pass dropped tokens there): a new segment, with the same token types.
+        seg = self.seg
+        self.seg = self.decoder.segment(seg.types, seg.positions, self.x.dtype,
+                                        self.cache_of(step.layer), seg.kinds)
+
+    def run_layer(self, step: LayerStep, capture: Capture | None) -> None:
+        rows = self.decoder._rows(self.seg, step.frozen, step.layer == self.last_only_at)
+        if self.inputs is not None:
+            self.inputs.append(self.x)
+        self.x, got = self.decoder.layers[step.layer](self.x, self.seg, rows, self.cache_of(step.layer),
+                                                      capture)
+        self.captured = got if got is not None else self.captured
+
+    def output(self) -> Tensor:
+        """The last hidden states, every token: dropped tokens keep the state they had when
+        they were dropped."""
+        x = self.x
+        for full, kept in reversed(self.drops):
+            x = kept.put_back(full, x)
+        return x
 
 
 def _kept_types(kept: Subset, types: Tensor) -> Tensor:

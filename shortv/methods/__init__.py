@@ -16,6 +16,10 @@
   (`methods/sparsevlm.py`).
 - `compose(...)`: a layer-wise method with token-wise ones (`methods/compose.py`).
 
+`layer_plan(method, num_layers)` turns a method's per-layer answers into `LayerStep`s and
+`walk_plan` runs them in the one order both the decoder and the FLOPs count follow
+(`methods/plan.py`).
+
 Every method at its full budget (FastV r=0, PDrop λ=1, budgets of every token, ShortV with
 no layers) is the vanilla model. Options that cannot work on
 any model are a ConfigError when the method is built; those that depend on the depth, when
@@ -44,6 +48,7 @@ from .compose import Compose, compose
 from .dart import DART
 from .fastv import FastV, fastv_kept
 from .pdrop import PDrop
+from .plan import LayerStep, PlanPass, layer_plan, walk_plan
 from .shortv import ShortV
 from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
@@ -73,9 +78,11 @@ __all__ = [
     "FastV",
     "Hook",
     "ImageView",
+    "LayerStep",
     "LayerView",
     "Method",
     "PDrop",
+    "PlanPass",
     "Queries",
     "ShortV",
     "SparseVLM",
@@ -85,6 +92,8 @@ __all__ = [
     "compose",
     "fastv_kept",
     "layer_ids",
+    "layer_plan",
     "method_class",
     "parse_layer_list",
+    "walk_plan",
 ]

@@ -10,8 +10,9 @@ A method answers the decoder's questions at three hook points (`Hook`, docs/desi
 - `Hook.LAYERS`, inside a layer (`frozen_type`: the token type whose updates the layer skips).
 
 A method answers from its own parameters, so adding one touches its module and the
-registry in `shortv.methods`, not the decoder. `Compose` runs a layer-wise method with
-token-wise ones.
+registry in `shortv.methods`, not the decoder. The per-layer answers become the method's
+plan (`methods.plan`), which the decoder runs and the FLOPs count reads. `Compose` runs
+a layer-wise method with token-wise ones.
 """
 
 from __future__ import annotations
