@@ -131,7 +131,7 @@ def build_shortv_pair(size: str, device: torch.device, dtype: torch.dtype, *, ti
     models = []
     for name in SIZES[size]:
         config = zoo.get_card(name).config
-        model = build_empty(tiny(config) if tiny_shapes else config)
+        model = build_empty(tiny(config) if tiny_shapes else config, LLaVA)
         model.name = name
         models.append(model)
     v15, next_ = models

@@ -141,11 +141,6 @@ TEMPLATES: dict[str, Template] = {
 # Other names LLaVA's conv_templates gives the same template.
 ALIASES = {"v1": "vicuna_v1"}
 
-# A model without a zoo card: LLaVA-1.5's training template, which LLaVA's evaluation scripts
-# and lmms-eval use too (`shortv chat` follows LLaVA's CLI instead: `cli_template_name`).
-DEFAULT_TEMPLATE = "vicuna_v1"
-
-
 def get_template(name: str) -> Template:
     """The template of that name (`TEMPLATES`, or an alias: `v1` is `vicuna_v1`);
     ConfigError naming the known ones."""

@@ -2,50 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import store, zoo
-from .checkpoint import (
-    CLIP_TOWER_LAYOUT,
-    ORIGINAL_LAYOUT,
-    TRANSFORMERS_LAYOUT,
-    Filler,
-    KeyMap,
-    check_config_against_checkpoint,
-    checkpoint_shapes,
-    weight_files,
-)
-from .config import (
-    KNOWN_TOWERS,
-    LlavaConfig,
-    VisionConfig,
-    detect_layout,
-    from_original,
-    from_transformers,
-)
-from .conversation import DEFAULT_TEMPLATE, get_template
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    ModelNotFoundError,
-    ShortVError,
-    require_model_name,
-)
+from . import families, store, zoo
+from .checkpoint import Filler, checkpoint_shapes, weight_files
+from .conversation import get_template
+from .errors import ConfigError, ShortVError, require_model_name
+from .family import Checkpoint, Family, read_config
 from .llava import LLaVA
 from .methods import Method
 from .ranking import RankingLike, choose_method
-from .tokenizer import Tokenizer
 
-TOWER_PREFIX = "model.vision_tower."
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+Model = TypeVar("Model", bound=nn.Module)
 
 
 def load(
@@ -69,16 +45,19 @@ def load(
     device: default "cuda" when available, else "cpu"; dtype: default bfloat16 on CUDA,
         float32 on CPU. Weights are cast to dtype while loading.
     template: the conversation template's name (`shortv.conversation.TEMPLATES`); default
-        the zoo card's, else `vicuna_v1` (LLaVA-1.5's training and evaluation template).
+        the zoo card's, else the model family's (`vicuna_v1` for LLaVA: LLaVA-1.5's
+        training and evaluation template).
     """
     if not isinstance(source, (str, Path)):
         raise ConfigError(f"source must be a zoo name, a directory or a repo id, got {source!r}")
     require_model_name(source)
     source = str(source)
     card = zoo.card(source)
-    if template is None:
-        template = card.template if card is not None else DEFAULT_TEMPLATE
-    conversation = get_template(template)  # a bad name fails before the weights are looked for
+    if template is None and card is not None:
+        template = card.template
+    # A bad name fails before the weights are looked for; without one, the model keeps
+    # its family's default template, which load_directory sets.
+    conversation = get_template(template) if template is not None else None
 
     def chosen(num_layers: int) -> Method:
         return choose_method(
@@ -90,9 +69,11 @@ def load(
     # A zoo card knows the depth: a method that cannot work is refused before the weights
     # are looked for (or downloaded).
     fitted = chosen(card.config.text.layers) if card is not None else None
-    model = load_directory(store.locate(source), device=device, dtype=dtype)
+    model = load_directory(store.locate(source), device=device, dtype=dtype,
+                           family=card.family if card is not None else None)
     model.name = card.name if card is not None else source
-    model.template = conversation
+    if conversation is not None:
+        model.template = conversation
     model.set_method(fitted if fitted is not None else chosen(model.num_layers))
     return model
 
@@ -127,64 +108,72 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def read_config(directory: Path) -> dict[str, Any]:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no config.json; is it a model checkpoint directory?")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a {type(config).__name__}, not a JSON object")
-    return config
-
-
 def load_directory(
     directory: str | Path,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    family: str | None = None,
 ) -> LLaVA:
-    """Build a model from a checkpoint directory in either published layout (docs/design.md §4)."""
+    """Build a model from a checkpoint directory of any registered family, in any layout
+    its family reads (docs/design.md §4). The family comes from config.json's model_type.
+
+    family: the family the caller expects (a zoo card's); a checkpoint of another family
+        is refused with a ConfigError before its weights are read.
+    """
     directory = Path(directory)
     target = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target)
     raw = read_config(directory)
     files = weight_files(directory)
     shapes = checkpoint_shapes(files)
-    config, layout, tower_dir = _parse(directory, raw, shapes)
-    tower_files = weight_files(tower_dir) if tower_dir is not None else None
-    try:
-        # Before anything is built: a config that does not describe these tensors must not
-        # get to allocate (a layer count of 10**12 would take all memory).
-        check_config_against_checkpoint(
-            config, shapes, layout, checkpoint_shapes(tower_files) if tower_files else None)
-    except ShortVError as e:
-        raise type(e)(f"{directory}: {e}") from None
-
-    model = build_empty(config)
-    filler = Filler(model, target, target_dtype, ignore=_unused(config))
-    if config.text.tie_word_embeddings:
-        filler.params.pop("decoder.lm_head.weight", None)
-    filler.fill_from(files, KeyMap(ORIGINAL_LAYOUT if layout == "original" else TRANSFORMERS_LAYOUT))
-    if tower_dir is not None:
-        filler.fill_from(tower_files, KeyMap(CLIP_TOWER_LAYOUT))
-    filler.finish(str(directory) + (f" + tower {tower_dir}" if tower_dir else ""))
-    if config.text.tie_word_embeddings:
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    if any((directory / name).is_file() for name in TOKENIZER_FILES):
-        model.tokenizer = Tokenizer.from_directory(directory)
-    else:
-        # The model still runs on token ids; text needs a tokenizer, so say which file is
-        # missing now and again (via encode) at the first call that needs it.
-        model.missing_tokenizer = (
-            f"{directory} has no {' or '.join(TOKENIZER_FILES)}; copy the tokenizer files of "
-            "the model's original repository into it")
-        warnings.warn(f"loaded without a tokenizer: {model.missing_tokenizer}", stacklevel=3)
+    found = families.of_config_json(raw, f"{directory}/config.json")
+    if family is not None and found.name != family:
+        raise ConfigError(
+            f"{directory}/config.json describes a {found.title} model (model_type "
+            f"{raw.get('model_type')!r}, family {found.name!r}), but its zoo card says family "
+            f"{family!r}; fix the card's family or point it at the right weights")
+    checkpoint = found.read_checkpoint(directory, raw, shapes, _locate)
+    model = build_empty(checkpoint.config, found.build)
+    _fill(model, checkpoint, files, directory, target, target_dtype)
+    _attach_tokenizer(model, found, directory)
+    model.template = get_template(found.default_template)
     model.name = directory.name
     model.checkpoint_dir = directory
     return model
+
+
+def _fill(model: nn.Module, checkpoint: Checkpoint, files: list[Path], directory: Path,
+          device: torch.device, dtype: torch.dtype) -> None:
+    """Fill the model's parameters from the directory's own files and the checkpoint's
+    extra sources; tied parameters are not loaded but share the one they are tied to."""
+    filler = Filler(model, device, dtype, ignore=checkpoint.skip)
+    for name, _ in checkpoint.tied:
+        filler.params.pop(name, None)
+    filler.fill_from(files, checkpoint.key_map)
+    for source in checkpoint.extra:
+        filler.fill_from(list(source.files), source.key_map)
+    filler.finish(" + ".join([str(directory), *(source.label for source in checkpoint.extra)]))
+    for name, shared in checkpoint.tied:
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(shared))
+
+
+def _attach_tokenizer(model: nn.Module, family: Family, directory: Path) -> None:
+    if any((directory / name).is_file() for name in family.tokenizer_files):
+        model.tokenizer = family.load_tokenizer(directory)
+        return
+    # The model still runs on token ids; text needs a tokenizer, so say which file is
+    # missing now and again (via encode) at the first call that needs it.
+    model.missing_tokenizer = (
+        f"{directory} has no {' or '.join(family.tokenizer_files)}; copy the tokenizer files "
+        "of the model's original repository into it")
+    warnings.warn(f"loaded without a tokenizer: {model.missing_tokenizer}", stacklevel=4)
+
+
+def _locate(name: str, near: Path) -> Path:
+    """Where a checkpoint named by the one in `near` is (a family's `Locate`)."""
+    return store.locate(name, relative_to=near)
 
 
 class _SkipRandomInit(TorchFunctionMode):
@@ -207,69 +196,20 @@ def meta_device() -> Iterator[None]:
         yield
 
 
-def build_empty(config: LlavaConfig) -> LLaVA:
-    """The model's modules on the meta device, ready to be filled from a checkpoint."""
+def build_empty(config: Any, build: Callable[[Any], Model]) -> Model:
+    """The model `build(config)` makes (a family's `build`), its modules on the meta
+    device, ready to be filled from a checkpoint."""
     with meta_device():
-        return LLaVA(config)
+        return build(config)
 
 
-def config_of_directory(directory: str | Path) -> LlavaConfig:
-    """A checkpoint directory's LlavaConfig, without reading its weights."""
+def config_of_directory(directory: str | Path) -> Any:
+    """A checkpoint directory's config (its family's config type: LlavaConfig for LLaVA),
+    without reading its weights."""
     directory = Path(directory)
-    return _parse(directory, read_config(directory), None)[0]
-
-
-def _parse(directory: Path, raw: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None
-           ) -> tuple[LlavaConfig, str, Path | None]:
-    """(config, layout, directory of a separate vision tower to load, if any). Without the
-    checkpoint's tensor `shapes` the tower's location is not needed, only its shape."""
-    try:
-        layout = detect_layout(raw)
-        if layout == "transformers":
-            return from_transformers(raw), layout, None
-        tower_source = raw.get("mm_vision_tower")
-        if not tower_source:
-            raise ConfigError(f"{directory}/config.json has no mm_vision_tower")
-        tower_dir = None
-        if shapes is not None and not any(k.startswith(TOWER_PREFIX) for k in shapes):
-            tower_dir = _locate_tower(tower_source, directory)
-        vision = _tower_config(tower_source, tower_dir, directory)
-        return from_original(raw, vision), layout, tower_dir
-    except ShortVError:
-        raise
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise ConfigError(f"{directory}/config.json is malformed: {e!r}") from None
-
-
-def _tower_config(source: str, tower_dir: Path | None, directory: Path) -> VisionConfig:
-    """The tower's shape: from its own directory, a known tower, or its config.json."""
-    if tower_dir is None and source in KNOWN_TOWERS:
-        return KNOWN_TOWERS[source]
-    if tower_dir is None:
-        tower_dir = _locate_tower(source, directory)
-    return VisionConfig.from_hf(read_config(tower_dir))
-
-
-def _locate_tower(source: str, directory: Path) -> Path:
-    try:
-        return store.locate(source, relative_to=directory)
-    except ModelNotFoundError as e:
-        raise ModelNotFoundError(
-            f"the vision tower named by mm_vision_tower in {directory}/config.json is missing: {e}"
-        ) from None
-
-
-def _unused(config: LlavaConfig):
-    """Tower layers after the deepest selected hidden state exist in checkpoints but are
-    never run, so they are neither built nor loaded."""
-    depth, total = config.vision_depth, config.vision.layers
-
-    def unused(name: str) -> bool:
-        parts = name.split(".")
-        return (len(parts) > 3 and parts[:2] == ["vision", "layers"] and parts[2].isdigit()
-                and depth <= int(parts[2]) < total)
-
-    return unused
+    raw = read_config(directory)
+    family = families.of_config_json(raw, f"{directory}/config.json")
+    return family.read_checkpoint(directory, raw, None, _locate).config
 
 
 __all__ = ["ShortVError", "load", "load_directory"]

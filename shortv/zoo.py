@@ -12,8 +12,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .config import LLAVA_NEXT_PINPOINTS, LlavaConfig, TextConfig, VisionConfig
-from .errors import ConfigError, ModelNotFoundError
+from . import families
+from .errors import ConfigError, ModelNotFoundError, ShortVError
+from .family import Family
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -30,12 +31,16 @@ def cards_dirs() -> list[Path]:
 
 @dataclass(frozen=True)
 class Card:
-    """One zoo model: where its weights come from, how to run it, how to freeze it."""
+    """One zoo model: where its weights come from, how to run it, how to freeze it.
+
+    family: the model family (`shortv.families`) whose config `config` is, and which
+    must read the model's checkpoint."""
 
     name: str
+    family: str
     description: str
     template: str
-    config: LlavaConfig
+    config: Any
     repo: str | None = None
     alternates: tuple[str, ...] = ()
     vision_tower: str | None = None
@@ -51,20 +56,25 @@ class Card:
             return cls.from_dict(data, path)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read zoo card {path}: {e}") from None
+        except ShortVError:  # already says what is wrong (a ConfigError is a ValueError too)
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"zoo card {path} is malformed: {e!r}") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> Card:
-        """A card from its TOML tables; ConfigError when the template is unknown or the
-        ranking does not fit the decoder (ids out of range or repeated, n_frozen beyond it)."""
+        """A card from its TOML tables; ConfigError when the family or the template is
+        missing or unknown, or the ranking does not fit the decoder (ids out of range or
+        repeated, n_frozen beyond it)."""
         source = d.get("source", {})
         shortv = d.get("shortv", {})
+        family = _family(d, path)
         card = cls(
             name=d["name"],
+            family=family.name,
             description=d.get("description", ""),
             template=d["template"],  # every card names its own: the texts differ by a word
-            config=_architecture(d["architecture"], d.get("preprocess", {})),
+            config=family.card_config(d["architecture"], d.get("preprocess", {})),
             repo=source.get("repo"),
             alternates=tuple(source.get("alternates", ())),
             vision_tower=source.get("vision_tower"),
@@ -102,6 +112,7 @@ class Card:
         c = self.config
         return {
             "name": self.name,
+            "family": self.family,
             "description": self.description,
             "repo": self.repo,
             "alternates": list(self.alternates),
@@ -119,20 +130,17 @@ class Card:
         }
 
 
-def _architecture(arch: dict[str, Any], pre: dict[str, Any]) -> LlavaConfig:
-    pinpoints = tuple(tuple(p) for p in pre.get("grid_pinpoints", ()))
-    if pre.get("image_aspect_ratio") == "anyres" and not pinpoints:
-        pinpoints = LLAVA_NEXT_PINPOINTS
-    return LlavaConfig(
-        vision=VisionConfig(**arch.get("vision", {})),
-        text=TextConfig(**arch.get("text", {})),
-        projector=arch.get("projector", "mlp2x_gelu"),
-        vision_select_layers=tuple(arch.get("select_layers", (-2,))),
-        vision_select_feature=arch.get("select_feature", "patch"),
-        image_aspect_ratio=pre.get("image_aspect_ratio", "pad"),
-        image_grid_pinpoints=pinpoints,  # type: ignore[arg-type]
-        patch_merge_type=pre.get("patch_merge_type", "flat"),
-    )
+def _family(d: dict[str, Any], path: Path | None) -> Family:
+    """The family a card's top-level `family` names; ConfigError when it names none or an
+    unknown one."""
+    where = f"zoo card {path}" if path is not None else f"zoo card {d.get('name')!r}"
+    if "family" not in d:
+        raise ConfigError(f"{where} names no model family; add a top-level line "
+                          f"family = \"...\", one of: {', '.join(families.names())}")
+    try:
+        return families.get(d["family"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @cache
