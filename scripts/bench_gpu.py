@@ -59,6 +59,7 @@ from shortv.config import LlavaConfig, VisionConfig
 from shortv.errors import ShortVError
 from shortv.flops import sequence_flops
 from shortv.llava import LLaVA
+from shortv.llava_model import LlavaModel
 from shortv.loading import build_empty, resolve_device, resolve_dtype
 from shortv.methods import VANILLA, VTW, FastV, Method, ShortV
 
@@ -128,16 +129,15 @@ def share_parameters(source: nn.Module, target: nn.Module) -> None:
 def build_shortv_pair(size: str, device: torch.device, dtype: torch.dtype, *, tiny_shapes: bool
                       ) -> tuple[LLaVA, LLaVA]:
     """shortv's LLaVA-1.5 and LLaVA-NeXT of one size, sharing one set of random weights."""
-    models = []
-    for name in SIZES[size]:
+    names = SIZES[size]
+    modules = []
+    for name in names:
         config = zoo.get_card(name).config
-        model = build_empty(tiny(config) if tiny_shapes else config, LLaVA)
-        model.name = name
-        models.append(model)
-    v15, next_ = models
+        modules.append(build_empty(tiny(config) if tiny_shapes else config, LlavaModel))
+    v15, next_ = modules
     fill_random(next_, device, dtype)
     share_parameters(next_, v15)
-    return v15.eval(), next_.eval()
+    return LLaVA(v15.eval(), name=names[0]), LLaVA(next_.eval(), name=names[1])
 
 
 @contextlib.contextmanager
@@ -201,7 +201,7 @@ def build_transformers(ours: LLaVA, arch: str, device: torch.device, dtype: torc
     with parameters_on_meta():
         model = cls(cfg)
     key_map = KeyMap(TRANSFORMERS_LAYOUT)
-    params = dict(ours.named_parameters())
+    params = dict(ours.module.named_parameters())
     shared = 0
     for name, p in list(model.named_parameters()):
         ours_name = key_map(name)

@@ -35,7 +35,7 @@ before = rss("VmRSS:")
 start = time.perf_counter()
 model = shortv.load(sys.argv[1], device="cpu", dtype=sys.argv[2])
 seconds = time.perf_counter() - start
-params = sum(p.numel() * p.element_size() for p in model.parameters())
+params = sum(p.numel() * p.element_size() for p in model.module.parameters())
 print(json.dumps({"seconds": seconds, "before": before, "peak": rss("VmHWM:"),
                   "after": rss("VmRSS:"), "param_bytes": params}))
 """

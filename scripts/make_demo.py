@@ -38,6 +38,7 @@ import shortv
 from shortv import lc
 from shortv.config import LlavaConfig, TextConfig, VisionConfig
 from shortv.llava import LLaVA
+from shortv.llava_model import LlavaModel
 from shortv.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,7 +198,7 @@ def config(vocab: int) -> LlavaConfig:
 
 def init_(model: LLaVA) -> None:
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.module.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 p.fill_(1.0)
             elif name.endswith("bias"):
@@ -220,7 +221,7 @@ def example(model: LLaVA, rng: random.Random) -> tuple[shortv.Encoded, int]:
 
 def loss_on(model: LLaVA, batch: list[tuple[shortv.Encoded, int]]) -> torch.Tensor:
     prepared = model.prepare([e for e, _ in batch])
-    logits = model.decoder.head(model.hidden_states(prepared))
+    logits = model.module.decoder.head(model.hidden_states(prepared))
     b, t, _ = logits.shape
     targets = torch.full((b, t), -100, dtype=torch.long)
     for i, (e, n) in enumerate(batch):
@@ -230,8 +231,8 @@ def loss_on(model: LLaVA, batch: list[tuple[shortv.Encoded, int]]) -> torch.Tens
 
 def train(model: LLaVA, steps: int, batch_size: int, lr: float) -> None:
     rng = random.Random(SEED)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    model.train()
+    opt = torch.optim.AdamW(model.module.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    model.module.train()
     start = time.perf_counter()
     for step in range(1, steps + 1):
         warm = min(1.0, step / 100)
@@ -240,12 +241,12 @@ def train(model: LLaVA, steps: int, batch_size: int, lr: float) -> None:
         loss = loss_on(model, [example(model, rng) for _ in range(batch_size)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.module.parameters(), 1.0)
         opt.step()
         if step % 100 == 0 or step == 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s",
                   flush=True)
-    model.eval().requires_grad_(False)
+    model.module.eval().requires_grad_(False)
 
 
 # ---- export in the original layout ---------------------------------------------------------
@@ -256,7 +257,7 @@ def export(model: LLaVA) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
     llava, tower = {}, {}
     renames = [("attn.", "self_attn."), ("attn_norm.", "input_layernorm."),
                ("mlp_norm.", "post_attention_layernorm.")]
-    for name, p in model.state_dict().items():
+    for name, p in model.module.state_dict().items():
         p = p.detach().contiguous().clone()
         if name.startswith("decoder.lm_head."):
             llava["lm_head.weight"] = p
@@ -350,7 +351,7 @@ def main() -> None:
                    indent=2) + "\n")
 
     # Trained on LLaVA's llava_v1 text, which its card (models/llava-tiny-demo.toml) names.
-    model = LLaVA(config(vocab), tokenizer=Tokenizer.from_directory(out), template="llava_v1")
+    model = LLaVA(LlavaModel(config(vocab)), tokenizer=Tokenizer.from_directory(out), template="llava_v1")
     init_(model)
     train(model, args.steps, args.batch_size, args.lr)
 

@@ -43,12 +43,12 @@ def naive_layer_contribution(
     with torch.inference_mode():
         for enc in samples:
             prepared = model.prepare([enc])
-            p = model.decoder.head(model.hidden_states(prepared, method=VANILLA)[:, -1])
+            p = model.module.decoder.head(model.hidden_states(prepared, method=VANILLA)[:, -1])
             evaluations += n_layers
             for j, kind in enumerate(kinds):
                 for i in range(n_layers):
                     hidden = model.hidden_states(prepared, method=FreezeOne(i, kind))
-                    q = model.decoder.head(hidden[:, -1])
+                    q = model.module.decoder.head(hidden[:, -1])
                     totals[j, i] += float(kl(q, p)[0])
                     evaluations += n_layers
     mean = (totals / len(samples)).tolist()

@@ -73,9 +73,11 @@ class Family:
         None, locate) → Checkpoint. With shapes it checks the config against them
         (ConfigError / CheckpointError before anything is built); without, only the
         config is needed (`config_of_directory`).
-    build: config → the model (an nn.Module that also carries `tokenizer`, `template`,
-        `name`, `checkpoint_dir`, `missing_tokenizer`, `num_layers`, `set_method`, and
-        prepares its own images from its config).
+    build: config → the torch module (weights and forward passes only), which the
+        loader fills from the checkpoint.
+    session: (module, *, tokenizer, template, name, checkpoint_dir, missing_tokenizer) →
+        the loaded model `shortv.load` returns (it has `num_layers`, `set_method`, and
+        prepares its own images from the module's config).
     card_config: a zoo card's [architecture] and [preprocess] tables → config.
     tokenizer_files: the files a checkpoint directory keeps its tokenizer in (any one).
     load_tokenizer: directory → tokenizer, when one of `tokenizer_files` is there.
@@ -88,6 +90,7 @@ class Family:
     architectures: tuple[str, ...]
     read_checkpoint: Callable[[Path, dict[str, Any], Shapes | None, Locate], Checkpoint]
     build: Callable[[Any], nn.Module]
+    session: Callable[..., Any]
     card_config: Callable[[dict[str, Any], dict[str, Any]], Any]
     tokenizer_files: tuple[str, ...]
     load_tokenizer: Callable[[Path], Any]

@@ -286,7 +286,7 @@ def _bad_type(name: str) -> TokenType:
 def _chunk_lc(model: LLaVA, prepared: Prepared, kinds: list[TokenType]) -> tuple[Tensor, int]:
     """LC [types, batch, layers] for one batch, and the layer evaluations spent
     (one per layer per sequence)."""
-    decoder = model.decoder
+    decoder = model.module.decoder
     x, types, positions = prepared.embeds, prepared.types, prepared.positions
     b, n_layers, k = x.shape[0], len(decoder.layers), len(kinds)
     out, inputs = decoder.forward_with_inputs(x, types, positions, last_only=True)

@@ -32,6 +32,7 @@ from .config import (
 from .errors import ConfigError, ModelNotFoundError, ShortVError
 from .family import Checkpoint, Family, Locate, Shapes, WeightSource, read_config
 from .llava import LLaVA
+from .llava_model import LlavaModel
 from .tokenizer import Tokenizer
 
 # An original checkpoint that carries its (tuned) tower keeps it under this prefix
@@ -148,7 +149,8 @@ LLAVA = Family(
     model_types=(*ORIGINAL_MODEL_TYPES, "llava", "llava_next"),
     architectures=(*ORIGINAL_ARCHITECTURES, *TRANSFORMERS_ARCHITECTURES),
     read_checkpoint=read_checkpoint,
-    build=LLaVA,
+    build=LlavaModel,
+    session=LLaVA,
     card_config=card_config,
     # Original repos ship tokenizer.model (SentencePiece), llava-hf ones tokenizer.json too.
     tokenizer_files=("tokenizer.model", "tokenizer.json"),

@@ -134,13 +134,11 @@ def load_directory(
             f"{raw.get('model_type')!r}, family {found.name!r}), but its zoo card says family "
             f"{family!r}; fix the card's family or point it at the right weights")
     checkpoint = found.read_checkpoint(directory, raw, shapes, _locate)
-    model = build_empty(checkpoint.config, found.build)
-    _fill(model, checkpoint, files, directory, target, target_dtype)
-    _attach_tokenizer(model, found, directory)
-    model.template = get_template(found.default_template)
-    model.name = directory.name
-    model.checkpoint_dir = directory
-    return model
+    module = build_empty(checkpoint.config, found.build)
+    _fill(module, checkpoint, files, directory, target, target_dtype)
+    tokenizer, missing = _tokenizer(found, directory)
+    return found.session(module, tokenizer=tokenizer, template=get_template(found.default_template),
+                         name=directory.name, checkpoint_dir=directory, missing_tokenizer=missing)
 
 
 def _fill(model: nn.Module, checkpoint: Checkpoint, files: list[Path], directory: Path,
@@ -159,16 +157,16 @@ def _fill(model: nn.Module, checkpoint: Checkpoint, files: list[Path], directory
         setattr(model.get_submodule(owner), attr, model.get_parameter(shared))
 
 
-def _attach_tokenizer(model: nn.Module, family: Family, directory: Path) -> None:
+def _tokenizer(family: Family, directory: Path) -> tuple[Any, str]:
+    """The directory's tokenizer, or None and why there is none."""
     if any((directory / name).is_file() for name in family.tokenizer_files):
-        model.tokenizer = family.load_tokenizer(directory)
-        return
+        return family.load_tokenizer(directory), ""
     # The model still runs on token ids; text needs a tokenizer, so say which file is
     # missing now and again (via encode) at the first call that needs it.
-    model.missing_tokenizer = (
-        f"{directory} has no {' or '.join(family.tokenizer_files)}; copy the tokenizer files "
-        "of the model's original repository into it")
-    warnings.warn(f"loaded without a tokenizer: {model.missing_tokenizer}", stacklevel=4)
+    missing = (f"{directory} has no {' or '.join(family.tokenizer_files)}; copy the tokenizer "
+               "files of the model's original repository into it")
+    warnings.warn(f"loaded without a tokenizer: {missing}", stacklevel=4)
+    return None, missing
 
 
 def _locate(name: str, near: Path) -> Path:

@@ -1,6 +1,6 @@
 """Token types: the per-position mask that ShortV, LC, FastV and VTW are built on.
 
-The assembly step (`LLaVA.prepare`) produces one type per sequence position next to the
+The assembly step (`LlavaModel.prepare`) produces one type per sequence position next to the
 embeddings, and every decoder layer receives it as an explicit argument
 (docs/design.md §3).
 """

@@ -455,7 +455,7 @@ def frozen_reference(model: shortv.LLaVA, prepared, types: torch.Tensor, layers,
         assert out.shape == x.shape == (*types.shape, x.shape[-1])
         return torch.where(reset, x, out), scores
 
-    handles = [model.decoder.layers[i].register_forward_hook(hook) for i in layers]
+    handles = [model.module.decoder.layers[i].register_forward_hook(hook) for i in layers]
     try:
         with torch.no_grad():
             return model.hidden_states(prepared, method=Vanilla())
@@ -483,7 +483,7 @@ def _attention_probs(model: shortv.LLaVA, layer: int, x: torch.Tensor, allowed: 
     """(probs [B, H, T, S], v [B, H, S, D]) of one layer, explicitly, in float64.
     allowed: [B, T, S] bool."""
     c = model.config.text
-    w = model.decoder.layers[layer]
+    w = model.module.decoder.layers[layer]
     h = _rms(x.double(), w.attn_norm.weight, c.rms_norm_eps)
     b, t, _ = h.shape
 
@@ -518,7 +518,7 @@ def reference_decoder(model: shortv.LLaVA, prepared, types: torch.Tensor,
     positions = prepared.positions
     mask = base_mask(types)
     inputs = []
-    for i, w in enumerate(model.decoder.layers):
+    for i, w in enumerate(model.module.decoder.layers):
         inputs.append(x)
         allowed = mask & ~hidden_keys[i][:, None, :] if i in hidden_keys else mask
         probs, v = _attention_probs(model, i, x, allowed, positions)
@@ -533,7 +533,7 @@ def reference_decoder(model: shortv.LLaVA, prepared, types: torch.Tensor,
 
 
 def reference_head(model: shortv.LLaVA, hidden: torch.Tensor) -> torch.Tensor:
-    d = model.decoder
+    d = model.module.decoder
     return _rms(hidden.double(), d.norm.weight, model.config.text.rms_norm_eps) @ \
         d.lm_head.weight.double().T
 
@@ -559,7 +559,7 @@ def last_logits(model: shortv.LLaVA, prepared, reset: dict[int, torch.Tensor]) -
 
         return hook
 
-    handles = [model.decoder.layers[i].register_forward_hook(hook_for(rows))
+    handles = [model.module.decoder.layers[i].register_forward_hook(hook_for(rows))
                for i, rows in reset.items()]
     try:
         with torch.no_grad():
@@ -567,7 +567,7 @@ def last_logits(model: shortv.LLaVA, prepared, reset: dict[int, torch.Tensor]) -
     finally:
         for h in handles:
             h.remove()
-    d = model.decoder
+    d = model.module.decoder
     h = hidden.double()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + model.config.text.rms_norm_eps)
     return (h * d.norm.weight.double()) @ d.lm_head.weight.double().T
@@ -662,7 +662,7 @@ def counted_flops(model: shortv.LLaVA, prepared, method) -> int:
     SDPA on its math backend so that FlopCounterMode sees the attention matmuls (on CPU the
     fused kernels are not counted at all)."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = model.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
+        out = model.module.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
     assert out.shape == prepared.embeds.shape  # hidden states, not logits
     return counter.get_total_flops()
 

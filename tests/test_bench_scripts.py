@@ -146,7 +146,7 @@ def test_agreement_check_flags_a_perturbed_model(tmp_path: Path):
         bvt.prefill_agreement(pair, pixels_only)
 
     with torch.no_grad():
-        pair.ours.decoder.layers[1].mlp.down_proj.weight.mul_(1.02)
+        pair.ours.module.decoder.layers[1].mlp.down_proj.weight.mul_(1.02)
     with pytest.raises(bvt.AgreementError, match="max abs diff"):
         bvt.prefill_agreement(pair, inputs)
 

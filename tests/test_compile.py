@@ -29,7 +29,7 @@ def test_decode_step_is_one_graph(demo, method):
     batch = [demo.encode(p, [IMAGE]) for p in PROMPTS]
     logits, state = demo.prefill(batch, max_new_tokens=4)
     with torch.inference_mode():
-        explained = dynamo.explain(demo.decoder.step)(logits.argmax(-1), state.positions,
+        explained = dynamo.explain(demo.module.decoder.step)(logits.argmax(-1), state.positions,
                                                       state.cache, demo.method)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
@@ -64,7 +64,7 @@ def test_static_cache_decode_is_one_graph_for_every_step(method):
     images = [[IMAGE]] * len(PROMPTS)
     eager = [r.token_ids for r in model.generate(PROMPTS, images, max_new_tokens=6, stop=["\x00"])]
     model.compile(static=True, backend=counting_backend)
-    assert model._static_decode
+    assert model.module._static_decode
     static = [r.token_ids for r in model.generate(PROMPTS, images, max_new_tokens=6, stop=["\x00"])]
     assert static == eager and max(len(ids) for ids in eager) >= 4
     assert len(compiled) == 1

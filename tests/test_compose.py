@@ -46,7 +46,7 @@ def reference(model, prepared, types, frozen: tuple[int, ...], hidden_keys: dict
     c = model.config.text
     x, mask, inputs = prepared.embeds.double(), base_mask(types), []
     visual = (types == V_)[..., None]
-    for i, w in enumerate(model.decoder.layers):
+    for i, w in enumerate(model.module.decoder.layers):
         inputs.append(x)
         allowed = mask & ~hidden_keys[i][:, None, :] if i in hidden_keys else mask
         probs, v = _attention_probs(model, i, x, allowed, prepared.positions)

@@ -40,6 +40,7 @@ from shortv.config import (
     from_transformers,
 )
 from shortv.errors import CheckpointError, ConfigError, ShortVError
+from shortv.llava_model import LlavaModel
 
 DEMO = Path(__file__).resolve().parent.parent / "weights" / "llava-tiny-demo"
 TOWER = DEMO / "clip-vit-tiny"
@@ -178,8 +179,6 @@ def test_the_published_fixtures_pass(hf_llava: Path, hf_llava_next: Path, origin
 def test_the_shape_table_matches_the_model():
     """The checker's expected shapes are those of the modules LLaVA builds, for every
     parameter, in both projector kinds and with GQA / an explicit head_dim."""
-    import shortv
-
     variants = [
         parse_and_check(DEMO_CONFIG),
         from_transformers(with_field(with_field(HF_CONFIG, "text_config.num_key_value_heads", 2),
@@ -191,7 +190,7 @@ def test_the_shape_table_matches_the_model():
     ]
     for config in variants:
         with torch.device("meta"):
-            model = shortv.LLaVA(config)
+            model = LlavaModel(config)
         for name, param in model.named_parameters():
             assert expected_shape(config, name) == tuple(param.shape), name
 

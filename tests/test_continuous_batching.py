@@ -42,7 +42,7 @@ def test_join_and_leave_equal_alone(demo, method, static):
     """Sequence 0 runs 3 steps alone; then 1 and 2 (a padded batch) join it; each leaves
     when it has its tokens. Every step's logits equal the sequence's own, within 1e-4."""
     demo.set_method(method)
-    demo._static_decode = static
+    demo.module._static_decode = static
     try:
         encoded = [demo.encode(p, [IMAGE]) for p in PROMPTS]
         alone = [greedy_alone(demo, e, NEW) for e in encoded]
@@ -67,7 +67,7 @@ def test_join_and_leave_equal_alone(demo, method, static):
             assert len(mine) == NEW
             torch.testing.assert_close(torch.stack(mine), torch.stack(reference), atol=1e-4, rtol=0)
     finally:
-        demo._static_decode = False
+        demo.module._static_decode = False
         demo.set_method(shortv.Vanilla())
 
 

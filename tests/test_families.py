@@ -24,8 +24,8 @@ TEST_MODEL_TYPE = "shortv_test_family"
 
 
 class TestFamilyModel(LLaVA):
-    """The test family's model: LLaVA's modules under another class, so that a loaded
-    model shows which family's builder made it."""
+    """The test family's model: LLaVA's session under another class, so that a loaded
+    model shows which family made it."""
 
     __test__ = False  # not a pytest test class
 
@@ -47,7 +47,7 @@ def test_family(monkeypatch: pytest.MonkeyPatch) -> tuple[families.Family, list[
 
     family = dataclasses.replace(
         llava, name="shortv-test", title="ShortvTest", model_types=(TEST_MODEL_TYPE,),
-        architectures=("ShortvTestForCausalLM",), build=TestFamilyModel,
+        architectures=("ShortvTestForCausalLM",), session=TestFamilyModel,
         load_tokenizer=load_tokenizer, default_template="plain")
     families.register(family)
     return family, tokenized
@@ -75,8 +75,8 @@ def test_a_registered_family_is_loaded_from_its_model_type(tmp_path, test_family
     # The same weights as the demo loaded as LLaVA: the family's parser and key maps ran.
     demo = shortv.load(DEMO, device="cpu")
     assert type(demo) is LLaVA and demo.template.name == "vicuna_v1"
-    theirs = demo.state_dict()
-    ours = model.state_dict()
+    theirs = demo.module.state_dict()
+    ours = model.module.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 

@@ -230,7 +230,7 @@ def make_eos_win(model, prompts, images, accept, candidates=None) -> list:
     default any it produces after its first step). Tries a few edits and keeps the first
     whose batch results satisfy `accept`; returns those results."""
     eos = model.tokenizer.eos_id
-    head = model.decoder.lm_head.weight
+    head = model.module.decoder.lm_head.weight
     plain = reference_greedy(model, model.encode(prompts[0], images[0]), 12)
     assert eos not in plain
     for token in dict.fromkeys(plain[1:] if candidates is None else candidates):

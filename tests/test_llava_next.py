@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 import shortv
 from shortv.config import TextConfig, VisionConfig
 from shortv.image import ImageProcessor, grid_shape, select_best_resolution, unpad_slices
+from shortv.llava_model import LlavaModel
 from shortv.token_types import TokenType
 
 from . import checkpoints
@@ -219,7 +220,7 @@ def test_spatial_unpad_tokens_match_original(shape: str, ours_original: shortv.L
     assert want.shape[0] == count
     assert visual_count(model, encoded) == count
     with torch.no_grad():
-        got = model.image_features([pixels], [size])[0]
+        got = model.module.image_features([pixels], [size])[0]
     torch.testing.assert_close(got, want, **FEATURES)
 
 
@@ -239,7 +240,7 @@ def test_unpad_rounding_follows_the_original(ours_original: shortv.LLaVA):
 def test_merge_types_flat_and_spatial_match_original(ours_merge: shortv.LLaVA, hf_next):
     model = ours_merge
     merge = model.config.patch_merge_type
-    assert model.image_newline is None
+    assert model.module.image_newline is None
     points, tile = pinpoints(model), model.config.vision.image_size
     for size in [SIZES[s] for s in ("wide", "tall", "square-large", "extreme-tall", "1x1")]:
         encoded = model.encode("a <image> b", [image(size)], template=False)
@@ -251,7 +252,7 @@ def test_merge_types_flat_and_spatial_match_original(ours_merge: shortv.LLaVA, h
         assert want.shape[0] == count == pixels.shape[0] * (tile // 14) ** 2
         assert visual_count(model, encoded) == count
         with torch.no_grad():
-            got = model.image_features([pixels], [size])[0]
+            got = model.module.image_features([pixels], [size])[0]
         torch.testing.assert_close(got, want, **FEATURES)
 
 
@@ -289,7 +290,7 @@ def card_model_meta() -> shortv.LLaVA:
     config = shortv.zoo.card("llava-v1.6-vicuna-7b").config
     assert config.image_aspect_ratio == "anyres" and config.patch_merge_type == "spatial_unpad"
     with torch.device("meta"):
-        return shortv.LLaVA(config)
+        return shortv.LLaVA(LlavaModel(config))
 
 
 @pytest.mark.parametrize("case", list(REAL_CASES))
@@ -301,7 +302,7 @@ def test_real_v16_visual_tokens_on_meta(case: str, card_model_meta: shortv.LLaVA
     pixels = model.processor(image(size))
     assert pixels.shape[1:] == (3, 336, 336)
     assert pixels.shape[0] == ref.num_crops(size, REAL_PINPOINTS, 336)
-    feats = model.image_features([pixels], [size])[0]
+    feats = model.module.image_features([pixels], [size])[0]
     assert feats.shape == (real_reference_count(size), 4096)
     if size == (672, 672):
         assert feats.shape[0] == 2928
@@ -317,8 +318,8 @@ def narrow_real_geometry() -> shortv.LLaVA:
         text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, layers=1, heads=2,
                         kv_heads=2, head_dim=8, max_position_embeddings=8192),
     )
-    model = shortv.LLaVA(config)
-    checkpoints.randomize(model)
+    model = shortv.LLaVA(LlavaModel(config))
+    checkpoints.randomize(model.module)
     return model
 
 
@@ -384,7 +385,7 @@ def test_batch_and_multi_image_prompts_equal_one_by_one(ours_original: shortv.LL
     ]
     with torch.inference_mode():
         prepared = model.prepare(batch)
-        logits = model.decoder.head(model.hidden_states(prepared))
+        logits = model.module.decoder.head(model.hidden_states(prepared))
         assert len(set(prepared.lengths)) == len(batch)  # really padded
         for i, encoded in enumerate(batch):
             alone = model.logits(encoded)
@@ -394,7 +395,7 @@ def test_batch_and_multi_image_prompts_equal_one_by_one(ours_original: shortv.LL
             torch.testing.assert_close(logits[i, -n:], alone, **FEATURES)
         # The two-image prompt's visual tokens are each image's own features, in order.
         two = batch[1]
-        single = [model.image_features([im], [s])[0] for im, s in zip(two.images, two.image_sizes,
+        single = [model.module.image_features([im], [s])[0] for im, s in zip(two.images, two.image_sizes,
                                                                        strict=True)]
         n = prepared.lengths[1]
         visual = prepared.embeds[1, -n:][prepared.types[1, -n:] == TokenType.VISUAL]

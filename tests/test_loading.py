@@ -293,13 +293,13 @@ def test_missing_tensor_in_the_separate_tower(tmp_path: Path, original_v15: Path
 
 
 def check_placement(model: shortv.LLaVA, dtype: torch.dtype, device: str) -> None:
-    assert list(model.parameters()), "no parameters"
-    for name, p in model.named_parameters():
+    assert list(model.module.parameters()), "no parameters"
+    for name, p in model.module.named_parameters():
         assert p.device.type == device, name
         assert not p.is_meta, name
         assert p.dtype == dtype, (name, p.dtype)
         assert not p.requires_grad, name
-    for name, b in model.named_buffers():
+    for name, b in model.module.named_buffers():
         assert not b.is_meta and b.device.type == device, name
 
 
@@ -310,8 +310,8 @@ def check_placement(model: shortv.LLaVA, dtype: torch.dtype, device: str) -> Non
 def test_dtype_is_applied_while_loading(hf_llava: Path, dtype, expected):
     model = load(hf_llava, dtype=dtype)
     check_placement(model, expected, "cpu")
-    reference = dict(load(hf_llava, dtype=torch.float32).named_parameters())
-    for name, p in model.named_parameters():
+    reference = dict(load(hf_llava, dtype=torch.float32).module.named_parameters())
+    for name, p in model.module.named_parameters():
         assert torch.equal(p, reference[name].to(expected)), name
 
 
@@ -337,7 +337,7 @@ def test_bad_dtype_or_device(hf_llava: Path, kwargs, fragment):
 
 
 def assert_same_parameters(a: shortv.LLaVA, b: shortv.LLaVA) -> None:
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    pa, pb = dict(a.module.named_parameters()), dict(b.module.named_parameters())
     assert sorted(pa) == sorted(pb)
     for name in pa:
         assert torch.equal(pa[name], pb[name]), name
@@ -358,7 +358,7 @@ def test_original_layout_equals_transformers_layout(
 
 def test_original_v16_equals_transformers_llava_next(original_v16: Path, hf_llava_next: Path):
     ours, theirs = load(original_v16), load(hf_llava_next)
-    assert ours.image_newline is not None
+    assert ours.module.image_newline is not None
     assert_same_parameters(ours, theirs)
 
 
@@ -385,7 +385,7 @@ def test_parameters_are_private_compact_copies(hf_llava: Path, original_bin: Pat
     files = {str(p.resolve()) for p in directory.rglob("*") if p.suffix in (".bin", ".safetensors")}
     model = load(directory, dtype=torch.bfloat16)
     gc.collect()
-    params = list(model.parameters())
+    params = list(model.module.parameters())
     storages = {p.untyped_storage().data_ptr() for p in params}
     assert len(storages) == len(params)
     for p in params:
@@ -413,7 +413,7 @@ PEAK_SCRIPT = textwrap.dedent("""
         held = [t.clone() for t in load_file(hold).values()] if hold else None
         model = shortv.load(target, device="cpu", dtype=dtype)
         peak, after = status("VmHWM"), status("VmRSS")
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        size = sum(p.numel() * p.element_size() for p in model.module.parameters())
         del model, held
         return dict(peak=peak - base, after=after - base, size=size)
 

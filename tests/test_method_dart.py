@@ -56,7 +56,7 @@ def explicit_keys(model: shortv.LLaVA, layer: int, x: torch.Tensor, positions: t
     """[B, T, heads · head_dim]: the layer's rotated keys of input x, repeated to the query
     heads (`repeat_kv`) and concatenated over heads, as DART's code reads them."""
     c = model.config.text
-    w = model.decoder.layers[layer]
+    w = model.module.decoder.layers[layer]
     h = _rms(x.double(), w.attn_norm.weight, c.rms_norm_eps)
     b, t, _ = h.shape
     k = (h @ w.attn.k_proj.weight.double().T).view(b, t, c.kv_heads, c.head_dim).transpose(1, 2)
@@ -68,7 +68,7 @@ def reference_dropped(model: shortv.LLaVA, prepared, types: torch.Tensor, method
     """(dropped [B, T], smallest gap at any ranking boundary) by DART's rule."""
     _, inputs = reference_decoder(model, prepared, types)
     l1 = explicit_keys(model, method.k - 1, inputs[method.k - 1], prepared.positions).abs().sum(-1)
-    normed = _rms(inputs[method.k], model.decoder.norm.weight, model.config.text.rms_norm_eps)
+    normed = _rms(inputs[method.k], model.module.decoder.norm.weight, model.config.text.rms_norm_eps)
     dropped = torch.zeros_like(types, dtype=torch.bool)
     gaps = [math.inf]
 
@@ -120,7 +120,7 @@ def observe(model: shortv.LLaVA, prepared, method: DART):
     def hook(module, args):
         seen["positions"], seen["types"] = args[1].positions.clone(), args[1].types.clone()
 
-    handle = model.decoder.layers[method.k].register_forward_pre_hook(hook)
+    handle = model.module.decoder.layers[method.k].register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             out = model.hidden_states(prepared, method=method)

@@ -170,11 +170,11 @@ def test_full_budget_is_vanilla(model, name):
     row-end tokens), because LLaVA asks `Method.keeps_image` before reducing it."""
     batch = prompts(model)
     with torch.inference_mode():
-        vanilla = model.decoder.head(model.hidden_states(model.prepare(batch)))
+        vanilla = model.module.decoder.head(model.hidden_states(model.prepare(batch)))
         n_visual, n_patches = visual_counts(model, batch)
         model.set_method(FULL[name](model.num_layers, n_visual, n_patches))
         prepared = model.prepare(batch)
-        got = model.decoder.head(model.hidden_states(prepared))
+        got = model.module.decoder.head(model.hidden_states(prepared))
     assert got.shape == vanilla.shape, "the method changed the number of visual tokens"
     real = prepared.types != int(shortv.TokenType.PAD)
     torch.testing.assert_close(got[real], vanilla[real], **TOL)

@@ -60,7 +60,7 @@ def observe(model: shortv.LLaVA, prepared, method) -> tuple[torch.Tensor, dict[i
         if method.drops_at(layer):
             def hook(module, args, layer=layer):
                 seen[layer] = (args[1].positions.clone(), args[1].types.clone())
-            handles.append(model.decoder.layers[layer].register_forward_pre_hook(hook))
+            handles.append(model.module.decoder.layers[layer].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             out = model.hidden_states(prepared, method=method)

@@ -113,7 +113,7 @@ def observe(model, prepared, method: SparseVLM):
             seen[layer] = (args[1].positions.clone(), args[1].types.clone())
         return hook
 
-    handles = [model.decoder.layers[layer + 1].register_forward_pre_hook(at(layer + 1))
+    handles = [model.module.decoder.layers[layer + 1].register_forward_pre_hook(at(layer + 1))
                for layer in method.layers]
     try:
         with torch.no_grad():

@@ -52,7 +52,7 @@ def demo(demo_model):
 def tower_reference(model, pixels: torch.Tensor):
     """Explicit float64 CLIP forward up to the select layer: (hidden [C, 1+N, W] at the
     select index, that layer's attention probabilities [C, H, 1+N, 1+N], keys [C, H, 1+N, d])."""
-    tower, c = model.vision, model.config.vision
+    tower, c = model.module.vision, model.config.vision
     (select,) = model.config.vision_hidden_indices
 
     def ln(x, norm):
@@ -126,7 +126,7 @@ def reference_inputs(model, batch, tokens: int):
         pieces, types, at = [], [], 0
         ids = enc.input_ids
         images_left = list(enc.images)
-        text = model.decoder.embed_tokens(ids.clamp(min=0)).double()
+        text = model.module.decoder.embed_tokens(ids.clamp(min=0)).double()
         for i, t in enumerate(ids.tolist()):
             if t != IMAGE_TOKEN:
                 continue
@@ -135,7 +135,7 @@ def reference_inputs(model, batch, tokens: int):
             hidden, probs, keys = tower_reference(model, images_left.pop(0)[None])
             reduced, gap = zip_reference(hidden[0], probs[0], keys[0], tokens, with_cls=True)
             assert gap > 1e-6, "near tie in the reference: choose other test data"
-            pieces.append(model.projector(reduced).double())
+            pieces.append(model.module.projector(reduced).double())
             types += [V_] * reduced.shape[0]
             at = i + 1
         pieces.append(text[at:])
@@ -215,8 +215,8 @@ def test_tower_returns_the_select_layers_class_attention_and_keys(demo, images):
     hidden, probs, keys = tower_reference(demo, pixels)
     indices = demo.config.vision_hidden_indices
     with torch.no_grad():
-        asked = demo.vision(pixels.float(), indices, class_attention=True)
-        plain = demo.vision(pixels.float(), indices)
+        asked = demo.module.vision(pixels.float(), indices, class_attention=True)
+        plain = demo.module.vision(pixels.float(), indices)
     (ours,) = asked.hidden_states
     torch.testing.assert_close(ours.double(), hidden, **TOL)
     torch.testing.assert_close(asked.attention.double(), probs[:, :, 0], **TOL)

@@ -110,10 +110,10 @@ def test_shortv_equals_zeroed_visual_updates(demo, images, layers, case):
     # In every frozen layer the visual rows pass through bit for bit.
     captured: list[torch.Tensor] = []
     hooks = [layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].clone()))
-             for layer in demo.decoder.layers]
+             for layer in demo.module.decoder.layers]
     try:
         with torch.no_grad():
-            demo.decoder(prepared.embeds, prepared.types, prepared.positions, method=ShortV(layers))
+            demo.module.decoder(prepared.embeds, prepared.types, prepared.positions, method=ShortV(layers))
     finally:
         for hook in hooks:
             hook.remove()
@@ -274,9 +274,9 @@ def _observe_fastv(model: shortv.LLaVA, prepared, k: int, r: float):
         seg = args[1]
         seen["positions"], seen["types"] = seg.positions.clone(), seg.types.clone()
 
-    handles = [model.decoder.layers[k - 1].register_forward_pre_hook(before_scores),
-               model.decoder.layers[k - 1].register_forward_hook(scores_out),
-               model.decoder.layers[k].register_forward_pre_hook(at_k)]
+    handles = [model.module.decoder.layers[k - 1].register_forward_pre_hook(before_scores),
+               model.module.decoder.layers[k - 1].register_forward_hook(scores_out),
+               model.module.decoder.layers[k].register_forward_pre_hook(at_k)]
     try:
         with torch.no_grad():
             out = model.hidden_states(prepared, method=FastV(k=k, r=r))

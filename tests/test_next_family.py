@@ -484,7 +484,7 @@ def test_fastv_keeps_the_explicitly_attended_tokens(request, family):
     types = prepared.types.long()
     dropped = fastv_dropped(model, prepared, types, 2, 0.5)
     captured = {}
-    layer = model.decoder.layers[2]
+    layer = model.module.decoder.layers[2]
     handle = layer.register_forward_pre_hook(lambda _m, args: captured.update(x=args[0]))
     try:
         with torch.no_grad():

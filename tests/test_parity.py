@@ -199,7 +199,7 @@ def test_projector_types_match_explicit_reference(
     # The projector module alone, on random features.
     x = torch.randn(5, model.config.vision_feature_size)
     with torch.no_grad():
-        torch.testing.assert_close(model.projector(x), ReferenceProjector(weights)(x), **FEATURES)
+        torch.testing.assert_close(model.module.projector(x), ReferenceProjector(weights)(x), **FEATURES)
 
 
 # ---- CLIP tower vs transformers' CLIPVisionModel ----------------------------------------------

@@ -34,18 +34,19 @@ def test_convert_bin_shards_to_safetensors(tmp_path: Path, hf_llava: Path):
     assert (out / "model.safetensors.index.json").is_file()
     before = shortv.load(src, device="cpu")
     after = shortv.load(out, device="cpu")
-    for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters(), strict=True):
+    for (name, a), (_, b) in zip(before.module.named_parameters(), after.module.named_parameters(),
+                                 strict=True):
         assert torch.equal(a, b), name
 
 
 def test_convert_in_place_removing_bin(tmp_path: Path, hf_llava: Path):
     src = checkpoints.to_original(hf_llava, tmp_path / "ck", fmt="bin", shards=2)
-    reference = {n: p.clone() for n, p in shortv.load(src, device="cpu").named_parameters()}
+    reference = {n: p.clone() for n, p in shortv.load(src, device="cpu").module.named_parameters()}
     done = run("scripts/convert.py", str(src), "--remove-bin")
     assert done.returncode == 0, done.stderr
     assert not list(src.glob("*.bin")) and not (src / "pytorch_model.bin.index.json").exists()
     loaded = shortv.load(src, device="cpu")
-    assert all(torch.equal(p, reference[n]) for n, p in loaded.named_parameters())
+    assert all(torch.equal(p, reference[n]) for n, p in loaded.module.named_parameters())
 
 
 def test_convert_without_bin_is_a_one_line_error(tmp_path: Path, hf_llava: Path):

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
     else:
         say(f"loading {args.model} ...")
-        decoder = load(args.model, device=device, dtype=dtype).decoder
+        decoder = load(args.model, device=device, dtype=dtype).module.decoder
     say(f"timing vanilla and {method.describe()}: {args.warmup} warm-up + {args.repeats} rounds ...")
     result = bench.bench_prefill(decoder, method, types, repeats=args.repeats, warmup=args.warmup)
     report = {

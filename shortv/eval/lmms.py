@@ -177,8 +177,8 @@ class ShortVLMM(lmms):
         if template is not None:
             model.template = template
         self._model = model
-        # Kept apart from the model: lmms-eval's clean() drops every nn.Module attribute after
-        # the requests, and its collectives still ask for the device.
+        # Kept apart from the model: clean() drops the model after the requests, and
+        # lmms-eval's collectives still ask for the device.
         self._device = model.device
         self._lc = LCSums(model) if self._lc_path is not None else None
         self._lc_seen: set[tuple] = set()
@@ -358,6 +358,9 @@ class ShortVLMM(lmms):
         if self._lc is not None:
             self._write_lc_report()
             self._lc = None
+        # lmms-eval drops the attributes that are nn.Modules; the loaded model is not one
+        # (it holds its module), so it is dropped here.
+        vars(self).pop("_model", None)
         super().clean()
 
     # ---- request parts ---------------------------------------------------------------------
@@ -443,7 +446,7 @@ def continuation_scores(model: LLaVA, batch: Sequence[Encoded],
     longest = max(len(t) for t in targets)
     # Left padding puts every sequence's end at the last position, so only the positions
     # that predict the longest target go through the vocabulary projection.
-    logits = model.decoder.head(hidden[:, -(longest + 1):-1])
+    logits = model.module.decoder.head(hidden[:, -(longest + 1):-1])
     # At least float32 for the softmax; a float64 model keeps its precision.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logprobs = torch.log_softmax(logits, dim=-1)

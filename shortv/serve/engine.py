@@ -598,7 +598,7 @@ def _graphs_compiled() -> int:
 def _guard_failures(model: LLaVA) -> list[str]:
     """Dynamo's record of the guards that failed on the decode step, one entry per cached
     graph checked before each compile."""
-    return torch._dynamo.utils.guard_failures.get(type(model.decoder).step.__code__, [])
+    return torch._dynamo.utils.guard_failures.get(type(model.module.decoder).step.__code__, [])
 
 
 def _recompile_reason(failures: Sequence[str]) -> str:
