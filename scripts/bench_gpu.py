@@ -55,13 +55,13 @@ import bench_vs_transformers as bvt
 
 import shortv
 from shortv import zoo
-from shortv.config import LlavaConfig, VisionConfig
 from shortv.errors import ShortVError
 from shortv.flops import sequence_flops
 from shortv.llava import LLaVA
-from shortv.llava_model import LlavaModel
 from shortv.loading import build_empty, resolve_device, resolve_dtype
 from shortv.methods import VANILLA, VTW, FastV, Method, ShortV
+from shortv.models.config import LlavaConfig, VisionConfig
+from shortv.models.llava import LlavaModel
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched in order against the
 # device name.

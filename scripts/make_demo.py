@@ -36,9 +36,9 @@ from safetensors.torch import save_file
 
 import shortv
 from shortv import lc
-from shortv.config import LlavaConfig, TextConfig, VisionConfig
 from shortv.llava import LLaVA
-from shortv.llava_model import LlavaModel
+from shortv.models.config import LlavaConfig, TextConfig, VisionConfig
+from shortv.models.llava import LlavaModel
 from shortv.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from shortv import LLaVA
-from shortv.batch import Encoded
 from shortv.lc import TYPES, LCReport, kl
 from shortv.methods import VANILLA, Method
+from shortv.models.batch import Encoded
 from shortv.token_types import TokenType
 
 

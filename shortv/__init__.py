@@ -5,8 +5,6 @@
     print(model.chat("What is unusual about this image?", images=["photo.jpg"]))
 """
 
-from .batch import Encoded
-from .config import LlavaConfig, TextConfig, VisionConfig
 from .conversation import Template, get_template
 from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, ShortVError
 from .generate import GenerationOptions, GenerationResult
@@ -14,6 +12,8 @@ from .lc import LCReport, layer_contribution
 from .llava import LLaVA
 from .loading import load
 from .methods import DART, VTW, Compose, FastV, Method, PDrop, ShortV, SparseVLM, Vanilla, VisionZip, compose
+from .models.batch import Encoded
+from .models.config import LlavaConfig, TextConfig, VisionConfig
 from .token_types import TokenType
 from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
 from .version import __version__ as __version__

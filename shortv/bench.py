@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import TextConfig
 from .errors import ConfigError
 from .flops import sequence_flops
-from .llama import Decoder
 from .methods import VANILLA, Method
+from .models.config import TextConfig
+from .models.llama import Decoder
 from .token_types import TYPE_DTYPE, TokenType
 
 # Text tokens before the image in LLaVA's vicuna_v1 prompt (system prompt + "USER: ") with

@@ -29,8 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import LlavaConfig, projector_depth
 from .errors import CheckpointError, ConfigError
+from .models.config import LlavaConfig, projector_depth
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

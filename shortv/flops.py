@@ -55,9 +55,9 @@ from typing import Any
 
 import torch
 
-from .config import LlavaConfig, TextConfig
 from .errors import ConfigError
 from .methods import Capture, LayerStep, LayerView, Method, Queries, Vanilla, layer_plan, walk_plan
+from .models.config import LlavaConfig, TextConfig
 from .token_types import TokenType
 
 TERA = 1e12

@@ -29,8 +29,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .config import LlavaConfig
 from .errors import InputError
+from .models.anyres import select_best_resolution
+from .models.config import LlavaConfig
 from .version import __version__
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -237,30 +238,6 @@ def clip_preprocess(
     return (x - m) / s
 
 
-def select_best_resolution(
-    size: tuple[int, int], pinpoints: Sequence[tuple[int, int]]
-) -> tuple[int, int]:
-    """The (width, height) pinpoint that keeps the most image resolution, then wastes the
-    least canvas; ties go to the first in list order (the original's rule)."""
-    width, height = size
-    best, best_effective, best_waste = pinpoints[0], -1, math.inf
-    for pw, ph in pinpoints:
-        scale = min(pw / width, ph / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        waste = pw * ph - effective
-        if effective > best_effective or (effective == best_effective and waste < best_waste):
-            best, best_effective, best_waste = (pw, ph), effective, waste
-    return best
-
-
-def grid_shape(
-    size: tuple[int, int], pinpoints: Sequence[tuple[int, int]], tile: int
-) -> tuple[int, int]:
-    """(columns, rows) of tiles the anyres grid cuts an image of `size` into."""
-    w, h = select_best_resolution(size, pinpoints)
-    return w // tile, h // tile
-
-
 def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
     """Resize keeping the aspect ratio to fit `target` and centre it on black."""
     w, h = image.size
@@ -274,19 +251,6 @@ def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
     canvas = Image.new("RGB", (tw, th), (0, 0, 0))
     canvas.paste(resized, ((tw - new_w) // 2, (th - new_h) // 2))
     return canvas
-
-
-def unpad_slices(size: tuple[int, int], rows: int, cols: int) -> tuple[slice, slice]:
-    """(row slice, column slice) of a rows×cols feature map that remain after removing
-    the padding anyres added around an image of `size` (the original's rounding)."""
-    width, height = size
-    if width / height > cols / rows:
-        new_rows = int(height * (cols / width))
-        pad = (rows - new_rows) // 2
-        return slice(pad, rows - pad), slice(0, cols)
-    new_cols = int(width * (rows / height))
-    pad = (cols - new_cols) // 2
-    return slice(0, rows), slice(pad, cols - pad)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from PIL import Image
 from torch import Tensor
 
 from . import parallel
-from .batch import Encoded, Prepared
 from .errors import ConfigError, InputError
 from .llava import ImageLike, LLaVA
 from .methods import VANILLA
+from .models.batch import Encoded, Prepared
 from .parallel import Ranks
 from .questions import (
     is_question_record,

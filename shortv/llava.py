@@ -7,7 +7,7 @@ the module's, called with the current method as an argument. Every IMAGE_TOKEN i
 prompt is replaced by that image's visual tokens. Generation (`shortv.generate`) drives
 the model through `prefill` and `step` only (its `GenerativeModel` protocol, which
 `LLaVA` implements); `chat` and `generate` are conveniences over it. The data a batch is
-made of (`Encoded`, `Prepared`, `DecodeState`) lives in `shortv.batch`.
+made of (`Encoded`, `Prepared`, `DecodeState`) lives in `shortv.models.batch`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .batch import DecodeState, Encoded, Prepared
-from .config import LlavaConfig
 from .conversation import Template, Turn, get_template, place_images
 from .errors import InputError
 from .generate import GenerationOptions, GenerationResult, generate, stream
 from .image import ImageProcessor, load_image
-from .llava_model import LlavaModel
 from .methods import VANILLA, Method, ShortV
+from .models.batch import DecodeState, Encoded, Prepared
+from .models.config import LlavaConfig
+from .models.llava import LlavaModel
 from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
 # One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.

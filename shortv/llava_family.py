@@ -16,7 +16,10 @@ from .checkpoint import (
     checkpoint_shapes,
     weight_files,
 )
-from .config import (
+from .errors import ConfigError, ModelNotFoundError, ShortVError
+from .family import Checkpoint, Family, Locate, Shapes, WeightSource, read_config
+from .llava import LLaVA
+from .models.config import (
     KNOWN_TOWERS,
     LLAVA_NEXT_PINPOINTS,
     ORIGINAL_ARCHITECTURES,
@@ -29,10 +32,7 @@ from .config import (
     from_original,
     from_transformers,
 )
-from .errors import ConfigError, ModelNotFoundError, ShortVError
-from .family import Checkpoint, Family, Locate, Shapes, WeightSource, read_config
-from .llava import LLaVA
-from .llava_model import LlavaModel
+from .models.llava import LlavaModel
 from .tokenizer import Tokenizer
 
 # An original checkpoint that carries its (tuned) tower keeps it under this prefix

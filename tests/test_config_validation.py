@@ -29,7 +29,8 @@ from shortv.checkpoint import (
     expected_shape,
     weight_files,
 )
-from shortv.config import (
+from shortv.errors import CheckpointError, ConfigError, ShortVError
+from shortv.models.config import (
     KNOWN_TOWERS,
     ORIGINAL_REQUIRED,
     LlavaConfig,
@@ -39,8 +40,7 @@ from shortv.config import (
     from_original,
     from_transformers,
 )
-from shortv.errors import CheckpointError, ConfigError, ShortVError
-from shortv.llava_model import LlavaModel
+from shortv.models.llava import LlavaModel
 
 DEMO = Path(__file__).resolve().parent.parent / "weights" / "llava-tiny-demo"
 TOWER = DEMO / "clip-vit-tiny"

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from shortv.config import TextConfig
 from shortv.errors import ConfigError
 from shortv.flops import (
     PAPER_N_TEXT,
@@ -25,6 +24,7 @@ from shortv.flops import (
     sequence_flops,
 )
 from shortv.methods import VTW, FastV, LayerView, Method, Queries, ShortV, Vanilla, fastv_kept
+from shortv.models.config import TextConfig
 from shortv.token_types import TokenType
 
 from .data import RANKINGS, TABLE

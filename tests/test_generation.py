@@ -22,8 +22,8 @@ from PIL import Image
 
 import shortv
 from shortv import FastV, InputError, ShortV, Vanilla
-from shortv.batch import Encoded
 from shortv.generate import loop as gen_module
+from shortv.models.batch import Encoded
 
 spm = pytest.importorskip("sentencepiece")
 

@@ -21,7 +21,7 @@ models/methods → ops". Where the rule leaves a choice, it is made here:
   module that defines it (the version lives in shortv/version.py for that reason).
 - `shortv.generate` sits between the session and the models. The generation loop is
   written against a protocol (`shortv.generate.GenerativeModel`: prefill, step, the
-  tokenizer and template) and the batch data in `shortv.batch`; it never names a model
+  tokenizer and template) and the batch data in `shortv.models.batch`; it never names a model
   family. `LLaVA.chat` / `LLaVA.generate` (public API) are conveniences over it, so the
   session imports generation, and the workflows (eval, serve) use both.
 - The loaders' helpers (checkpoint reading, the weight store and hub, the model cards,
@@ -50,8 +50,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "shortv.zoo", "shortv.ranking", "shortv.family", "shortv.families",
                  "shortv.llava_family")),
     ("generation", ("shortv.generate.*",)),
-    ("models and methods", ("shortv.batch", "shortv.llava_model", "shortv.llama", "shortv.clip",
-                            "shortv.image", "shortv.config",
+    ("models and methods", ("shortv.models.*", "shortv.image",
                             "shortv.tokenizer", "shortv.sentencepiece", "shortv.conversation",
                             "shortv.flops", "shortv.methods.*")),
     ("ground", ("shortv.ops", "shortv.errors", "shortv.token_types", "shortv.version")),

@@ -12,9 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from shortv.config import TextConfig
 from shortv.flops import sequence_flops
-from shortv.llama import Decoder
 from shortv.methods import (
     DART,
     METHODS,
@@ -33,6 +31,8 @@ from shortv.methods import (
     compose,
     layer_plan,
 )
+from shortv.models.config import TextConfig
+from shortv.models.llama import Decoder
 from shortv.token_types import TokenType
 
 from .checkpoints import randomize

@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import shortv
-from shortv.config import TextConfig, VisionConfig
-from shortv.image import ImageProcessor, grid_shape, select_best_resolution, unpad_slices
-from shortv.llava_model import LlavaModel
+from shortv.image import ImageProcessor
+from shortv.models.anyres import grid_shape, select_best_resolution, unpad_slices
+from shortv.models.config import TextConfig, VisionConfig
+from shortv.models.llava import LlavaModel
 from shortv.token_types import TokenType
 
 from . import checkpoints

@@ -235,7 +235,7 @@ def test_kept_count_depends_on_counts_not_layout():
     assert dart_kept(80, 2, 32) == 4 + 6 * 4  # fewer text tokens than text pivots
     assert dart_kept(576, 64, 128) == 132 and dart_kept(576, 64) == 132  # the code's default
     assert dart_kept(2880, 64, 320) == 324 and dart_kept(10, 64, 128) == 10
-    vicuna = shortv.config.TextConfig()
+    vicuna = shortv.models.config.TextConfig()
     counts = [x.keys for x in layer_tokens(vicuna, DART(budget=64), torch.tensor([T_] * 64 + [V_] * 576))]
     assert counts[:2] == [640, 640] and set(counts[2:]) == {64 + 68}
 

@@ -20,9 +20,9 @@ import torch
 
 import shortv
 from shortv import ConfigError, Vanilla
-from shortv.config import TextConfig
 from shortv.flops import layer_tokens, sequence_flops
 from shortv.methods.pdrop import PDrop, pdrop_kept, pdrop_lambda
+from shortv.models.config import TextConfig
 
 from .reference import (
     P_,

@@ -34,10 +34,10 @@ import torch
 
 import shortv
 from shortv import zoo
-from shortv.config import TextConfig, from_original, from_transformers
 from shortv.conversation import get_template
 from shortv.flops import decoder_flops, layer_flops
 from shortv.methods import VTW, FastV, ShortV, Vanilla
+from shortv.models.config import TextConfig, from_original, from_transformers
 from shortv.token_types import TokenType
 
 from . import checkpoints

@@ -25,8 +25,8 @@ from torch import nn
 
 import shortv
 from shortv.checkpoint import CLIP_TOWER_LAYOUT, ORIGINAL_LAYOUT
-from shortv.clip import CLIPVisionTower
-from shortv.llama import Decoder, KVCache
+from shortv.models.clip import CLIPVisionTower
+from shortv.models.llama import Decoder, KVCache
 from shortv.token_types import TYPE_DTYPE, TokenType
 
 from . import checkpoints, reference

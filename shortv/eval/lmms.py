@@ -35,7 +35,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import zoo
-from ..batch import Encoded
 from ..conversation import get_template
 from ..errors import ConfigError, InputError, ShortVError
 from ..generate import GenerationOptions
@@ -44,6 +43,7 @@ from ..llava import LLaVA, to_pil
 from ..loading import DTYPES, load
 from ..methods import parse_layer_list
 from ..methods.spec import MethodSpec, build, parse_names
+from ..models.batch import Encoded
 from ..parallel import Ranks
 from ..paths import output_path
 

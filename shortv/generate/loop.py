@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batch import Encoded
 from ..errors import InputError
+from ..models.batch import Encoded
 from .protocol import GenerativeModel
 from .sampling import GenerationOptions, make_generator, pick
 from .text import TextAssembler

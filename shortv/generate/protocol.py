@@ -10,8 +10,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..batch import DecodeState, Encoded
 from ..conversation import Template
+from ..models.batch import DecodeState, Encoded
 from ..tokenizer import Tokenizer
 
 

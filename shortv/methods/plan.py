@@ -4,7 +4,7 @@ done in (docs/design.md §9.1).
 `layer_plan(method, num_layers)` asks the method its per-layer questions (`drops_at`,
 `capture_before_drop`, `frozen_type`, `capture_after`) once and returns a tuple of
 `LayerStep`s, plain constants. `walk_plan` runs steps in order on a `PlanPass`: the
-decoder's pass (`shortv.llama`) computes hidden states, the FLOPs count's (`shortv.flops`)
+decoder's pass (`shortv.models.llama`) computes hidden states, the FLOPs count's (`shortv.flops`)
 counts tokens, so the two cannot disagree about which rows a layer computes, keeps, drops
 or freezes, or about which hook fires when.
 

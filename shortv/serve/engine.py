@@ -33,8 +33,8 @@ from ..generate.sampling import GenerationOptions, make_generator, pick
 from .errors import EngineError, Refusal
 
 if TYPE_CHECKING:
-    from ..batch import DecodeState, Encoded
     from ..llava import LLaVA
+    from ..models.batch import DecodeState, Encoded
 
 log = logging.getLogger("shortv.serve")
 

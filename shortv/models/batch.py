@@ -2,7 +2,7 @@
 and preprocessed images), the batch `Prepared` for the decoder (embeddings, token types
 and positions, left-padded), and the batch's `DecodeState` between decode steps.
 
-Plain data: the model (`shortv.llava_model`) makes and reads them, and the code that drives a
+Plain data: the model (`shortv.models.llava`) makes and reads them, and the code that drives a
 model (`shortv.generate`, the server's engine) passes them along, without either side
 importing the other.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from ..errors import InputError
+from ..tokenizer import IMAGE_TOKEN
 from .llama import KVCache
-from .tokenizer import IMAGE_TOKEN
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+from ..methods import VANILLA, ImageView, Method
+from ..ops import Linear
+from ..token_types import TYPE_DTYPE, TokenType
+from ..tokenizer import IMAGE_TOKEN
+from .anyres import grid_shape, unpad_slices
 from .batch import DecodeState, Encoded, Prepared
 from .clip import CLIPVisionTower
 from .config import LlavaConfig, projector_depth
-from .errors import InputError
-from .image import grid_shape, unpad_slices
 from .llama import Decoder, KVCache
-from .methods import VANILLA, ImageView, Method
-from .ops import Linear
-from .token_types import TYPE_DTYPE, TokenType
-from .tokenizer import IMAGE_TOKEN
+from .protocols import LanguageModel, VisionTower
 
 # torch.compile modes that record CUDA graphs, which need the static KV cache.
 CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
@@ -43,12 +44,15 @@ class Projector(nn.Sequential):
 
 class LlavaModel(nn.Module):
     """The modules of a LLaVA-1.5 / LLaVA-NeXT model and its forward passes, with ShortV
-    and the token-reduction methods built in (each pass takes the method to run)."""
+    and the token-reduction methods built in (each pass takes the method to run).
+
+    Its parts follow `shortv.models.protocols`: a CLIP `VisionTower`, a Llama
+    `LanguageModel`, and the model itself is LLaVA's `Assembler` (`prepare`)."""
 
     def __init__(self, config: LlavaConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision = CLIPVisionTower(config.vision, depth=config.vision_depth)
+        self.vision: VisionTower = CLIPVisionTower(config.vision, depth=config.vision_depth)
         self.projector = Projector(
             config.projector, config.vision_feature_size, config.text.hidden_size,
             bias=config.projector_bias,
@@ -57,7 +61,7 @@ class LlavaModel(nn.Module):
             self.image_newline = nn.Parameter(torch.empty(config.text.hidden_size))
         else:
             self.image_newline = None
-        self.decoder = Decoder(config.text)
+        self.decoder: LanguageModel = Decoder(config.text)
         self._compiled_step: Any = None  # set by compile_step()
         self._static_decode = False  # decode steps on a static cache (compile_step(static=True))
         self.eval()

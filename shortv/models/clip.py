@@ -9,16 +9,16 @@ the deepest selected one are built and run; CLIP's final LayerNorm is never used
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+from ..ops import Linear
 from .config import VisionConfig
-from .errors import ConfigError
-from .ops import Linear
+from .protocols import TowerOutput
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -34,17 +34,6 @@ class ClassAttention(NamedTuple):
 
     attention: Tensor
     keys: Tensor
-
-
-@dataclass(frozen=True)
-class TowerOutput:
-    """`CLIPVisionTower.forward`'s result: the hidden states [N, 1 + patches, width] asked
-    for, in order, and, when asked, the class-token attention [N, heads, 1 + patches] and
-    keys [N, heads, 1 + patches, head_dim] of the layer that outputs the last of them."""
-
-    hidden_states: list[Tensor]
-    attention: Tensor | None = None
-    keys: Tensor | None = None
 
 
 class VisionAttention(nn.Module):

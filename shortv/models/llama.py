@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..methods import VANILLA, Capture, LayerStep, LayerView, Method, Queries, layer_plan, walk_plan
+from ..ops import Linear
+from ..token_types import TYPE_DTYPE, TokenType
 from .config import TextConfig
-from .methods import VANILLA, Capture, LayerStep, LayerView, Method, Queries, layer_plan, walk_plan
-from .ops import Linear
-from .token_types import TYPE_DTYPE, TokenType
+from .rotary import apply_rope, rope_tables
 
 # The token types of a decode step. (Tensors are compared with the types' int values
 # throughout: torch.compile's tracer folds a tensor compared with an IntEnum member into a
@@ -42,30 +43,6 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, shape, self.weight, self.eps)
         # Half precision: normalise in fp32 and cast back before the weight, as Llama does.
         return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(x.dtype)
-
-
-def rope_tables(
-    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """cos and sin, [B, T, head_dim], for integer positions [B, T] (computed in fp32, or
-    fp64 for an fp64 model)."""
-    work = torch.promote_types(dtype, torch.float32)
-    steps = torch.arange(0, head_dim, 2, device=positions.device, dtype=work)
-    inv_freq = 1.0 / (theta ** (steps / head_dim))
-    freqs = positions.to(work)[..., None] * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, T, H, D] by tables [B, T, D]: x·cos + rotate_half(x)·sin, written as
-    one product and two in-place halves (several times faster than the textbook form)."""
-    cos, sin = cos[:, :, None], sin[:, :, None]
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
-    return out
 
 
 class KVCache:
