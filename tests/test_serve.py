@@ -635,7 +635,7 @@ def test_serve_compile_warms_up_then_answers_like_eager(capsys, monkeypatch, dem
     joining and leaving the batch, get eager `model.chat`'s answers, and compile nothing
     more. A counting pass-through backend stands in for inductor (the same graphs, no C++)."""
     import shortv.serve.app as app
-    import shortv.serve.engine as engine_module
+    import shortv.serve.compiled as compiled_module
 
     # Dynamo counts recompiles per code object (`Decoder.step`), across every model this
     # process compiled before (tests/test_compile.py): start from none, as a server does.
@@ -646,8 +646,8 @@ def test_serve_compile_warms_up_then_answers_like_eager(capsys, monkeypatch, dem
         graphs.append(len(example_inputs))
         return gm.forward
 
-    real_compile = engine_module.compile_for_serving
-    monkeypatch.setattr(engine_module, "compile_for_serving",
+    real_compile = compiled_module.compile_for_serving
+    monkeypatch.setattr(compiled_module, "compile_for_serving",
                         lambda model, **options: real_compile(model, backend=counting))
     served: dict[str, object] = {}
 

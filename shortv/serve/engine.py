@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.fx.experimental import _config as fx_config
 
 from ..errors import InputError, ShortVError
 from ..generate.loop import Answer
 from ..generate.sampling import GenerationOptions, make_generator, pick
+from .compiled import DecodeStep
 from .errors import EngineError, Refusal
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("shortv.serve")
 
 PREFILL_ROOM = 16  # KV slots a prefill reserves for the answer (the cache grows beyond)
-WARM_UP_STEPS = 3  # decode steps per kind of batch in `Engine.warm_up`
 
 
 @dataclass(frozen=True)
@@ -147,10 +146,7 @@ class Engine:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._last_stats = 0.0
-        self.compiled = False  # the decode step is compiled (`compile`)
-        self._warm = False  # `warm_up` has run
-        self._graphs_seen = 0  # dynamo's count of compiled graphs after the last step
-        self._failures_seen = 0  # and of the decode step's guard failures
+        self._decode = DecodeStep(model)  # `model.step`, eager or compiled
 
     # ---- the owners' side (any thread) -----------------------------------------------------
 
@@ -187,66 +183,19 @@ class Engine:
     def compile(self, **options: Any) -> None:
         """Compile the model's decode step for serving (`compile_for_serving`; `options` go
         to torch.compile). Then call `warm_up` before serving."""
-        compile_for_serving(self.model, **options)
-        self.compiled = True
+        self._decode.compile(**options)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the decode step is compiled (`compile`)."""
+        return self._decode.compiled
 
     def warm_up(self) -> float:
         """Compile the decode step for every kind of batch the engine will hand it, before
-        any client is answered; the seconds it took.
-
-        The engine keeps those kinds to two (see `_decode`): a batch of one, and a batch of
-        several (dynamo specialises a dimension of size 1, and compiles the others for any
-        size). A scripted run of the model's own calls covers both, whatever the model
-        answers: one grey-picture prompt alone, then two more of other lengths prefilled
-        together (padded) joining it, rows leaving, and the last one alone again. Each
-        runs a few decode steps. Nothing reaches the stats or the queue; the worker is not
-        started. From here on a compile during serving is logged as a warning."""
-        started = time.perf_counter()
-        graphs = _graphs_compiled()
-        with torch.inference_mode():
-            self._warm_up_batches()
-        self._warm = True
-        self._graphs_seen = _graphs_compiled()
-        self._failures_seen = len(_guard_failures(self.model))
-        seconds = time.perf_counter() - started
-        log.info("warm-up: compiled %d graph(s) of the decode step in %.1f s",
-                 self._graphs_seen - graphs, seconds)
-        return seconds
-
-    def _warm_up_batches(self) -> None:
-        from PIL import Image
-
-        picture = Image.new("RGB", (336, 336), (128, 128, 128))
-        questions = ["Describe the picture in detail.", "Hi.",
-                     "What colour is the picture? Answer in one word, please."]
-        encoded = [self.model.encode(q, [picture]) for q in questions]
-        steps = WARM_UP_STEPS
-
-        def prefill(batch: list[Encoded]) -> tuple[Tensor, DecodeState]:
-            logits, state = self.model.prefill(batch, max_new_tokens=4 * steps)
-            if state.budget == 0:
-                raise ShortVError("the warm-up prompts fill the model's context; serve without --compile")
-            return logits.argmax(dim=-1), state
-
-        def decode(state: DecodeState, tokens: Tensor) -> Tensor:
-            for _ in range(steps):
-                tokens = self._decode(state, tokens).argmax(dim=-1)
-            return tokens
-
-        tokens, state = prefill(encoded[:1])
-        tokens = decode(state, tokens)  # a batch of one
-        if self.max_batch == 1:
-            return
-        new, joining = prefill(encoded[1:])  # two lengths: padded
-        if self.max_batch >= 3:
-            state, tokens = state.join(joining), torch.cat((tokens, new))
-        else:
-            state, tokens = joining, new
-        tokens = decode(state, tokens)  # several
-        if len(tokens) == 3:  # the middle one leaves
-            state = state.select([0, 2])
-            tokens = decode(state, tokens[[0, 2]])
-        decode(state.select([0]), tokens[:1])  # one again, after the others left
+        any client is answered (`DecodeStep.warm_up`); the seconds it took. Nothing reaches
+        the stats or the queue; the worker is not started. From here on a compile during
+        serving is logged as a warning and counted in `stats.compiles`."""
+        return self._decode.warm_up(self.max_batch)
 
     def drain(self, timeout: float) -> None:
         """Begin a graceful shutdown: refuse new jobs; those queued or running may finish
@@ -389,7 +338,7 @@ class Engine:
             except Exception as e:
                 self._fail(job, _as_engine_error(e, job))
         rows = [i for i, job in enumerate(jobs) if not job.done]
-        for i, token in zip(rows, self._pick(logits[rows], [jobs[i] for i in rows]), strict=True):
+        for i, token in zip(rows, _pick(logits[rows], [jobs[i] for i in rows]), strict=True):
             try:
                 if token is None:
                     raise RuntimeError("sampling failed")
@@ -434,58 +383,14 @@ class Engine:
             return
         self.stats.steps += 1
         self.stats.step_rows += len(jobs)
-        for job, token in zip(jobs, self._pick(logits, jobs), strict=True):
+        self.stats.compiles = self._decode.compiles  # the step counts its own
+        for job, token in zip(jobs, _pick(logits, jobs), strict=True):
             try:
                 if token is None:
                     raise RuntimeError("sampling failed")
                 self._accept(job, token)
             except Exception as e:
                 self._fail(job, _as_engine_error(e, job))
-
-    def _decode(self, state: DecodeState, tokens: Tensor) -> Tensor:
-        """`model.step`. A compiled step is given inputs of the kinds `warm_up` compiled
-        for, so that serving compiles nothing new: dynamo guards on every Python value the
-        step reads, so a batch of several always takes the masked-attention path (whether
-        or not its rows happen to be padded: a mask of all True is the same attention), and
-        a step whose cache must grow, or becomes exactly full, runs eagerly (each is a graph
-        of its own; they happen a few times per answer, as the buffers double). Sizes that happen to be
-        equal get no symbol of their own (no "duck shapes"): one graph then serves caches
-        whose layers hold different lengths (FastV). Any graph compiled after warm-up is
-        logged with dynamo's reason."""
-        if not self.compiled:
-            return self.model.step(state, tokens)
-        if len(tokens) > 1:
-            for layer in state.cache.layers:
-                layer.has_pad = True
-        if _would_grow(state):
-            with torch.compiler.set_stance("force_eager"):
-                return self.model.step(state, tokens)
-        with fx_config.patch(use_duck_shape=False):
-            logits = self.model.step(state, tokens)
-        if self._warm and (graphs := _graphs_compiled()) != self._graphs_seen:
-            failures = _guard_failures(self.model)
-            reason = _recompile_reason(failures[self._failures_seen:])
-            self._graphs_seen, self._failures_seen = graphs, len(failures)
-            self.stats.compiles += 1
-            log.warning("compiled a new graph after warm-up (%s)", reason)
-        return logits
-
-    def _pick(self, logits: Tensor, jobs: Sequence[Job]) -> list[int | None]:
-        """Each row's next token, with its own job's options and generator (None where
-        sampling raised; that job fails)."""
-        logits = _biased(logits, jobs)
-        greedy = logits.argmax(dim=-1).tolist() if any(j.options.temperature == 0 for j in jobs) else []
-        out: list[int | None] = []
-        for i, job in enumerate(jobs):
-            if job.options.temperature == 0:
-                out.append(greedy[i])
-                continue
-            try:
-                out.append(int(pick(logits[i: i + 1], job.options, job.generator)[0]))
-            except Exception:
-                log.exception("sampling failed for %s", job.id)
-                out.append(None)
-        return out
 
     def _accept(self, job: Job, token: int) -> None:
         """A job's next token: more text, or the end of its answer."""
@@ -562,15 +467,22 @@ def _as_engine_error(e: Exception, job: Job) -> EngineError:
                                          f"has the details under {job.id})")
 
 
-def compile_for_serving(model: LLaVA, **options: Any) -> LLaVA:
-    """Compile the model's decode step for continuous batching: for dynamic shapes and
-    without CUDA graphs (`mode="default"`), since the batch and the cache lengths change
-    at every join and leave, and each new shape would need its own CUDA-graph recording
-    over a static cache. `options` go to torch.compile. `Engine.compile` calls it; then
-    `Engine.warm_up` compiles the graphs serving needs."""
-    if options.get("backend", "inductor") == "inductor":  # modes are inductor's
-        options.setdefault("mode", "default")
-    return model.compile(static=False, **options)
+def _pick(logits: Tensor, jobs: Sequence[Job]) -> list[int | None]:
+    """Each row's next token, with its own job's options and generator (None where
+    sampling raised; that job fails)."""
+    logits = _biased(logits, jobs)
+    greedy = logits.argmax(dim=-1).tolist() if any(j.options.temperature == 0 for j in jobs) else []
+    out: list[int | None] = []
+    for i, job in enumerate(jobs):
+        if job.options.temperature == 0:
+            out.append(greedy[i])
+            continue
+        try:
+            out.append(int(pick(logits[i: i + 1], job.options, job.generator)[0]))
+        except Exception:
+            log.exception("sampling failed for %s", job.id)
+            out.append(None)
+    return out
 
 
 def _biased(logits: Tensor, jobs: Sequence[Job]) -> Tensor:
@@ -582,27 +494,3 @@ def _biased(logits: Tensor, jobs: Sequence[Job]) -> Tensor:
         for token, bias in job.logit_bias.items():
             logits[row, token] += bias
     return logits
-
-
-def _would_grow(state: DecodeState) -> bool:
-    """Whether one more token overflows some layer's KV buffer (the step would grow it), or
-    fills it exactly (inductor compiles a slice that is the whole buffer on its own)."""
-    return any(layer.k is not None and layer.length + 1 >= layer.k.shape[2] for layer in state.cache.layers)
-
-
-def _graphs_compiled() -> int:
-    """How many graphs dynamo has compiled in this process."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def _guard_failures(model: LLaVA) -> list[str]:
-    """Dynamo's record of the guards that failed on the decode step, one entry per cached
-    graph checked before each compile."""
-    return torch._dynamo.utils.guard_failures.get(type(model.module.decoder).step.__code__, [])
-
-
-def _recompile_reason(failures: Sequence[str]) -> str:
-    """Why dynamo compiled again: the first failed guard of each graph it had, without
-    the source comment dynamo appends."""
-    reasons = [str(f).strip().splitlines()[0].split("  #")[0].strip() for f in failures if str(f).strip()]
-    return "; ".join(reasons)[:500] or "no guard failed: the first compile of this step"
