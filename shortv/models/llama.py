@@ -498,6 +498,10 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
+        # `_run`'s one-entry cache of the last method's `layer_plan` (plain attributes,
+        # not registered: a Method and a tuple of steps).
+        self._plan_method: Method | None = None
+        self._plan: tuple[LayerStep, ...] = ()
 
     def head(self, hidden: Tensor) -> Tensor:
         """Logits from final hidden states."""
@@ -565,11 +569,17 @@ class Decoder(nn.Module):
         ids = list(range(len(self.layers)) if layers is None else layers)
         if not ids:
             return x
-        steps = layer_plan(method, len(self.layers))
+        if torch.compiler.is_compiling():
+            # Traced once per graph: plan afresh, so the graph guards on the method itself.
+            steps = layer_plan(method, len(self.layers))
+        else:
+            if method is not self._plan_method:
+                self._plan_method, self._plan = method, layer_plan(method, len(self.layers))
+            steps = self._plan
         past = cache.layers[ids[0]] if cache is not None else None
         seg = self.segment(types, positions, x.dtype, past, kinds)
         run = _Pass(self, method, x, seg, cache, ids[-1] if last_only else None, inputs)
-        walk_plan([steps[i] for i in ids], run)
+        walk_plan(steps if layers is None else [steps[i] for i in ids], run)
         return run.output()
 
     @staticmethod

@@ -98,6 +98,8 @@ class Job:
     remaining: int = 0
     last_token: int = 0
     prompt_tokens: int = 0
+    bias_ids: Tensor | None = None  # `logit_bias` as token ids (long) and values (float) on the
+    bias_values: Tensor | None = None  # model's device, set by `_encode` when there is any
 
 
 @dataclass
@@ -302,6 +304,11 @@ class Engine:
                 raise EngineError(Refusal.BAD_INPUT, f"logit_bias has token id {outside[0]}, but this "
                                   f"model's vocabulary has {vocab} tokens (ids 0 to {vocab - 1})",
                                   param="logit_bias")
+            if job.logit_bias:
+                device = self.model.device
+                job.bias_ids = torch.tensor(list(job.logit_bias), dtype=torch.long, device=device)
+                job.bias_values = torch.tensor(list(job.logit_bias.values()), dtype=torch.float32,
+                                               device=device)
             encoded = self.model.encode(job.prompt, list(job.images), template=False)
         except Exception as e:
             self._fail(job, _as_engine_error(e, job))
@@ -487,10 +494,10 @@ def _pick(logits: Tensor, jobs: Sequence[Job]) -> list[int | None]:
 
 def _biased(logits: Tensor, jobs: Sequence[Job]) -> Tensor:
     """The logits [B, vocab] with each row's job's logit_bias added (a copy, if any)."""
-    if not any(job.logit_bias for job in jobs):
+    if not any(job.bias_ids is not None for job in jobs):
         return logits
     logits = logits.clone()
     for row, job in enumerate(jobs):
-        for token, bias in job.logit_bias.items():
-            logits[row, token] += bias
+        if job.bias_ids is not None and job.bias_values is not None:
+            logits[row].index_add_(0, job.bias_ids, job.bias_values.to(logits.dtype))
     return logits

@@ -62,4 +62,3 @@ class EngineError(RequestError):
     def __init__(self, kind: Refusal, message: str, *, param: str | None = None) -> None:
         status, type_, code = HTTP[kind]
         super().__init__(status, message, param=param, code=code, type=type_)
-        self.kind = kind

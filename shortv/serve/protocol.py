@@ -156,7 +156,7 @@ def _logit_bias(request: dict[str, Any]) -> dict[int, float]:
     value = _optional(request, "logit_bias", dict) or {}
     bias = {}
     for key, number in value.items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):
             raise bad(f"logit_bias keys must be token ids, got {_show(key)}", "logit_bias")
         if not isinstance(number, (int, float)) or isinstance(number, bool) or not -100 <= number <= 100:
             raise bad(f"logit_bias[{key}] must be a number in [-100, 100], got {_show(number)}", "logit_bias")
