@@ -29,8 +29,7 @@ from shortv.errors import ShortVError
 from shortv.flops import default_n_visual, sequence_flops
 from shortv.loading import resolve_device, resolve_dtype
 from shortv.methods import VANILLA
-from shortv.methods.spec import parse_entry
-from shortv.ranking import fitted_method
+from shortv.ranking import entry_method
 
 
 def main() -> int:
@@ -54,7 +53,7 @@ def main() -> int:
         text = card.config.text if args.layers is None else replace(card.config.text, layers=args.layers)
         n_visual = default_n_visual(card.config) if args.n_visual is None else args.n_visual
         entries = args.methods.split(";") if args.methods else ["fastv", "vtw", "shortv"]
-        methods = [VANILLA] + [fitted_method(parse_entry(e, card, text.layers), text.layers, card)
+        methods = [VANILLA] + [entry_method(e, card, text.layers)
                                for e in entries if e.strip()]
         decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
         full = bench.layout(args.n_text, n_visual, device)

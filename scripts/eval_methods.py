@@ -27,9 +27,8 @@ from shortv.errors import ShortVError
 from shortv.eval.runner import evaluate
 from shortv.generate import GenerationOptions
 from shortv.methods import Vanilla
-from shortv.methods.spec import parse_entry
 from shortv.questions import read_questions
-from shortv.ranking import fitted_method
+from shortv.ranking import entry_method
 
 
 def main() -> int:
@@ -51,7 +50,7 @@ def main() -> int:
         entries = [e.strip() for e in (args.methods or "shortv; fastv; vtw").split(";") if e.strip()]
         layers = model.num_layers
         methods = {"vanilla": Vanilla(),
-                   **{e: fitted_method(parse_entry(e, card, layers), layers, card) for e in entries}}
+                   **{e: entry_method(e, card, layers) for e in entries}}
         args.out.mkdir(parents=True, exist_ok=True)
         # Warm-up (first calls allocate and pick kernels), so the first method is not charged for it.
         warm = questions[: args.batch_size]

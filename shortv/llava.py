@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from PIL import Image
@@ -24,7 +24,7 @@ from torch import Tensor
 from .conversation import Template, Turn, get_template, place_images
 from .errors import InputError
 from .generate import GenerationOptions, GenerationResult, generate, stream
-from .image import ImageProcessor, load_image
+from .image import ImageProcessor, ImageSource, load_image
 from .methods import VANILLA, Method, ShortV
 from .models.batch import DecodeState, Encoded, Prepared
 from .models.config import LlavaConfig
@@ -32,7 +32,7 @@ from .models.llava import LlavaModel
 from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
 # One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
-ImageLike = Image.Image | str | os.PathLike | bytes
+ImageLike = Image.Image | ImageSource
 Images = ImageLike | Sequence[ImageLike] | None
 
 # What encode() says when no tokenizer was attached.
@@ -258,7 +258,7 @@ _stream = stream  # `chat`'s keyword argument of that name hides the function
 
 
 # What counts as one image rather than a list (bytes and memoryview are sequences of ints).
-_ONE_IMAGE = (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)
+_ONE_IMAGE = (Image.Image, *get_args(ImageSource))
 
 
 def image_list(images: Images) -> list[ImageLike]:
@@ -296,7 +296,7 @@ def to_pil(image: ImageLike) -> Image.Image:
     the encoded bytes of an image file (PNG, JPEG, ...)."""
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+    if isinstance(image, _ONE_IMAGE):
         return load_image(image)
     raise InputError("an image must be a PIL image, a file path, an http(s) URL or the bytes "
                      f"of an image file, got {type(image).__name__}")

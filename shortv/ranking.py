@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .methods import VANILLA, Method, ShortV, check_layer_ids, compose, layer_ids, parse_layer_list
-from .methods.spec import MethodSpec, build
+from .methods.spec import MethodSpec, build, parse_entry
 
 RankingLike = str | os.PathLike | Sequence[int]
 
@@ -154,3 +154,9 @@ def fitted_method(spec: MethodSpec, num_layers: int, card: Any = None, *,
     return choose_method(num_layers, **build(spec, card),
                          default_ranking=card.ranking if card is not None else (),
                          model_name=model_name)
+
+
+def entry_method(text: str, card: Any, num_layers: int) -> Method:
+    """The method one line of a benchmark's method list asks for
+    (`shortv.methods.spec.parse_entry`), fitted to a decoder of `num_layers`."""
+    return fitted_method(parse_entry(text, card, num_layers), num_layers, card)

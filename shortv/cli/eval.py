@@ -17,6 +17,7 @@ from .options import (
     add_sampling,
     generation_options,
     int_at_least,
+    method_for,
     method_options,
     print_json,
 )
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     ranks = parallel.start(args.device)
     try:
         device = ranks.device or args.device
-        known = _known_before_loading(args, card, method, options, device)
+        known = _known_before_loading(args, card, options, device)
         parallel.on_main(ranks, lambda: AnswerFile(args.answers_out, questions, known,
                                                    limit=args.limit, overwrite=args.overwrite))
         model = load(args.model, device=device, dtype=args.dtype, **method)
@@ -83,21 +84,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _known_before_loading(args: argparse.Namespace, card: Any, method: dict[str, Any],
-                          options: Any, device: str | None) -> dict[str, Any]:
+def _known_before_loading(args: argparse.Namespace, card: Any, options: Any,
+                          device: str | None) -> dict[str, Any]:
     """The run's record as far as the options tell without the checkpoint: all of it for
     a zoo model (its card knows the depth and template), else all but method and template."""
     from ..conversation import get_template
     from ..eval import provenance
     from ..loading import resolve_device, resolve_dtype
-    from ..ranking import choose_method
 
     dtype = resolve_dtype(args.dtype, resolve_device(device))
     if card is None:
         return provenance.build(model=args.model, options=options, dtype=dtype)
     # What shortv.load fits the method to, from the same card.
-    fitted = choose_method(card.config.text.layers, **method, default_ranking=card.ranking,
-                           model_name=card.name)
+    fitted = method_for(args, card.config.text.layers, card, model_name=card.name)
     return provenance.build(model=card.name, method=fitted, template=get_template(card.template).name,
                             options=options, dtype=dtype)
 

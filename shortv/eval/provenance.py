@@ -38,11 +38,6 @@ from ..version import __version__
 FIELDS = ("model", "method", "template", "generation", "dtype", "version")
 
 
-def version() -> str:
-    """The running shortv's version."""
-    return __version__
-
-
 def method_record(method: Method) -> dict[str, Any]:
     """A method as plain JSON: its name and every dataclass field (a composition's
     parts each as such a record)."""
@@ -88,7 +83,7 @@ def build(
                                 for f in dataclasses.fields(options)}
     if dtype is not None:
         record["dtype"] = dtype_name(dtype)
-    record["version"] = version()
+    record["version"] = __version__
     # As it reads back from a file (tuples become lists), so that records compare equal.
     return json.loads(json.dumps(record))
 
@@ -110,20 +105,16 @@ def difference(recorded: Any, expected: dict[str, Any]) -> str | None:
         if name not in recorded:
             return f"no {name} recorded, this run has {name}={_show(name, expected[name])}"
         if name == "method":
-            return _method_difference(recorded["method"], expected["method"])
+            # Methods are named by their description; when the descriptions agree (a field
+            # the description leaves out), by the field, as any other field.
+            old = recorded["method"]
+            old_text = old.get("description") if isinstance(old, dict) else None
+            if old_text != expected["method"].get("description"):
+                return (f"method={old_text or json.dumps(old)}, "
+                        f"this run has method={expected['method'].get('description')}")
         path, old, new = _first_leaf_difference(name, recorded[name], expected[name])
         return f"{path}={_show(path, old)}, this run has {path}={_show(path, new)}"
     return None
-
-
-def _method_difference(old: Any, new: dict[str, Any]) -> str:
-    """Methods are named by their description; when the descriptions agree (a field the
-    description leaves out), by the field."""
-    old_text = old.get("description") if isinstance(old, dict) else None
-    if old_text != new.get("description"):
-        return f"method={old_text or json.dumps(old)}, this run has method={new.get('description')}"
-    path, a, b = _first_leaf_difference("method", old, new)
-    return f"{path}={_show(path, a)}, this run has {path}={_show(path, b)}"
 
 
 def _first_leaf_difference(path: str, old: Any, new: Any) -> tuple[str, Any, Any]:

@@ -178,7 +178,7 @@ def _build_one(name: str, spec: MethodSpec, params: dict[str, str]) -> Method:
     cls = METHODS[name]
     kwargs: dict[str, Any] = {}
     if name == "fastv":
-        kwargs = {"k": 2 if spec.k is None else spec.k, "r": 0.5 if spec.r is None else spec.r}
+        kwargs = {f: v for f, v in (("k", spec.k), ("r", spec.r)) if v is not None}
     elif name == "vtw":
         kwargs = {"k": spec.k}
     if spec.budget is not None and _has_field(cls, "budget"):
