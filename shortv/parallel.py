@@ -16,6 +16,7 @@ printed. (torchrun itself exits 1 whenever a worker fails.)
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,22 @@ def stop(ranks: Ranks) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def leave_at_exit() -> None:
+    """Leave the process group when the interpreter exits, for a group this process did not
+    make (lmms-eval's, through accelerate). Python runs atexit handlers while the
+    interpreter is whole; a gloo group still alive at finalization can abort the process
+    (SIGABRT, "terminate called without an active exception") after all its work is done,
+    which torchrun then reports as a failed run."""
+    atexit.register(_leave_if_joined)
+
+
+def _leave_if_joined() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather(ranks: Ranks, value: Any, error: BaseException | None = None) -> list[Any] | None:

@@ -44,7 +44,7 @@ from ..loading import DTYPES, load
 from ..methods import parse_layer_list
 from ..methods.spec import MethodSpec, build, parse_names
 from ..models.batch import Encoded
-from ..parallel import Ranks
+from ..parallel import Ranks, leave_at_exit
 from ..paths import output_path
 
 MODEL_ID = "shortv"
@@ -172,6 +172,8 @@ class ShortVLMM(lmms):
             raise ConfigError(f"model_args: {_model_args_wording(str(e))}") from None
 
         self._rank, self._world_size, local_rank = _process_layout()
+        if self._world_size > 1:
+            leave_at_exit()
         model = load(pretrained, device=_device(device, local_rank, self._world_size), dtype=dtype,
                      **method_kwargs)
         if template is not None:
