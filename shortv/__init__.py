@@ -1,4 +1,5 @@
-"""shortv: LLaVA-1.5 / LLaVA-NeXT in plain PyTorch, with ShortV built in.
+"""shortv: LLaVA-1.5 / LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL in plain PyTorch, with ShortV
+built in.
 
     import shortv
     model = shortv.load("llava-v1.6-vicuna-13b", n_frozen=24)
@@ -14,6 +15,9 @@ from .loading import load
 from .methods import DART, VTW, Compose, FastV, Method, PDrop, ShortV, SparseVLM, Vanilla, VisionZip, compose
 from .models.batch import Encoded
 from .models.config import LlavaConfig, TextConfig, VisionConfig
+from .models.qwen_config import QwenVisionConfig, QwenVLConfig
+from .qwen_vl import QwenVL
+from .session import VisionLanguageModel
 from .token_types import TokenType
 from .tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN, Tokenizer
 from .version import __version__ as __version__
@@ -37,6 +41,9 @@ __all__ = [
     "Method",
     "ModelNotFoundError",
     "PDrop",
+    "QwenVL",
+    "QwenVLConfig",
+    "QwenVisionConfig",
     "ShortV",
     "ShortVError",
     "SparseVLM",
@@ -46,6 +53,7 @@ __all__ = [
     "Tokenizer",
     "Vanilla",
     "VisionConfig",
+    "VisionLanguageModel",
     "VisionZip",
     "compose",
     "get_template",

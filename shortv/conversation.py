@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError, InputError
+from .qwen_tokenizer import IMAGE_MARKER
 from .tokenizer import IMAGE_PLACEHOLDER
 
 Turn = tuple[str, "str | None"]  # (user message, assistant reply or None for the open turn)
@@ -30,6 +31,13 @@ class Template:
       replies `" " + reply + " " + sep2`; the system, when not empty, is wrapped in
       `<<SYS>>\n...\n<</SYS>>\n\n` before the first user message; leading `sep` stripped.
     - "plain" (SeparatorStyle.PLAIN): the messages alone, each followed by its separator.
+
+    image: what each `<image>` placeholder in a user message becomes. LLaVA keeps the
+        placeholder (its tokenizer turns it into the image token); Qwen2-VL's chat template
+        writes `<|vision_start|><|image_pad|><|vision_end|>`.
+    image_sep: what `place_images` puts after each image it places itself: LLaVA's prompts
+        have one `<image>` line per image, Qwen2-VL's template nothing between an image
+        item and the text that follows.
     """
 
     name: str
@@ -38,12 +46,15 @@ class Template:
     style: str
     sep: str
     sep2: str
+    image: str = IMAGE_PLACEHOLDER
+    image_sep: str = "\n"
 
     def render(self, turns: Sequence[Turn]) -> str:
         """The prompt for a conversation; the last turn's reply is usually None (open)."""
         messages: list[tuple[str, str | None]] = []
         for user, reply in turns:
-            messages += [(self.roles[0], user), (self.roles[1], reply)]
+            messages += [(self.roles[0], user.replace(IMAGE_PLACEHOLDER, self.image)),
+                         (self.roles[1], reply)]
         if messages and messages[-1][1] is None and self.style == "plain":
             messages.pop()
         # After user and assistant messages: SINGLE uses sep for both, TWO and PLAIN alternate.
@@ -122,6 +133,10 @@ MPT_SYSTEM = (
 CHATML_DIRECT_SYSTEM = "<|im_start|>system\nAnswer the questions."
 CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
 
+# Qwen2-VL-Instruct's chat_template.json (also Qwen2.5-VL-Instruct's): ChatML whose turns end
+# "<|im_end|>\n", with this system message when the conversation brings none.
+QWEN2_VL_SYSTEM = "<|im_start|>system\nYou are a helpful assistant."
+
 # Named as in LLaVA's conv_templates.
 TEMPLATES: dict[str, Template] = {
     "vicuna_v1": Template("vicuna_v1", VICUNA_V1_SYSTEM, ("USER", "ASSISTANT"), "two", " ", "</s>"),
@@ -136,6 +151,8 @@ TEMPLATES: dict[str, Template] = {
                               "<|im_end|>", ""),
     "mpt": Template("mpt", MPT_SYSTEM, CHATML_ROLES, "mpt", "<|im_end|>", ""),
     "plain": Template("plain", "", ("", ""), "plain", "\n", "\n"),
+    "qwen2_vl": Template("qwen2_vl", QWEN2_VL_SYSTEM, CHATML_ROLES, "mpt", "<|im_end|>\n", "",
+                         image=IMAGE_MARKER, image_sep=""),
 }
 
 # Other names LLaVA's conv_templates gives the same template.
@@ -153,15 +170,18 @@ def get_template(name: str) -> Template:
         ) from None
 
 
-def place_images(texts: Sequence[str], n_images: int) -> list[str]:
+def place_images(texts: Sequence[str], n_images: int, template: Template | None = None
+                 ) -> list[str]:
     """The user texts that `n_images` images belong to, with the images placed: when no
-    text has an `<image>` placeholder, one `<image>` line per image at the start of the
-    first text (where LLaVA's prompts have them); otherwise the texts as they are, and
-    the caller checks that their placeholders match the images. `LLaVA.encode` places a
+    text has an `<image>` placeholder, one `<image>` per image at the start of the first
+    text, each followed by the template's `image_sep` (LLaVA's: a newline, one line per
+    image, where LLaVA's prompts have them); otherwise the texts as they are, and the
+    caller checks that their placeholders match the images. `LLaVA.encode` places a
     conversation's images so, the server each user message's."""
     if n_images == 0 or any(IMAGE_PLACEHOLDER in text for text in texts):
         return list(texts)
-    return [(IMAGE_PLACEHOLDER + "\n") * n_images + texts[0], *texts[1:]]
+    after = "\n" if template is None else template.image_sep
+    return [(IMAGE_PLACEHOLDER + after) * n_images + texts[0], *texts[1:]]
 
 
 def llava_model_name(model_path: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import ConfigError
 from .family import Family
 from .llava_family import LLAVA
+from .qwen_family import QWEN
 
 _FAMILIES: dict[str, Family] = {}
 
@@ -64,3 +65,4 @@ def of_config_json(raw: dict[str, Any], where: str = "config.json") -> Family:
 
 
 register(LLAVA)
+register(QWEN)

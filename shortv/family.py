@@ -103,6 +103,12 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; is it a model checkpoint directory?")
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config.json, preprocessor_config.json) as a dict;
+    CheckpointError when it is not valid JSON or not a JSON object."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -14,8 +14,8 @@ Convention (the one that reproduces every number of the ShortV paper's table, do
   MLP term counting all three SwiGLU matrices, doubled.
 - Not counted: the LM head (2 · d · vocab per position it is applied to), embeddings,
   RMSNorm, RoPE, softmax, SiLU and the residual additions, biases, the vision tower and the
-  projector, and the rest of a method's own ranking arithmetic (norms, similarities,
-  top-k).
+  projector (counted apart, in the same convention, by `shortv.vision_flops`), and the
+  rest of a method's own ranking arithmetic (norms, similarities, top-k).
 - Counted on top (`capture_flops`): what a method captures to rank tokens. Query rows it
   asks for are projected again and scored against every key: 2·rows·q_dim·(d + n)
   (FastV's last query in layer K − 1: 2·q_dim·(d + n), 0.04 GFLOPs at 7B, invisible in
@@ -57,7 +57,7 @@ import torch
 
 from .errors import ConfigError
 from .methods import Capture, LayerStep, LayerView, Method, Queries, Vanilla, layer_plan, walk_plan
-from .models.config import LlavaConfig, TextConfig
+from .models.config import TextConfig
 from .token_types import TokenType
 
 TERA = 1e12
@@ -71,12 +71,11 @@ PAPER_N_TEXT = 64
 PAPER_N_VISUAL = {"llava-1.5": 576, "llava-next": 2880}
 
 
-def default_n_visual(config: LlavaConfig) -> int:
-    """Visual tokens of one image as the paper counts them: the tower's patches (576 for a
-    336-px LLaVA-1.5), or 2880 for anyres LLaVA-NeXT (its typical 4-tile grid)."""
-    if config.image_aspect_ratio == "anyres":
-        return PAPER_N_VISUAL["llava-next"]
-    return config.vision.num_patches
+def default_n_visual(config: Any) -> int:
+    """Visual tokens of one image as a model's family counts a typical one (the config's
+    `default_visual_tokens`: 576 for LLaVA-1.5, 2880 for LLaVA-NeXT as the paper counts
+    them; a 1024×768 photo for Qwen2-VL)."""
+    return config.default_visual_tokens
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from . import parallel
 from .errors import ConfigError, InputError
-from .llava import ImageLike, LLaVA
 from .methods import VANILLA
 from .models.batch import Encoded, Prepared
 from .parallel import Ranks
@@ -41,6 +40,7 @@ from .questions import (
     read_lines,
     resolve_images,
 )
+from .session import ImageLike, VisionLanguageModel
 from .token_types import TokenType
 
 SAMPLE_KEYS = frozenset({"image", "prompt"})
@@ -155,7 +155,7 @@ def _calibration_record(record: dict[str, Any], where: str, folder: Path) -> tup
     return record["prompt"], resolve_images(record.get("image"), folder, where)
 
 
-def encode_sample(model: LLaVA, sample: Sample) -> Encoded:
+def encode_sample(model: VisionLanguageModel, sample: Sample) -> Encoded:
     """A sample encoded with the model's conversation template, exactly as chat does."""
     try:
         return model.encode(sample.prompt, list(sample.images))
@@ -178,7 +178,7 @@ class LCSums:
     over every sample of every rank at the end (`report`). `layer_contribution` measures
     a list of samples with it; lmms-eval's `cal_lc` measures each request batch as it comes."""
 
-    def __init__(self, model: LLaVA, tokens: Sequence[str] = ("visual", "text")) -> None:
+    def __init__(self, model: VisionLanguageModel, tokens: Sequence[str] = ("visual", "text")) -> None:
         self.kinds = [TYPES[t] if t in TYPES else _bad_type(t) for t in tokens]
         if not self.kinds:
             raise ConfigError("tokens must name at least one of 'visual', 'text'")
@@ -187,7 +187,7 @@ class LCSums:
         self.layer_evaluations = 0
 
     @torch.inference_mode()
-    def add(self, model: LLaVA, encoded: Sequence[Encoded]) -> None:
+    def add(self, model: VisionLanguageModel, encoded: Sequence[Encoded]) -> None:
         """Measure one batch of encoded samples (left-padded together) and add their LC."""
         lc, runs = _chunk_lc(model, model.prepare(list(encoded)), self.kinds)
         self.sums += lc.sum(dim=1).cpu()
@@ -210,7 +210,7 @@ class LCSums:
 
 
 def layer_contribution(
-    model: LLaVA,
+    model: VisionLanguageModel,
     samples: Sequence[Sample | Encoded | dict] | str | os.PathLike,
     tokens: Sequence[str] = ("visual", "text"),
     *,
@@ -283,7 +283,7 @@ def _bad_type(name: str) -> TokenType:
     raise ConfigError(f"unknown token type {name!r}; use 'visual' and/or 'text'")
 
 
-def _chunk_lc(model: LLaVA, prepared: Prepared, kinds: list[TokenType]) -> tuple[Tensor, int]:
+def _chunk_lc(model: VisionLanguageModel, prepared: Prepared, kinds: list[TokenType]) -> tuple[Tensor, int]:
     """LC [types, batch, layers] for one batch, and the layer evaluations spent
     (one per layer per sequence)."""
     decoder = model.module.decoder
@@ -299,7 +299,7 @@ def _chunk_lc(model: LLaVA, prepared: Prepared, kinds: list[TokenType]) -> tuple
         start = torch.cat([torch.where((types == kind)[..., None], inputs[i], after)
                            for kind in kinds])
         if i + 1 < n_layers:
-            rerun = decoder(start, types.repeat(k, 1), positions.repeat(k, 1),
+            rerun = decoder(start, types.repeat(k, 1), positions.repeat(k, *[1] * (positions.dim() - 1)),
                             method=VANILLA, layers=range(i + 1, n_layers), last_only=True)
             evaluations += k * b * (n_layers - i - 1)
         else:

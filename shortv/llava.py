@@ -1,51 +1,29 @@
-"""The loaded model: what `shortv.load` returns.
-
-`LLaVA` holds the torch module (`LlavaModel`: weights and forward passes), the tokenizer,
-the image preprocessor, the conversation template and the current method, and offers
-`encode`, `logits`, `chat` and `generate`. It is plain Python: every tensor operation is
-the module's, called with the current method as an argument. Every IMAGE_TOKEN in a
-prompt is replaced by that image's visual tokens. Generation (`shortv.generate`) drives
-the model through `prefill` and `step` only (its `GenerativeModel` protocol, which
-`LLaVA` implements); `chat` and `generate` are conveniences over it. The data a batch is
-made of (`Encoded`, `Prepared`, `DecodeState`) lives in `shortv.models.batch`.
-"""
+"""LLaVA-1.5 / LLaVA-NeXT as `shortv.load` returns them: the session over `LlavaModel`
+with LLaVA's image preprocessing (pad / anyres, `shortv.image.ImageProcessor`). Everything
+else a loaded model offers is `shortv.session.VisionLanguageModel`'s."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, get_args
 
-import torch
-from PIL import Image
-from torch import Tensor
-
-from .conversation import Template, Turn, get_template, place_images
-from .errors import InputError
-from .generate import GenerationOptions, GenerationResult, generate, stream
-from .image import ImageProcessor, ImageSource, load_image
-from .methods import VANILLA, Method, ShortV
-from .models.batch import DecodeState, Encoded, Prepared
-from .models.config import LlavaConfig
+from .conversation import Template, cli_template_name
+from .image import ImageProcessor
 from .models.llava import LlavaModel
-from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
-
-# One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
-ImageLike = Image.Image | ImageSource
-Images = ImageLike | Sequence[ImageLike] | None
-
-# What encode() says when no tokenizer was attached.
-NO_TOKENIZER = "no tokenizer was attached; load the model with shortv.load(...)"
+from .session import NO_TOKENIZER, VisionLanguageModel
+from .tokenizer import Tokenizer
 
 
-class LLaVA:
+class LLaVA(VisionLanguageModel):
     """A LLaVA-1.5 / LLaVA-NeXT model with ShortV and the token-reduction methods built in.
 
     Build one with `shortv.load(...)`. `module` is the torch module (`LlavaModel`, the
     weights); the tokenizer, template and method are this object's. Without a tokenizer
     it works on prepared inputs only (`missing_tokenizer` says why there is none).
     """
+
+    module: LlavaModel
+    # LLaVA's CLI reads the model's name (llava/serve/cli.py): llava_v1 for "v1", ...
+    cli_template = staticmethod(cli_template_name)
 
     def __init__(
         self,
@@ -57,246 +35,6 @@ class LLaVA:
         checkpoint_dir: Path | None = None,
         missing_tokenizer: str = NO_TOKENIZER,
     ) -> None:
-        self.module = module
-        self.tokenizer = tokenizer
-        self.template = get_template(template) if isinstance(template, str) else template
-        self.processor = ImageProcessor.for_config(module.config)
-        self.name = name
-        self.method: Method = VANILLA
-        self.checkpoint_dir = checkpoint_dir
-        # Why there is no tokenizer, when there is none (what encode() reports).
-        self.missing_tokenizer = missing_tokenizer
-
-    def __repr__(self) -> str:
-        return f"LLaVA(name={self.name!r}, method={self.method.describe()})"
-
-    # ---- the module's facts ----------------------------------------------------------------
-
-    @property
-    def config(self) -> LlavaConfig:
-        return self.module.config
-
-    @property
-    def num_layers(self) -> int:
-        return self.module.num_layers
-
-    @property
-    def device(self) -> torch.device:
-        return self.module.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.module.dtype
-
-    # ---- methods ---------------------------------------------------------------------
-
-    @property
-    def frozen_layers(self) -> tuple[int, ...]:
-        """Layers in which visual tokens are frozen (ShortV); () for other methods."""
-        return self.method.layers if isinstance(self.method, ShortV) else ()
-
-    def set_frozen_layers(self, layers: Sequence[int]) -> None:
-        """Freeze visual tokens in exactly these layers (ShortV); () restores vanilla."""
-        method = ShortV(tuple(layers) if isinstance(layers, Sequence) else layers)
-        self.set_method(method if method.layers else VANILLA)
-
-    def set_method(self, method: Method) -> None:
-        """Switch to another method: Vanilla(), ShortV(layers), FastV, VTW, PDrop, VisionZip,
-        DART, SparseVLM, or a composition (`shortv.compose`)."""
-        if not isinstance(method, Method):
-            raise InputError(f"expected a shortv method (e.g. shortv.Vanilla(), shortv.ShortV(layers), "
-                             f"shortv.FastV()), got {method!r}")
-        self.method = method.for_layers(self.num_layers)
-
-    # ---- forward passes under the current method -------------------------------------------
-
-    def prepare(self, batch: Sequence[Encoded], *, reduce_images: bool = True) -> Prepared:
-        """The module's `prepare` (embeddings with visual tokens spliced in, token types,
-        positions; left-padded) with the current method's image reduction, unless
-        `reduce_images` is False."""
-        return self.module.prepare(batch, method=self.method if reduce_images else VANILLA)
-
-    def hidden_states(self, prepared: Prepared, *, method: Method | None = None) -> Tensor:
-        """Decoder output [B, T, D] for a prepared batch under `method` (the current one
-        by default)."""
-        return self.module.hidden_states(prepared, self.method if method is None else method)
-
-    @torch.inference_mode()
-    def logits(self, encoded: Encoded) -> Tensor:
-        """Logits [T, vocab] for every position of the sequence after each image
-        placeholder is expanded into that image's visual tokens."""
-        _require_encoded(encoded, "logits")
-        return self.module.decoder.head(self.hidden_states(self.prepare([encoded])))[0]
-
-    def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int) -> tuple[Tensor, DecodeState]:
-        """Run the prompts (left-padded) into a fresh KV cache sized for `max_new_tokens`
-        more; next-token logits [B, vocab] and the state that `step` continues. When no new
-        token fits the context, the decoder is not run (budget 0, logits empty)."""
-        return self.module.prefill(batch, max_new_tokens=max_new_tokens, method=self.method)
-
-    def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
-        """Feed one new token per sequence (tokens [B]); next-token logits [B, vocab]."""
-        return self.module.step(state, tokens, self.method)
-
-    def compile(self, *, static: bool | None = None, **options: Any) -> LLaVA:
-        """Compile the module's decode step with torch.compile (`LlavaModel.compile_step`:
-        `static` and `options` are its). Returns the model; generation then gives the same
-        tokens, faster once compiled."""
-        self.module.compile_step(static=static, **options)
-        return self
-
-    def token_types(self, encoded: Encoded, *, reduce_images: bool = True) -> Tensor:
-        """The token types [T] of one input after image expansion (runs the vision tower,
-        since anyres images have a size-dependent number of tokens), and after the
-        method's image reduction unless `reduce_images` is False."""
-        with torch.inference_mode():
-            return self.prepare([encoded], reduce_images=reduce_images).types[0].cpu()
-
-    def flops(self, encoded: Encoded) -> dict[str, Any]:
-        """Analytic decoder prefill FLOPs of this input under the current method next to
-        vanilla (`shortv.flops.input_flops`)."""
-        from .flops import input_flops
-
-        types = self.token_types(encoded)
-        full = self.token_types(encoded, reduce_images=False) if self.method.reduces_images else types
-        return input_flops(self.config.text, self.method, types, vanilla_types=full)
-
-    # ---- text side ----------------------------------------------------------------------------
-
-    def require_tokenizer(self) -> Tokenizer:
-        """The tokenizer, or InputError saying why there is none."""
-        if self.tokenizer is None:
-            raise InputError(f"this model cannot tokenize text: {self.missing_tokenizer}")
-        return self.tokenizer
-
-    def encode(
-        self,
-        prompt: str,
-        images: Images = None,
-        *,
-        template: bool = True,
-        history: Sequence[Turn] = (),
-    ) -> Encoded:
-        """Tokenize a prompt and preprocess its images (one image or a list; each a PIL
-        image, a file path, an http(s) URL, or the bytes of an image file).
-
-        template=True wraps the prompt (after any `history` of (user, reply) turns) in the
-        model's conversation template; images without `<image>` placeholders in the
-        conversation go at the start of its first user turn. template=False uses the
-        prompt as is, and its placeholder count must match the images.
-        """
-        tokenizer = self.require_tokenizer()
-        if not isinstance(prompt, str):
-            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
-        pil = [to_pil(im) for im in image_list(images)]
-        if template:
-            turns = [*_turns(history), (prompt, None)]
-            users = place_images([user for user, _ in turns], len(pil))
-            replies = [reply for _, reply in turns]
-            text = self.template.render(list(zip(users, replies, strict=True)))
-        elif history:
-            raise InputError("history needs template=True")
-        else:
-            text = prompt
-        n = text.count(IMAGE_PLACEHOLDER)
-        if n != len(pil):
-            raise InputError(
-                f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(pil)} image(s) were given"
-            )
-        ids = torch.tensor(tokenizer.encode_prompt(text), dtype=torch.long)
-        pixels = tuple(self.processor(im) for im in pil)
-        return Encoded(ids, pixels, tuple(im.size for im in pil), text)
-
-    def chat(
-        self,
-        prompt: str,
-        images: Images = None,
-        *,
-        history: Sequence[Turn] = (),
-        options: GenerationOptions | None = None,
-        stream: bool = False,
-        **sampling: Any,
-    ) -> str | Iterator[str]:
-        """Answer one prompt (optionally after `history` of (user, reply) turns): a string,
-        or an iterator of text pieces with stream=True.
-
-        Generation settings come from `options` and/or keyword arguments with the same
-        names (`max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`; see
-        `shortv.GenerationOptions`); greedy by default.
-        """
-        settings = GenerationOptions.of(options, **sampling)
-        encoded = self.encode(prompt, images, history=history)
-        if stream:
-            return _stream(self, encoded, settings)
-        return generate(self, [encoded], settings)[0].text
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        images: Sequence[Images] | None = None,
-        *,
-        options: GenerationOptions | None = None,
-        template: bool = True,
-        **sampling: Any,
-    ) -> list[GenerationResult]:
-        """Answer a batch of prompts, each with its own images (left-padded internally).
-
-        Each result has the answer `text`, its `token_ids`, the `finish_reason` ("eos",
-        "stop", "length") and `prompt_tokens`. Settings as in `chat`.
-        """
-        settings = GenerationOptions.of(options, **sampling)
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-            raise InputError("generate takes a list of prompts; use chat() for one")
-        images = images if images is not None else [None] * len(prompts)
-        if isinstance(images, (str, os.PathLike, Image.Image)) or len(images) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts need a list of {len(prompts)} image lists")
-        batch = [self.encode(p, im, template=template) for p, im in zip(prompts, images, strict=True)]
-        return generate(self, batch, settings)
-
-
-_stream = stream  # `chat`'s keyword argument of that name hides the function
-
-
-# What counts as one image rather than a list (bytes and memoryview are sequences of ints).
-_ONE_IMAGE = (Image.Image, *get_args(ImageSource))
-
-
-def image_list(images: Images) -> list[ImageLike]:
-    """One image (PIL image, path, URL or encoded bytes), or a list of them, as a list."""
-    if images is None:
-        return []
-    if isinstance(images, _ONE_IMAGE):
-        return [images]
-    if isinstance(images, Sequence):
-        return list(images)
-    raise InputError("images must be an image (PIL image, file path, http(s) URL or image bytes) "
-                     f"or a list of them, got {type(images).__name__}")
-
-
-def _require_encoded(encoded: Any, method: str) -> None:
-    """InputError when `encoded` is not an Encoded (a raw prompt string, most likely)."""
-    if not isinstance(encoded, Encoded):
-        raise InputError(f"{method} takes an Encoded (from model.encode(...)), got "
-                         f"{type(encoded).__name__}; call model.{method}(model.encode(text, images))")
-
-
-def _turns(history: Sequence[Turn]) -> list[Turn]:
-    """History as (user, reply) pairs of strings, or InputError."""
-    if isinstance(history, str) or not isinstance(history, Sequence):
-        raise InputError("history must be a list of (user message, reply) pairs")
-    for turn in history:
-        if (not isinstance(turn, (tuple, list)) or len(turn) != 2
-                or not all(isinstance(t, str) for t in turn)):
-            raise InputError(f"history must be (user message, reply) pairs of strings, got {turn!r}")
-    return [(u, r) for u, r in history]
-
-
-def to_pil(image: ImageLike) -> Image.Image:
-    """A PIL image from a PIL image, a file path, an http(s) URL (fetched, `load_image`) or
-    the encoded bytes of an image file (PNG, JPEG, ...)."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, _ONE_IMAGE):
-        return load_image(image)
-    raise InputError("an image must be a PIL image, a file path, an http(s) URL or the bytes "
-                     f"of an image file, got {type(image).__name__}")
+        super().__init__(module, processor=ImageProcessor.for_config(module.config), tokenizer=tokenizer,
+                         template=template, name=name, checkpoint_dir=checkpoint_dir,
+                         missing_tokenizer=missing_tokenizer)

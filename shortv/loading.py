@@ -1,4 +1,5 @@
-"""`shortv.load`: from a zoo name, a directory or a Hub repo id to a ready `LLaVA`."""
+"""`shortv.load`: from a zoo name, a directory or a Hub repo id to a ready model (a
+`shortv.session.VisionLanguageModel`)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from .checkpoint import Filler, checkpoint_shapes, weight_files
 from .conversation import get_template
 from .errors import ConfigError, ShortVError, require_model_name
 from .family import Checkpoint, Family, read_config
-from .llava import LLaVA
 from .methods import Method
 from .ranking import RankingLike, choose_method
+from .session import VisionLanguageModel
 
 Model = TypeVar("Model", bound=nn.Module)
 
@@ -34,8 +35,8 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     template: str | None = None,
-) -> LLaVA:
-    """Load a LLaVA model.
+) -> VisionLanguageModel:
+    """Load a model: LLaVA-1.5 / LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL.
 
     source: a zoo name (`shortv zoo`), a local checkpoint directory, or a Hub repo id.
     n_frozen: freeze visual tokens in the first N layers of the ranking (the card's, or
@@ -114,7 +115,7 @@ def load_directory(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     family: str | None = None,
-) -> LLaVA:
+) -> VisionLanguageModel:
     """Build a model from a checkpoint directory of any registered family, in any layout
     its family reads (docs/design.md §4). The family comes from config.json's model_type.
 
@@ -202,8 +203,8 @@ def build_empty(config: Any, build: Callable[[Any], Model]) -> Model:
 
 
 def config_of_directory(directory: str | Path) -> Any:
-    """A checkpoint directory's config (its family's config type: LlavaConfig for LLaVA),
-    without reading its weights."""
+    """A checkpoint directory's config (its family's config type: LlavaConfig for LLaVA,
+    QwenVLConfig for Qwen2-VL), without reading its weights."""
     directory = Path(directory)
     raw = read_config(directory)
     family = families.of_config_json(raw, f"{directory}/config.json")

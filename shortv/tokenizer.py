@@ -38,6 +38,9 @@ _LLAMA = PieceDecoding()
 class Tokenizer:
     """Text ↔ ids for one model, with LLaVA's prompt rules."""
 
+    # The text that stands for one image in a prompt (encode_prompt turns it into IMAGE_TOKEN).
+    image_marker = IMAGE_PLACEHOLDER
+
     def __init__(
         self,
         backend: tokenizers.Tokenizer,

@@ -24,7 +24,10 @@ IMAGE = DEMO / "example.png"
 PAPER_MODELS = {"llava-v1.5-7b": 19, "llava-v1.5-13b": 24, "llava-v1.6-vicuna-7b": 19,
                 "llava-v1.6-vicuna-13b": 24}
 # Cards without a published ranking: (layers, KV heads).
-UNRANKED_MODELS = {"llava-v1.6-mistral-7b": (32, 8), "llava-v1.6-34b": (60, 8)}
+UNRANKED_MODELS = {"llava-v1.6-mistral-7b": (32, 8), "llava-v1.6-34b": (60, 8),
+                   # Qwen's published config.json: num_hidden_layers, num_key_value_heads.
+                   "qwen2-vl-2b-instruct": (28, 2), "qwen2-vl-7b-instruct": (28, 4),
+                   "qwen2.5-vl-3b-instruct": (36, 2), "qwen2.5-vl-7b-instruct": (28, 4)}
 
 
 def shortv_cli(*args: str, stdin: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -48,7 +51,7 @@ def test_zoo_table():
     assert run.returncode == 0, run.stderr
     table, _, note = run.stdout.strip().partition("\n\n")  # the table, then a note
     rows = table.splitlines()
-    assert len(rows) == 1 + 7  # header + one row per card
+    assert len(rows) == 1 + 11  # header + one row per card
     for name in [*PAPER_MODELS, *UNRANKED_MODELS, "llava-tiny-demo"]:
         assert sum(row.split()[0] == name for row in rows) == 1
     for name in UNRANKED_MODELS:  # no published ranking: the table says so and how to get one

@@ -90,9 +90,9 @@ def test_registering_a_taken_model_type_is_refused(test_family):
 
 
 @pytest.mark.parametrize("config,shown", [
-    ({"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]},
-     ["'qwen2_vl'", "Qwen2VLForConditionalGeneration"]),
-    ({"model_type": "qwen2_vl"}, ["'qwen2_vl'"]),
+    ({"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"]},
+     ["'idefics3'", "Idefics3ForConditionalGeneration"]),
+    ({"model_type": "idefics3"}, ["'idefics3'"]),
     ({}, ["no model_type"]),
 ])
 def test_a_config_no_family_reads_is_one_config_error(tmp_path, config, shown):
@@ -105,12 +105,12 @@ def test_a_config_no_family_reads_is_one_config_error(tmp_path, config, shown):
     assert "\n" not in message
     # Which file, what it says, and every model_type shortv reads.
     for fragment in [str(directory / "config.json"), *shown, "llava_llama", "llava_mistral",
-                     "llava", "llava_next"]:
+                     "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]:
         assert fragment in message, (fragment, message)
 
 
 def test_the_message_lists_a_registered_familys_model_types(tmp_path, test_family):
-    directory = demo_copy(tmp_path, model_type="qwen2_vl", architectures=[])
+    directory = demo_copy(tmp_path, model_type="idefics3", architectures=[])
     with pytest.raises(shortv.ConfigError, match=f"{TEST_MODEL_TYPE}"):
         shortv.load(directory, device="cpu")
 

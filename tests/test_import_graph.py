@@ -46,13 +46,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("public API", ("shortv",)),
     ("workflows", ("shortv.eval.*", "shortv.serve.*", "shortv.lc", "shortv.bench",
                    "shortv.parallel", "shortv.questions", "shortv.paths")),
-    ("session", ("shortv.llava", "shortv.loading", "shortv.checkpoint", "shortv.store", "shortv.hub",
+    ("session", ("shortv.session", "shortv.llava", "shortv.qwen_vl", "shortv.qwen_family",
+                 "shortv.loading", "shortv.checkpoint", "shortv.store", "shortv.hub",
                  "shortv.zoo", "shortv.ranking", "shortv.family", "shortv.families",
                  "shortv.llava_family")),
     ("generation", ("shortv.generate.*",)),
-    ("models and methods", ("shortv.models.*", "shortv.image",
+    ("models and methods", ("shortv.models.*", "shortv.image", "shortv.qwen_image", "shortv.qwen_tokenizer",
                             "shortv.tokenizer", "shortv.sentencepiece", "shortv.conversation",
-                            "shortv.flops", "shortv.methods.*")),
+                            "shortv.flops", "shortv.vision_flops", "shortv.methods.*")),
     ("ground", ("shortv.ops", "shortv.errors", "shortv.token_types", "shortv.version")),
 )
 

@@ -167,10 +167,10 @@ def test_nonexistent_source(tmp_path: Path):
     ("{oops", shortv.CheckpointError, ["config.json", "JSON"]),
     ("[1, 2]", shortv.CheckpointError, ["config.json", "list"]),
     ('{"architectures": ["BertModel"], "model_type": "bert"}', shortv.ConfigError,
-     ["BertModel", "not a LLaVA model"]),
+     ["BertModel", "not a LLaVA or Qwen2-VL model"]),
     ('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}', shortv.ConfigError,
-     ["LlamaForCausalLM", "not a LLaVA model"]),
-    ("{}", shortv.ConfigError, ["not a LLaVA model"]),
+     ["LlamaForCausalLM", "not a LLaVA or Qwen2-VL model"]),
+    ("{}", shortv.ConfigError, ["not a LLaVA or Qwen2-VL model"]),
 ])
 def test_broken_config(tmp_path: Path, hf_llava: Path, content: str, kind, fragments):
     d = copy(hf_llava, tmp_path / "ck")

@@ -34,18 +34,19 @@ PAPER = {
 }
 # docs/design.md §5: Vicuna v1.5 decoders (layers, hidden, heads, MLP) and CLIP ViT-L/14-336.
 VICUNA = {"7b": (32, 4096, 32, 11008), "13b": (40, 5120, 40, 13824)}
+QWEN = ("qwen2-vl-2b-instruct", "qwen2-vl-7b-instruct", "qwen2.5-vl-3b-instruct", "qwen2.5-vl-7b-instruct")
 NEXT_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 
 
 def test_every_card_parses():
     files = sorted((REPO / "models").glob("*.toml"))
     raw = {tomllib.loads(f.read_text())["name"]: f for f in files}
-    assert len(raw) == len(files) == 7
-    assert set(raw) == {*PAPER, "llava-tiny-demo", "llava-v1.6-mistral-7b", "llava-v1.6-34b"}
+    assert len(raw) == len(files) == 11
+    assert set(raw) == {*PAPER, "llava-tiny-demo", "llava-v1.6-mistral-7b", "llava-v1.6-34b", *QWEN}
     assert [c.name for c in zoo.cards()] == sorted(raw)
     # The demo: the text scripts/make_demo.py trained it with; the rest: LLaVA's own choice.
     templates = {"llava-v1.6-mistral-7b": "mistral_instruct", "llava-v1.6-34b": "chatml_direct",
-                 "llava-tiny-demo": "llava_v1"}
+                 "llava-tiny-demo": "llava_v1", **dict.fromkeys(QWEN, "qwen2_vl")}
     for name, path in raw.items():
         card = zoo.get_card(name)
         assert card == zoo.Card.from_toml(path)

@@ -34,14 +34,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import load, zoo
-    from ..llava import to_pil
+    from ..conversation import get_template
+    from ..session import to_pil
 
     options = generation_options(args)
     card = zoo.card(args.model)
     method = method_options(args, card)  # fail on bad options before loading
-    template = chat_template(args.model, args.template, card is not None)
+    template = get_template(args.template).name if args.template is not None else None  # fails early
     images = [to_pil(source) for source in args.image]  # and on bad files or URLs
     model = load(args.model, device=args.device, dtype=args.dtype, template=template, **method)
+    if template is None and card is None:
+        # No card: the template the family's own CLI picks for this path (LLaVA's reads the
+        # model's name).
+        template = model.cli_template(args.model)
+        model.template = get_template(template)
     if args.template is None and template == "llava_v0":  # LLaVA's rule found nothing to go on
         print(f"shortv chat: {args.model!r} names no LLaVA version, so LLaVA's CLI rule picks "
               "template llava_v0; for LLaVA-1.5 / NeXT-Vicuna weights pass --template vicuna_v1",
@@ -75,18 +81,6 @@ def run(args: argparse.Namespace) -> int:
         print("ASSISTANT: ", end="", flush=True)
         reply = _answer(model, prompt, images, history, options, args.no_stream)
         history.append((prompt, reply))
-
-
-def chat_template(model: str, asked: str | None, has_card: bool) -> str | None:
-    """The conversation template chat uses: `asked` (--template), else None for the zoo card's,
-    else the one LLaVA's CLI picks from the model's path or repo id (`cli_template_name`)."""
-    from ..conversation import cli_template_name, get_template
-
-    if asked is not None:
-        return get_template(asked).name  # an unknown name fails before any loading
-    if has_card:
-        return None
-    return cli_template_name(model)
 
 
 def _hide_cuda_home_notice() -> None:

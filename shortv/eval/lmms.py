@@ -39,13 +39,13 @@ from ..conversation import get_template
 from ..errors import ConfigError, InputError, ShortVError
 from ..generate import GenerationOptions
 from ..lc import NOISE_WARNING, LCSums
-from ..llava import LLaVA, to_pil
 from ..loading import DTYPES, load
 from ..methods import parse_layer_list
 from ..methods.spec import MethodSpec, build, parse_names
 from ..models.batch import Encoded
 from ..parallel import Ranks, leave_at_exit
 from ..paths import output_path
+from ..session import VisionLanguageModel, to_pil
 
 MODEL_ID = "shortv"
 
@@ -214,7 +214,7 @@ class ShortVLMM(lmms):
     # ---- what the evaluator reads ----------------------------------------------------------
 
     @property
-    def model(self) -> LLaVA:
+    def model(self) -> VisionLanguageModel:
         return self._model
 
     @property
@@ -300,7 +300,7 @@ class ShortVLMM(lmms):
         images) to this process's sums.
 
         A prompt is a request's context with its document's images, encoded as
-        `shortv lc` encodes a sample {"image", "prompt": context} (`LLaVA.encode`, the
+        `shortv lc` encodes a sample {"image", "prompt": context} (`VisionLanguageModel.encode`, the
         conversation template and `<image>` placement of `shortv chat`), and LC is measured
         at its last position on the unmodified model, whatever method answers. Each
         document's prompt counts once: a multiple_choice document sends one loglikelihood
@@ -412,7 +412,7 @@ class BadModelArgs(SystemExit):
 # ---- scoring ----------------------------------------------------------------------------------
 
 
-def encode_continuation(model: LLaVA, context: str, continuation: str,
+def encode_continuation(model: VisionLanguageModel, context: str, continuation: str,
                         images: Sequence[Image.Image]) -> tuple[Encoded, list[int]]:
     """The templated context (as `model.chat` would send it) followed by the continuation
     text, and the continuation's ids.
@@ -440,7 +440,7 @@ def encode_continuation(model: LLaVA, context: str, continuation: str,
 
 
 @torch.inference_mode()
-def continuation_scores(model: LLaVA, batch: Sequence[Encoded],
+def continuation_scores(model: VisionLanguageModel, batch: Sequence[Encoded],
                         targets: Sequence[Sequence[int]]) -> list[tuple[float, bool]]:
     """(sum of log p(target token | everything before it), whether each target token is
     the argmax) for encoded sequences that end with their targets, in one left-padded pass."""

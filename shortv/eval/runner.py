@@ -14,10 +14,10 @@ from .. import parallel
 from ..errors import InputError
 from ..flops import TERA, count_types, decoder_flops, sequence_flops
 from ..generate import GenerationOptions, GenerationResult, generate
-from ..llava import LLaVA
 from ..methods import VANILLA
 from ..parallel import Ranks
 from ..questions import Question
+from ..session import VisionLanguageModel
 from ..tokenizer import IMAGE_TOKEN
 from . import provenance
 from .answers import AnswerFile, answer_record, key
@@ -47,7 +47,7 @@ class Measured:
 
 
 def evaluate(
-    model: LLaVA,
+    model: VisionLanguageModel,
     questions: Sequence[Question],
     answers_out: str | Path,
     *,
@@ -113,7 +113,7 @@ def evaluate(
     return _summary(model, questions, answers, run_record, measured, time.perf_counter() - started)
 
 
-def _answer(model: LLaVA, batch: Sequence[Question], options: GenerationOptions,
+def _answer(model: VisionLanguageModel, batch: Sequence[Question], options: GenerationOptions,
             run_record: dict[str, Any]) -> tuple[list[dict[str, Any]], Measured]:
     measured = Measured()
     if not batch:
@@ -152,7 +152,7 @@ def _decoded(results: Sequence[GenerationResult]) -> int:
     return sum(max(len(r.token_ids) + (r.finish_reason == "eos") - 1, 0) for r in results)
 
 
-def _summary(model: LLaVA, questions: Sequence[Question], answers: AnswerFile,
+def _summary(model: VisionLanguageModel, questions: Sequence[Question], answers: AnswerFile,
              run_record: dict[str, Any], measured: Measured, wall: float) -> dict[str, Any]:
     scored = [(answers.done[key(q.question_id)]["text"], q.answer) for q in questions
               if q.answer is not None and key(q.question_id) in answers.done]

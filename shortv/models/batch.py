@@ -46,17 +46,25 @@ class Encoded:
 @dataclass
 class Prepared:
     """A batch ready for the decoder: embeddings, token types and RoPE positions, each
-    left-padded to the longest sequence ([B, T, D] and [B, T])."""
+    left-padded to the longest sequence ([B, T, D], [B, T], and [B, T] for 1-D RoPE or
+    [B, T, 3] for M-RoPE), the sequences' lengths, and the positions of the token that
+    follows each ([B, 1] or [B, 1, 3]; None: each sequence's length)."""
 
     embeds: Tensor
     types: Tensor
     positions: Tensor
     lengths: list[int] = field(default_factory=list)
+    next_positions: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.next_positions is None and self.lengths:
+            self.next_positions = torch.tensor(self.lengths, device=self.positions.device)[:, None]
 
 
 @dataclass
 class DecodeState:
-    """A batch between decode steps: its KV cache, the next RoPE positions [B, 1], the
+    """A batch between decode steps: its KV cache, the next RoPE positions [B, 1] (M-RoPE:
+    [B, 1, 3]), the
     prompt lengths, and how many new tokens fit (max_new_tokens, or less where the context
     runs out)."""
 

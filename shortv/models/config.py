@@ -336,6 +336,12 @@ class TextConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
     sliding_window: int | None = None
+    # The output projection's bias when it differs from q/k/v's (Qwen2: q/k/v have biases,
+    # o_proj has none); None: the same as `attention_bias`.
+    attention_out_bias: bool | None = None
+    # M-RoPE (Qwen2-VL): how many of a head's rotated pairs take the temporal, height and
+    # width position streams (positions [B, T, 3]); () for 1-D RoPE (positions [B, T]).
+    mrope_section: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         where = "text config"
@@ -361,6 +367,17 @@ class TextConfig:
             if value is not None:
                 # -1 is how some older Llama configs say "no padding token".
                 _check_int(where, name, value, -1, MAX_TOKEN_ID)
+        if self.attention_out_bias is not None:
+            _check_bool(where, "attention_out_bias", self.attention_out_bias)
+        if self.mrope_section:
+            if not isinstance(self.mrope_section, tuple) or len(self.mrope_section) != 3:
+                raise ConfigError(f"{where}: mrope_section={_show(self.mrope_section)} must be "
+                                  "three section sizes (temporal, height, width)")
+            for n in self.mrope_section:
+                _check_int(where, "mrope_section", n, 0, self.head_dim // 2)
+            if sum(self.mrope_section) != self.head_dim // 2:
+                raise ConfigError(f"{where}: mrope_section={list(self.mrope_section)} sums to "
+                                  f"{sum(self.mrope_section)}, not head_dim / 2 = {self.head_dim // 2}")
         if self.sliding_window is not None:
             _check_int(where, "sliding_window", self.sliding_window, 1, MAX_POSITIONS)
             if self.max_position_embeddings > self.sliding_window:
@@ -369,6 +386,16 @@ class TextConfig:
                     f"sliding_window={self.sliding_window}; shortv attends over the whole "
                     "sequence, which is the sliding-window attention only up to the window, so "
                     "the context must not be longer than it")
+
+    @property
+    def out_bias(self) -> bool:
+        """Whether the attention output projection has a bias."""
+        return self.attention_bias if self.attention_out_bias is None else self.attention_out_bias
+
+    @property
+    def position_streams(self) -> int:
+        """RoPE position streams per token: 3 with M-RoPE, else 1."""
+        return 3 if self.mrope_section else 1
 
     @property
     def q_dim(self) -> int:
@@ -526,6 +553,13 @@ class LlavaConfig:
     @property
     def vision_feature_size(self) -> int:
         return self.vision.width * len(self.vision_select_layers)
+
+    @property
+    def default_visual_tokens(self) -> int:
+        """Visual tokens of one image as the ShortV paper counts them (what `shortv flops`
+        assumes without --n-visual): the tower's patches (576 for a 336-px LLaVA-1.5), or
+        2880 for anyres LLaVA-NeXT (its typical 4-tile grid)."""
+        return 2880 if self.image_aspect_ratio == "anyres" else self.vision.num_patches
 
     @property
     def uses_image_newline(self) -> bool:

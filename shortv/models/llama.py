@@ -260,7 +260,7 @@ class Segment:
     layers see other tokens and other cache contents."""
 
     types: Tensor  # [B, T] TokenType values
-    positions: Tensor  # [B, T] RoPE positions
+    positions: Tensor  # [B, T] RoPE positions ([B, T, 3] with M-RoPE)
     cos: Tensor
     sin: Tensor
     past_valid: Tensor | None  # [B, P] validity of the cached keys before this pass
@@ -282,7 +282,8 @@ class Segment:
     ) -> Segment:
         """`kinds`: the token types present, when the caller knows them (a decode step's are
         TEXT alone): finding them out reads the types back to the host."""
-        cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, dtype)
+        cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, dtype,
+                               sections=config.mrope_section)
         if kinds is None:
             kinds = frozenset(TokenType(int(t)) for t in torch.unique(types).tolist())
         past_valid = past.past_valid() if past is not None and past.length else None
@@ -374,7 +375,7 @@ class Attention(nn.Module):
         self.q_proj = Linear(c.hidden_size, c.heads * c.head_dim, bias=c.attention_bias)
         self.k_proj = Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = Linear(c.hidden_size, c.kv_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = Linear(c.heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.o_proj = Linear(c.heads * c.head_dim, c.hidden_size, bias=c.out_bias)
 
     def _heads(self, x: Tensor, heads: int) -> Tensor:
         b, t, _ = x.shape
@@ -545,7 +546,8 @@ class Decoder(nn.Module):
         """One decode step: feed one new text token per sequence (tokens [B], at RoPE
         positions [B, 1]) after what `cache` holds; next-token logits [B, vocab]."""
         x = self.embed_tokens(tokens[:, None])
-        types = torch.full_like(positions, int(TokenType.TEXT), dtype=TYPE_DTYPE)
+        types = torch.full(positions.shape[:2], int(TokenType.TEXT), dtype=TYPE_DTYPE,
+                           device=positions.device)
         hidden = self._run(x, types, positions, cache=cache, method=method, kinds=TEXT_ONLY)
         return self.head(hidden[:, -1])
 

@@ -3,9 +3,8 @@
 Three pieces: the inverse frequencies of a head's rotation pairs, the cos / sin tables of
 integer positions, and rotating queries or keys by those tables. A decoder builds the
 tables once per pass (`shortv.models.llama.Segment`) and rotates per layer. A multi-stream
-variant (M-RoPE: positions [3, B, T], one stream per section of the head dimension) only
-changes how the tables are built, so it sits beside `rope_tables` and shares
-`inverse_frequencies` and `apply_rope`.
+variant (M-RoPE, Qwen2-VL: positions [B, T, 3], one stream per section of the head
+dimension) only changes how the tables are built: `rope_tables(..., sections=...)`.
 """
 
 from __future__ import annotations
@@ -22,13 +21,25 @@ def inverse_frequencies(head_dim: int, theta: float, dtype: torch.dtype, device:
 
 
 def rope_tables(
-    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+    sections: tuple[int, ...] = (),
 ) -> tuple[Tensor, Tensor]:
     """cos and sin, [B, T, head_dim], for integer positions [B, T] (computed in fp32, or
-    fp64 for an fp64 model)."""
+    fp64 for an fp64 model).
+
+    With `sections` (M-RoPE, Qwen2-VL), positions are [B, T, 3] (temporal, height, width)
+    and the head's rotated pairs are split in three runs of those sizes, in order: pair i
+    turns by the position of its run's stream. Both halves of the head use the same
+    split, so `apply_rope` is unchanged."""
     work = torch.promote_types(dtype, torch.float32)
     inv_freq = inverse_frequencies(head_dim, theta, work, positions.device)
-    freqs = positions.to(work)[..., None] * inv_freq
+    if sections:
+        stream = torch.repeat_interleave(torch.arange(len(sections), device=positions.device),
+                                         torch.tensor(sections, device=positions.device))
+        positions = positions.index_select(-1, stream)  # [B, T, head_dim / 2]
+        freqs = positions.to(work) * inv_freq
+    else:
+        freqs = positions.to(work)[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -19,15 +19,15 @@ from torch.fx.experimental import _config as fx_config
 from ..errors import ShortVError
 
 if TYPE_CHECKING:
-    from ..llava import LLaVA
     from ..models.batch import DecodeState, Encoded
+    from ..session import VisionLanguageModel
 
 log = logging.getLogger("shortv.serve")
 
 WARM_UP_STEPS = 3  # decode steps per kind of batch in `DecodeStep.warm_up`
 
 
-def compile_for_serving(model: LLaVA, **options: Any) -> LLaVA:
+def compile_for_serving(model: VisionLanguageModel, **options: Any) -> VisionLanguageModel:
     """Compile the model's decode step for continuous batching: for dynamic shapes and
     without CUDA graphs (`mode="default"`), since the batch and the cache lengths change
     at every join and leave, and each new shape would need its own CUDA-graph recording
@@ -42,7 +42,7 @@ class DecodeStep:
     """`model.step` as the engine runs it: eager until `compile`, then compiled for the
     kinds of batch `warm_up` covers. `compiles` counts the graphs compiled after warm-up."""
 
-    def __init__(self, model: LLaVA) -> None:
+    def __init__(self, model: VisionLanguageModel) -> None:
         self.model = model
         self.compiled = False  # the decode step is compiled (`compile`)
         self.compiles = 0  # graphs compiled after warm-up
@@ -153,7 +153,7 @@ def _graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def _guard_failures(model: LLaVA) -> list[str]:
+def _guard_failures(model: VisionLanguageModel) -> list[str]:
     """Dynamo's record of the guards that failed on the decode step, one entry per cached
     graph checked before each compile."""
     return torch._dynamo.utils.guard_failures.get(type(model.module.decoder).step.__code__, [])

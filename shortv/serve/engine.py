@@ -1,9 +1,9 @@
 """The batching engine: one model, one worker thread, continuous batching.
 
 Requests (`Job`s) wait in a bounded queue. Between two decode steps the worker admits as
-many as the batch has room for: each is encoded and prefilled alone (`LLaVA.prefill`), its
+many as the batch has room for: each is encoded and prefilled alone (`VisionLanguageModel.prefill`), its
 first token is picked, and its `DecodeState` joins the running batch (`DecodeState.join`).
-Then one `LLaVA.step` advances every running sequence by a token; each row's token is
+Then one `VisionLanguageModel.step` advances every running sequence by a token; each row's token is
 picked with its own request's options and generator, and its text is assembled with
 `shortv.generate.loop.Answer`, as `model.chat` does. A sequence that ends (EOS, a stop
 string, its own budget) or whose client went away leaves the batch (`DecodeState.select`).
@@ -33,8 +33,8 @@ from .compiled import DecodeStep
 from .errors import EngineError, Refusal
 
 if TYPE_CHECKING:
-    from ..llava import LLaVA
     from ..models.batch import DecodeState, Encoded
+    from ..session import VisionLanguageModel
 
 log = logging.getLogger("shortv.serve")
 
@@ -129,8 +129,8 @@ class Engine:
     padded batch (1: each alone, exactly `model.chat`'s prefill). stats_interval: seconds
     between stats log lines while busy (0: none)."""
 
-    def __init__(self, model: LLaVA, *, max_batch: int = 16, max_queue: int = 64, max_prefill: int = 8,
-                 stats_interval: float = 10.0) -> None:
+    def __init__(self, model: VisionLanguageModel, *, max_batch: int = 16, max_queue: int = 64,
+                 max_prefill: int = 8, stats_interval: float = 10.0) -> None:
         if max_batch < 1 or max_queue < 0 or max_prefill < 1:
             raise ValueError("max_batch and max_prefill must be >= 1, max_queue >= 0")
         self.model = model

@@ -97,7 +97,7 @@ def parse_chat_request(body: bytes, *, model_name: str, template: Template, limi
         raise bad("stream_options.include_usage must be a boolean", "stream_options")
 
     options, given = _options(request, limits)
-    system, turns, images = _conversation(request.get("messages"), limits)
+    system, turns, images = _conversation(request.get("messages"), limits, template)
     if system is not None:
         template = with_system(template, system)
     return ChatRequest(model, template.render(turns), images, options, given, stream, include_usage,
@@ -164,7 +164,7 @@ def _logit_bias(request: dict[str, Any]) -> dict[int, float]:
     return bias
 
 
-def _conversation(messages: Any, limits: Limits
+def _conversation(messages: Any, limits: Limits, template: Template
                   ) -> tuple[str | None, list[tuple[str, str | None]], list[Image.Image]]:
     """(system text or None, (user, reply) turns with the last reply None, images in order).
 
@@ -197,7 +197,7 @@ def _conversation(messages: Any, limits: Limits
         for j, url in enumerate(urls):
             images.append(load_image_url(url, limits, f"{where}.content image {j}"))
         if role == "user":
-            (text,) = place_images([text], len(urls))
+            (text,) = place_images([text], len(urls), template)
             placed = text.count(IMAGE_PLACEHOLDER)
             if placed != len(urls):
                 raise bad(f"{where} has {placed} {IMAGE_PLACEHOLDER} placeholder(s) but {len(urls)} "

@@ -1,0 +1,208 @@
+"""What every vision-language module shares: splicing visual tokens into the text, left
+padding a batch, and the prefill / decode-step passes over a KV cache.
+
+A family's module (`shortv.models.llava.LlavaModel`, `shortv.models.qwen_vl.QwenVLModel`)
+subclasses `VisionLanguageModule` and supplies two things: `image_features` (images →
+visual tokens) and `positions` (where each token of a sequence is for RoPE: [n] for 1-D
+RoPE, [n, 3] for M-RoPE). Everything else, the method included, is the same for every
+family: the method is an argument of every pass that depends on it, never state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..methods import VANILLA, Method
+from ..token_types import TYPE_DTYPE, TokenType
+from ..tokenizer import IMAGE_TOKEN
+from .batch import DecodeState, Encoded, Prepared
+from .config import TextConfig
+from .llama import KVCache
+from .protocols import LanguageModel
+
+# torch.compile modes that record CUDA graphs, which need the static KV cache.
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run of one sequence's tokens after splicing: `length` text tokens, or one image's
+    visual tokens (`image` is then that image's preprocessed tensor, from `Encoded.images`)."""
+
+    start: int
+    length: int
+    image: Tensor | None = None
+
+
+class VisionLanguageModule(nn.Module):
+    """Base of a family's torch module: `decoder` (the `LanguageModel`) and `config` (with
+    the decoder's `TextConfig` as `config.text`) are set by the subclass."""
+
+    config: Any
+    decoder: LanguageModel
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._compiled_step: Any = None  # set by compile_step()
+        self._static_decode = False  # decode steps on a static cache (compile_step(static=True))
+
+    @property
+    def text_config(self) -> TextConfig:
+        return self.config.text
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    # ---- what a family supplies -----------------------------------------------------------
+
+    def image_features(self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *,
+                       method: Method = VANILLA) -> list[Tensor]:
+        """Visual tokens [N_i, D] per image (after `method`'s image reduction, if any)."""
+        raise NotImplementedError
+
+    def positions(self, runs: Sequence[Run], features: Sequence[Tensor]) -> Tensor:
+        """RoPE positions of one spliced sequence made of `runs` ([n], or [n, 3] for
+        M-RoPE); `features` are the visual tokens of its image runs, in order."""
+        raise NotImplementedError
+
+    # ---- assembly --------------------------------------------------------------------------
+
+    def prepare(self, batch: Sequence[Encoded], *, method: Method = VANILLA) -> Prepared:
+        """Embeddings with visual tokens spliced in, token types and positions; sequences
+        are left-padded to the longest (padding has type PAD). The images' visual tokens
+        are `method`'s (reduced by it, if it reduces images)."""
+        images = [im for e in batch for im in e.images]
+        sizes = [s for e in batch for s in e.image_sizes]
+        features = iter(self.image_features(images, sizes, method=method))
+        embeds, types, positions = [], [], []
+        for e in batch:
+            x, t, runs, feats = self._splice(e.input_ids.to(self.device), iter(e.images), features)
+            embeds.append(x)
+            types.append(t)
+            positions.append(self.positions(runs, feats))
+        return self._left_pad(embeds, types, positions)
+
+    def _splice(self, ids: Tensor, images: Iterator[Tensor], features: Iterator[Tensor]
+                ) -> tuple[Tensor, Tensor, list[Run], list[Tensor]]:
+        """One sequence's embeddings and token types with each IMAGE_TOKEN replaced by that
+        image's visual tokens, and the runs it is made of."""
+        if ids.dim() != 1:
+            raise InputError(f"input_ids must be 1-D, got shape {tuple(ids.shape)}")
+        vocab = self.text_config.vocab_size
+        text = ids[ids != IMAGE_TOKEN]
+        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= vocab):
+            raise InputError(f"token ids must lie in [0, {vocab}) apart from IMAGE_TOKEN={IMAGE_TOKEN}")
+        embeds = self.decoder.embed_tokens(ids.clamp(min=0))
+        where = (ids == IMAGE_TOKEN).nonzero().flatten().tolist()
+        parts, runs, feats, start, at_out = [], [], [], 0, 0
+        for at in where:
+            feat = next(features)
+            parts += [embeds[start:at], feat.to(embeds.dtype)]
+            runs.append(Run(at_out, at - start))
+            runs.append(Run(at_out + at - start, feat.shape[0], next(images)))
+            feats.append(feat)
+            at_out += at - start + feat.shape[0]
+            start = at + 1
+        parts.append(embeds[start:])
+        runs.append(Run(at_out, len(ids) - start))
+        kinds = [TokenType.TEXT if r.image is None else TokenType.VISUAL for r in runs]
+        types = torch.cat([torch.full((r.length,), int(k), dtype=TYPE_DTYPE)
+                           for r, k in zip(runs, kinds, strict=True)])
+        return torch.cat(parts), types.to(self.device), runs, feats
+
+    def _left_pad(self, embeds: list[Tensor], types: list[Tensor], positions: list[Tensor]) -> Prepared:
+        lengths = [x.shape[0] for x in embeds]
+        limit = self.text_config.max_position_embeddings
+        if max(lengths) > limit:
+            raise InputError(
+                f"the sequence has {max(lengths)} tokens after expanding images, more than "
+                f"the model's context of {limit}; shorten the prompt or use fewer/smaller images"
+            )
+        b, t, d = len(embeds), max(lengths), embeds[0].shape[1]
+        x = embeds[0].new_zeros(b, t, d)
+        ty = torch.full((b, t), int(TokenType.PAD), dtype=TYPE_DTYPE, device=self.device)
+        pos = torch.zeros(b, t, *positions[0].shape[1:], dtype=torch.long, device=self.device)
+        for i, (e, k, p) in enumerate(zip(embeds, types, positions, strict=True)):
+            n = e.shape[0]
+            x[i, t - n:] = e
+            ty[i, t - n:] = k
+            pos[i, t - n:] = p
+        # The next token of each sequence is one past its furthest position (1-D RoPE: its
+        # length), on every stream.
+        after = torch.tensor([int(p.max()) + 1 if p.numel() else 0 for p in positions],
+                             device=self.device)
+        nxt = after.view(b, 1, *([1] * (pos.dim() - 2))).expand(b, 1, *pos.shape[2:])
+        return Prepared(x, ty, pos, lengths, next_positions=nxt.contiguous())
+
+    # ---- forward passes ---------------------------------------------------------------------
+
+    def hidden_states(self, prepared: Prepared, method: Method) -> Tensor:
+        """Decoder output [B, T, D] for a prepared batch under `method`."""
+        return self.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
+
+    @torch.inference_mode()
+    def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int,
+                method: Method) -> tuple[Tensor, DecodeState]:
+        """Run the prompts (left-padded) under `method` into a fresh KV cache sized for
+        `max_new_tokens` more; next-token logits [B, vocab] and the state that `step`
+        continues. When no new token fits the context, the decoder is not run (budget 0,
+        logits empty)."""
+        prepared = self.prepare(batch, method=method)
+        b, t = prepared.types.shape
+        context = self.text_config.max_position_embeddings
+        budget = max(0, min(max_new_tokens, context - max(prepared.lengths)))
+        cache = KVCache(self.num_layers, capacity=t + budget)
+        state = DecodeState(cache, prepared.next_positions, prepared.lengths, budget)
+        if budget == 0:
+            return prepared.embeds.new_empty(b, 0), state
+        hidden = self.decoder(prepared.embeds, prepared.types, prepared.positions, cache=cache,
+                              method=method, last_only=True)
+        if self._static_decode:
+            cache.make_static()
+        return self.decoder.head(hidden[:, -1]), state
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState, tokens: Tensor, method: Method) -> Tensor:
+        """Feed one new token per sequence (tokens [B]) under `method`; next-token logits
+        [B, vocab]. Runs the compiled decode step once `compile_step` made one."""
+        if self._static_decode and not state.cache.static:
+            state.cache.make_static()  # a joined or selected state starts dynamic
+        decode = self._compiled_step or self.decoder.step
+        logits = decode(tokens, state.positions, state.cache, method)
+        state.positions = state.positions + 1
+        return logits
+
+    def compile_step(self, *, static: bool | None = None, **options: Any) -> None:
+        """Compile the decode step (`Decoder.step`) with torch.compile, as one graph
+        (fullgraph: it reads nothing back to the host); the prefill stays eager. `options`
+        go to torch.compile.
+
+        `static`: decode on a static KV cache (`KVCache.make_static`): every step has the
+        same shapes, so one graph serves every step and CUDA graphs can replay it. The
+        default is static for the modes that use CUDA graphs ("reduce-overhead", the
+        default mode on CUDA, and "max-autotune"); otherwise the cache is read up to its
+        current length and the graph is compiled for dynamic shapes, which costs less
+        attention on short answers.
+        """
+        if self.device.type == "cuda":
+            options.setdefault("mode", "reduce-overhead")
+        if static is None:
+            static = options.get("mode") in CUDA_GRAPH_MODES
+        options.setdefault("dynamic", not static)
+        self._static_decode = static
+        self._compiled_step = torch.compile(self.decoder.step, fullgraph=True, **options)

@@ -1,0 +1,53 @@
+"""Qwen2-VL / Qwen2.5-VL as `shortv.load` returns them: the session over `QwenVLModel`
+with Qwen's image preprocessing (`shortv.qwen_image.QwenImageProcessor`: any size,
+resized to multiples of 28 within the checkpoint's pixel bounds). Everything else a loaded
+model offers is `shortv.session.VisionLanguageModel`'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .conversation import Template
+from .models.qwen_vl import QwenVLModel
+from .qwen_image import QwenImageProcessor
+from .session import NO_TOKENIZER, VisionLanguageModel
+from .tokenizer import Tokenizer
+
+QWEN_TEMPLATE = "qwen2_vl"
+
+
+class QwenVL(VisionLanguageModel):
+    """A Qwen2-VL / Qwen2.5-VL model with ShortV and the token-reduction methods built in.
+
+    Build one with `shortv.load(...)`. In a prompt without the template (`template=False`)
+    each image is `<|vision_start|><|image_pad|><|vision_end|>`, as transformers' processor
+    takes it; with the template, `<image>` in a user message marks where an image goes.
+    `set_pixel_bounds` changes how large images are fed (fewer pixels, fewer tokens).
+    """
+
+    module: QwenVLModel
+
+    @staticmethod
+    def cli_template(model_path: str) -> str:
+        """Qwen's chat template, whatever the path (its processors apply the checkpoint's)."""
+        return QWEN_TEMPLATE
+
+    def __init__(
+        self,
+        module: QwenVLModel,
+        *,
+        tokenizer: Tokenizer | None = None,
+        template: str | Template = QWEN_TEMPLATE,
+        name: str = "",
+        checkpoint_dir: Path | None = None,
+        missing_tokenizer: str = NO_TOKENIZER,
+    ) -> None:
+        super().__init__(module, processor=QwenImageProcessor.for_config(module.config),
+                         tokenizer=tokenizer, template=template, name=name,
+                         checkpoint_dir=checkpoint_dir, missing_tokenizer=missing_tokenizer)
+
+    def set_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """Resize images to an area within [min_pixels, max_pixels] (Qwen's `min_pixels` /
+        `max_pixels`; None keeps the checkpoint's bound)."""
+        self.processor = QwenImageProcessor.for_config(self.config, min_pixels=min_pixels,
+                                                       max_pixels=max_pixels)
