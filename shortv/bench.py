@@ -116,7 +116,10 @@ def time_methods(decoder: Decoder, methods: Sequence[Method], types: Tensor | Se
     inputs = []
     for t in layouts:
         x = torch.randn(*t.shape, decoder.config.hidden_size, generator=g, device=weight.device)
-        inputs.append((x.to(weight.dtype), t, torch.arange(t.shape[1], device=weight.device)[None]))
+        positions = torch.arange(t.shape[1], device=weight.device)[None]
+        if decoder.config.position_streams > 1:  # M-RoPE: text-like positions on every stream
+            positions = positions[..., None].expand(-1, -1, decoder.config.position_streams)
+        inputs.append((x.to(weight.dtype), t, positions))
     runs: list[list[float]] = [[] for _ in methods]
     timed = _timer(weight.device)
     order = list(range(len(methods)))

@@ -427,3 +427,18 @@ def test_eval_command_runs_a_qwen_checkpoint(pair, tmp_path: Path):
         image = Image.open(tmp_path / f"{line['question_id']}.png")
         assert line["text"] == model.chat("What?", [image], max_new_tokens=4)
         assert line["metadata"]["shortv"]["template"] == "qwen2_vl"
+
+
+def test_prefill_benchmark_runs_an_mrope_decoder():
+    """`shortv bench`'s timing loop feeds an M-RoPE decoder positions on every stream (it
+    failed on 1-D positions before)."""
+    from shortv.bench import layout, random_decoder, time_methods
+    from shortv.models.config import TextConfig
+
+    config = TextConfig(vocab_size=64, hidden_size=64, intermediate_size=96, layers=4, heads=4,
+                        kv_heads=2, head_dim=16, attention_bias=True, attention_out_bias=False,
+                        mrope_section=(2, 3, 3))
+    decoder = random_decoder(config, torch.device("cpu"), torch.float32)
+    runs = time_methods(decoder, [shortv.Vanilla(), FastV(k=2, r=0.5)], layout(8, 20, torch.device("cpu")),
+                        repeats=2, warmup=0)
+    assert [len(r) for r in runs] == [2, 2] and all(ms > 0 for r in runs for ms in r)
