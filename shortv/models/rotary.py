@@ -34,10 +34,11 @@ def rope_tables(
     work = torch.promote_types(dtype, torch.float32)
     inv_freq = inverse_frequencies(head_dim, theta, work, positions.device)
     if sections:
-        stream = torch.repeat_interleave(torch.arange(len(sections), device=positions.device),
-                                         torch.tensor(sections, device=positions.device))
-        positions = positions.index_select(-1, stream)  # [B, T, head_dim / 2]
-        freqs = positions.to(work) * inv_freq
+        # Each pair's position: stream i's for the i-th run of `sections` pairs ([B, T, D/2]).
+        lead = positions.shape[:-1]
+        per_pair = torch.cat([positions[..., i:i + 1].expand(*lead, n) for i, n in enumerate(sections)],
+                             dim=-1)
+        freqs = per_pair.to(work) * inv_freq
     else:
         freqs = positions.to(work)[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
