@@ -1,9 +1,11 @@
 """The shortv-vs-transformers benchmark scripts on tiny shapes: they run, print a table with
 every cell and finite positive ratios, and their logits agreement check is a real one.
 
-scripts/bench_vs_transformers.py --grid tiny and scripts/bench_gpu.py --device cpu --tiny
---quick run as subprocesses, started together (each on one thread) so that they cost the
-wall-clock time of the slower one.
+scripts/bench_vs_transformers.py --grid tiny (LLaVA, and Qwen2.5-VL: window attention)
+and scripts/bench_gpu.py --device cpu --tiny --quick run as subprocesses, started together
+(each on one thread) so that they cost the wall-clock time of the slowest one. Qwen2-VL's
+agreement check runs in process; scripts/bench_qwen_load.py's checkpoint writer is checked
+against the tests' own original-layout Qwen checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 COMMANDS = {
     "vs_transformers": [str(SCRIPTS / "bench_vs_transformers.py"), "--grid", "tiny"],
+    "vs_transformers_qwen": [str(SCRIPTS / "bench_vs_transformers.py"), "--family", "qwen2_5_vl",
+                             "--grid", "tiny"],
     "gpu": [str(SCRIPTS / "bench_gpu.py"), "--device", "cpu", "--tiny", "--quick"],
 }
 
@@ -84,6 +88,28 @@ def test_vs_transformers_tiny_grid_table(outputs):
         assert float(row[at + 6]) <= 1e-3  # the fp32 logits agreement
     assert "torch " + torch.__version__ in run.stdout
     assert "scripts/bench_vs_transformers.py --grid tiny" in run.stdout
+
+
+def test_vs_transformers_qwen_tiny_grid_table(outputs):
+    """Qwen2.5-VL: the ViT's own columns next to prefill and decode, GQA in the shapes."""
+    run = outputs["vs_transformers_qwen"]
+    assert run.returncode == 0, run.stderr
+    header, rows = table_rows(run.stdout)
+    assert len(rows) == 2  # batch 1 and 4
+    assert {(r[0], r[6]) for r in rows} == {("qwen2_5_vl", "1"), ("qwen2_5_vl", "4")}
+    assert {r[header.index("heads (kv) x dim")] for r in rows} == {"4 (1)x16"}
+    assert {r[header.index("prompt (text+visual)")] for r in rows} == {"24+16 (1 img 112 px)"}
+    for first in ("ViT ms shortv", "prefill ms shortv", "decode tok/s shortv"):
+        at = header.index(first)
+        assert header[at + 1:at + 3] == ["transformers", "ratio"]
+        for row in rows:
+            ours, theirs, ratio = (positive(c) for c in row[at:at + 3])
+            expected = theirs / ours if first.startswith("decode") else ours / theirs
+            assert ratio == pytest.approx(expected, rel=0.05, abs=0.01)
+    for row in rows:
+        assert float(row[header.index("max abs diff fp32")]) <= 1e-3
+    assert "scripts/bench_vs_transformers.py --family qwen2_5_vl --grid tiny" in run.stdout
+    assert "window 56 px, full attention in blocks [1]" in run.stdout
 
 
 def test_gpu_script_tiny_on_cpu(outputs):
@@ -151,6 +177,76 @@ def test_agreement_check_flags_a_perturbed_model(tmp_path: Path):
         bvt.prefill_agreement(pair, inputs)
 
 
+def test_qwen_agreement_check_flags_a_perturbed_model(tmp_path: Path):
+    """Qwen2-VL, batch 2 (left-padded): shortv's and transformers' prefill logits and
+    visual tokens (what the ViT columns time) agree; other pixels for shortv only, or a
+    changed decoder weight: AgreementError."""
+    bvt = _script("bench_vs_transformers")
+    cell = bvt.grid("tiny", ["float32"], "qwen2_vl")[1]
+    assert cell.batch == 4
+    cell = bvt.Cell(cell.arch, cell.decoder, cell.prompt, 2, "float32")
+    tower = bvt.tower_for("qwen2_vl", "tiny")
+    path = bvt.write_checkpoint(tmp_path / "ckpt", cell.arch, cell.decoder, tower)
+    pair = bvt.load_pair(path, cell.arch, tower, torch.device("cpu"), torch.float32)
+    image_token = bvt.image_token_of(pair.theirs.config)
+    inputs = bvt.make_inputs(cell, tower, image_token, torch.device("cpu"))
+    assert int((inputs.hf["input_ids"] == image_token).sum()) == 2 * 16
+    assert bvt.prefill_agreement(pair, inputs) < 1e-5
+    ours = torch.cat(bvt.vision_ours(pair, inputs))
+    theirs = torch.cat(bvt.vision_theirs(pair, inputs).pooler_output)
+    assert ours.shape == (2 * 16, cell.decoder.hidden)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+    pixels_only = bvt.Inputs([shortv.Encoded(e.input_ids, tuple(im + 0.05 for im in e.images),
+                                             e.image_sizes) for e in inputs.encoded], inputs.hf)
+    with pytest.raises(bvt.AgreementError):
+        bvt.prefill_agreement(pair, pixels_only)
+    with torch.no_grad():
+        pair.ours.module.decoder.layers[1].mlp.down_proj.weight.mul_(1.02)
+    with pytest.raises(bvt.AgreementError, match="max abs diff"):
+        bvt.prefill_agreement(pair, inputs)
+
+
+def test_qwen_load_checkpoint_matches_the_original_layout(tmp_path: Path):
+    """bench_qwen_load writes, from a config alone, the tensors (names, shapes) and
+    config.json that the tests' original-layout Qwen checkpoints (a transformers model
+    saved as Qwen released it) have; shortv reads both as the same config."""
+    import json
+
+    from safetensors import safe_open
+
+    from shortv.loading import config_of_directory
+
+    from .qwen_checkpoints import build_model, save_original
+
+    load = _script("bench_qwen_load")
+
+    def tensors(directory: Path) -> dict[str, tuple[int, ...]]:
+        index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+        found = {}
+        for name in set(index.values()):
+            with safe_open(str(directory / name), "pt") as f:
+                found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        assert set(found) == set(index)
+        return found
+
+    for variant, tied in (("qwen2_vl", True), ("qwen2_5_vl", False)):
+        reference = save_original(build_model(variant, tmp_path / f"{variant}-hf", tied=tied),
+                                  tmp_path / f"{variant}-ref")
+        config = config_of_directory(reference)
+        out = tmp_path / f"{variant}-bench"
+        size = load.write_checkpoint(out, config, shards=3, dtype=torch.bfloat16)
+        assert tensors(out) == tensors(reference)
+        assert len(list(out.glob("*.safetensors"))) == 3
+        assert config_of_directory(out) == config
+        with pytest.warns(UserWarning, match="without a tokenizer"):
+            model = shortv.load(str(out), device="cpu", dtype="bfloat16")
+        stored = sum(p.numel() for p in model.module.parameters()) * 2  # tied: counted once
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert index["metadata"]["total_size"] == stored
+        assert stored < size < stored + 3 * 16384  # the data, and each shard's JSON header
+
+
 def test_check_agreement_edge_cases():
     bvt = _script("bench_vs_transformers")
     a = torch.zeros(2, 5)
@@ -176,3 +272,15 @@ def test_grids():
     assert max(c.decoder.layers for c in full) == 40
     assert max(c.tokens(bvt.SMALL_TOWER) for c in full) == 64 + 2928
     assert bvt.Prompt("llava-next", 64).visual(bvt.REAL_TOWER) == 2928
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        quick = bvt.grid("quick", ["float32", "bfloat16"], family)
+        assert len(quick) == 16 and {c.arch for c in quick} == {family}
+        assert {c.tokens(bvt.tower_for(family, "quick")) for c in quick} == {64 + 576}
+        assert {(c.decoder.hidden, c.decoder.heads, c.decoder.kv, c.decoder.vocab) for c in quick} == {
+            (256, 4, 1, 151936), (1024, 8, 2, 151936)}
+        full = bvt.grid("full", ["float32"], family)
+        assert (1536, 28, 12, 2, 8960) in {(c.decoder.hidden, c.decoder.layers, c.decoder.heads,
+                                            c.decoder.kv, c.decoder.mlp) for c in full}  # Qwen2-VL-2B
+        assert max(c.tokens(bvt.tower_for(family, "full")) for c in full) == 64 + 54 * 54
+    assert bvt.mrope_section(128) == [16, 24, 24]
+    assert sum(bvt.mrope_section(16)) == 8
