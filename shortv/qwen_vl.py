@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .conversation import Template
+from .errors import ConfigError
+from .methods import Method
 from .models.qwen_vl import QwenVLModel
 from .qwen_image import QwenImageProcessor
 from .session import NO_TOKENIZER, VisionLanguageModel
@@ -45,6 +47,16 @@ class QwenVL(VisionLanguageModel):
         super().__init__(module, processor=QwenImageProcessor.for_config(module.config),
                          tokenizer=tokenizer, template=template, name=name,
                          checkpoint_dir=checkpoint_dir, missing_tokenizer=missing_tokenizer)
+
+    def set_method(self, method: Method) -> None:
+        """As `VisionLanguageModel.set_method`; a method that reduces the vision tower's
+        tokens (VisionZip) is refused here, before any input: shortv defines it on LLaVA's
+        CLIP tower (class-token attention), which Qwen's tower does not have."""
+        if isinstance(method, Method) and method.reduces_images:
+            raise ConfigError(f"{method.describe()} reduces the vision tower's tokens, which shortv "
+                              "defines for LLaVA's CLIP tower only; use it with a LLaVA model, or "
+                              "a method that works in the decoder (fastv, pdrop, dart, sparsevlm, ...)")
+        super().set_method(method)
 
     def set_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
         """Resize images to an area within [min_pixels, max_pixels] (Qwen's `min_pixels` /

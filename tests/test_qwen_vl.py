@@ -221,14 +221,15 @@ def test_reducing_methods_generate(pair, name: str):
 
 
 def test_visionzip_is_refused_in_one_line(pair):
+    """When the method is set (before any input), and by the module itself."""
     _, ours = pair
     model = ours["transformers"]
-    model.set_method(VisionZip(budget=4))
-    try:
-        with pytest.raises(InputError, match="LLaVA"):
-            model.logits(model.encode(PROMPT, images_of("square")))
-    finally:
-        model.set_method(shortv.Vanilla())
+    with pytest.raises(ConfigError, match="LLaVA"):
+        model.set_method(compose(FastV(k=1), VisionZip(budget=4)))
+    assert model.method == shortv.Vanilla()
+    encoded = model.encode(PROMPT, images_of("square"))
+    with pytest.raises(InputError, match="LLaVA"):
+        model.module.prepare([encoded], method=VisionZip(budget=4))
 
 
 def test_raw_prompts_take_qwens_image_marker(pair):
