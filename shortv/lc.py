@@ -179,6 +179,7 @@ class LCSums:
     a list of samples with it; lmms-eval's `cal_lc` measures each request batch as it comes."""
 
     def __init__(self, model: VisionLanguageModel, tokens: Sequence[str] = ("visual", "text")) -> None:
+        self.model = model
         self.kinds = [TYPES[t] if t in TYPES else _bad_type(t) for t in tokens]
         if not self.kinds:
             raise ConfigError("tokens must name at least one of 'visual', 'text'")
@@ -187,16 +188,16 @@ class LCSums:
         self.layer_evaluations = 0
 
     @torch.inference_mode()
-    def add(self, model: VisionLanguageModel, encoded: Sequence[Encoded]) -> None:
+    def add(self, encoded: Sequence[Encoded]) -> None:
         """Measure one batch of encoded samples (left-padded together) and add their LC."""
-        lc, runs = _chunk_lc(model, model.prepare(list(encoded)), self.kinds)
+        lc, runs = _chunk_lc(self.model, self.model.prepare(list(encoded)), self.kinds)
         self.sums += lc.sum(dim=1).cpu()
         self.samples += len(encoded)
         self.layer_evaluations += runs
 
-    def report(self, model_name: str, *, ranks: Ranks | None = None, data: str | None = None) -> LCReport:
+    def report(self, *, ranks: Ranks | None = None, data: str | None = None) -> LCReport:
         """The mean LC over the samples of every rank (a collective call under torchrun:
-        every rank calls it, and every rank gets the report)."""
+        every rank calls it, and every rank gets the report), under the model's name."""
         counts = torch.tensor([self.samples, self.layer_evaluations], dtype=torch.float64)
         # One reduction for sums and counts (float64 counts are exact below 2**53).
         totals = parallel.all_sum(ranks or Ranks(), torch.cat([self.sums.flatten(), counts]))
@@ -205,7 +206,7 @@ class LCSums:
             raise InputError("no sample was measured, so there is no Layer Contribution to report")
         mean = (totals[:-2].view_as(self.sums) / samples).tolist()
         by_type = dict(zip([k.name.lower() for k in self.kinds], mean, strict=True))
-        return LCReport(model=model_name, samples=samples, visual=by_type.get("visual"),
+        return LCReport(model=self.model.name, samples=samples, visual=by_type.get("visual"),
                         text=by_type.get("text"), data=data, layer_evaluations=evaluations)
 
 
@@ -240,14 +241,14 @@ def layer_contribution(
     try:
         for i in range(0, len(mine), batch_size):
             chunk = mine[i:i + batch_size]
-            sums.add(model, [s if isinstance(s, Encoded) else encode_sample(model, s) for s in chunk])
+            sums.add([s if isinstance(s, Encoded) else encode_sample(model, s) for s in chunk])
             bar.update(len(chunk))
     except Exception as e:  # shared with the other ranks, so that none waits for this one
         error = e
     finally:
         bar.close()
     parallel.gather(ranks, None, error)
-    report = sums.report(model.name, ranks=ranks, data=data)
+    report = sums.report(ranks=ranks, data=data)
     if report.visual_is_noise:
         warnings.warn(NOISE_WARNING, stacklevel=2)
     return report

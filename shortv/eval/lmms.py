@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .. import zoo
 from ..conversation import get_template
 from ..errors import ConfigError, InputError, ShortVError
-from ..generate import GenerationOptions
+from ..generate import GenerationOptions, generate
 from ..lc import NOISE_WARNING, LCSums
 from ..loading import DTYPES, load
 from ..methods import parse_layer_list
@@ -241,11 +241,13 @@ class ShortVLMM(lmms):
             # batch that does not fit in memory fails at once.
             indices.sort(key=lambda i: -len(str(requests[i].args[0])))
             for chunk in _chunks(indices, self.batch_size):
-                prompts = [_context(requests[i]) for i in chunk]
                 images = [self._visuals(requests[i]) for i in chunk]
-                self._measure_lc([requests[i] for i in chunk], images)
                 try:
-                    results = self._model.generate(prompts, images, options=options, template=True)
+                    # Encoded once, for the answers and for cal_lc's measurement.
+                    encoded = [self._model.encode(_context(requests[i]), im)
+                               for i, im in zip(chunk, images, strict=True)]
+                    self._measure_lc([requests[i] for i in chunk], images, encoded)
+                    results = generate(self._model, encoded, options)
                 except ShortVError as e:
                     raise type(e)(f"{_where(requests[chunk[0]])}: {e}") from None
                 for i, result in zip(chunk, results, strict=True):
@@ -295,9 +297,11 @@ class ShortVLMM(lmms):
 
     # ---- Layer Contribution (model_args cal_lc) -----------------------------------------------
 
-    def _measure_lc(self, requests: Sequence[Instance], visuals: Sequence[list[Image.Image]]) -> None:
+    def _measure_lc(self, requests: Sequence[Instance], visuals: Sequence[list[Image.Image]],
+                    encoded: Sequence[Encoded] | None = None) -> None:
         """With cal_lc: add the LC of these requests' prompts (`visuals`: their documents'
-        images) to this process's sums.
+        images; `encoded`: the prompts already encoded, when the caller has them) to this
+        process's sums.
 
         A prompt is a request's context with its document's images, encoded as
         `shortv lc` encodes a sample {"image", "prompt": context} (`VisionLanguageModel.encode`, the
@@ -310,8 +314,9 @@ class ShortVLMM(lmms):
         acc_mutual_info) have no visual LC and are skipped."""
         if self._lc is None:
             return
-        prompts: list[tuple[str, list[Image.Image], Instance]] = []
-        for request, images in zip(requests, visuals, strict=True):
+        given = list(encoded) if encoded is not None else [None] * len(requests)
+        prompts: list[tuple[Encoded | None, str, list[Image.Image], Instance]] = []
+        for request, images, done in zip(requests, visuals, given, strict=True):
             key = (request.task_name, _split(request), request.doc_id, str(request.args[0]))
             if (request.metadata or {}).get("__padding_only__") or key in self._lc_seen:
                 continue
@@ -319,15 +324,16 @@ class ShortVLMM(lmms):
             if not images:
                 self._lc_skipped += 1
                 continue
-            prompts.append((_context(request), images, request))
+            prompts.append((done, _context(request), images, request))
         progress = tqdm(total=len(prompts), disable=self.rank != 0 or not prompts, desc="shortv LC")
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
             try:
-                encoded = [self._model.encode(context, images) for context, images, _ in chunk]
+                batch = [done if done is not None else self._model.encode(context, images)
+                         for done, context, images, _ in chunk]
             except ShortVError as e:
-                raise type(e)(f"{_where(chunk[0][2])}: {e}") from None
-            self._lc.add(self._model, encoded)
+                raise type(e)(f"{_where(chunk[0][3])}: {e}") from None
+            self._lc.add(batch)
             progress.update(len(chunk))
         progress.close()
 
@@ -338,7 +344,7 @@ class ShortVLMM(lmms):
         ranks = Ranks(self._rank, self._world_size)
         tasks = ",".join(sorted(self.task_dict)) if self.task_dict else "?"
         try:
-            report = self._lc.report(self._model.name, ranks=ranks, data=f"lmms-eval tasks {tasks}")
+            report = self._lc.report(ranks=ranks, data=f"lmms-eval tasks {tasks}")
         except ShortVError as e:
             # Raising here would lose the run's scores, which are computed after clean().
             logger.error(f"shortv: cal_lc: {e} (requests without images are skipped); "
