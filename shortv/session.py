@@ -6,8 +6,10 @@ current method, and offers `encode`, `logits`, `chat` and `generate`. It is plai
 every tensor operation is the module's, called with the current method as an argument.
 Every IMAGE_TOKEN in a prompt is replaced by that image's visual tokens. Generation
 (`shortv.generate`) drives the model through `prefill` and `step` only (its
-`GenerativeModel` protocol); `chat` and `generate` are conveniences over it. The data a
-batch is made of (`Encoded`, `Prepared`, `DecodeState`) lives in `shortv.models.batch`.
+`GenerativeModel` protocol); `chat` and `generate` are conveniences over it.
+`cache_features` turns on the vision-feature cache (off by default): an image seen before
+then skips the vision tower. The data a batch is made of (`Encoded`, `Prepared`,
+`DecodeState`) lives in `shortv.models.batch`.
 
 A family's session (`shortv.llava.LLaVA`, `shortv.qwen_vl.QwenVL`) is a subclass that
 says how its images are preprocessed.
@@ -31,6 +33,7 @@ from .image import ImageSource, load_image
 from .methods import VANILLA, Method, ShortV
 from .models.assembly import VisionLanguageModule
 from .models.batch import DecodeState, Encoded, Prepared
+from .models.feature_cache import FeatureCache
 from .tokenizer import Tokenizer
 
 # One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
@@ -67,6 +70,9 @@ class VisionLanguageModel:
         self.processor = processor
         self.name = name
         self.method: Method = VANILLA
+        # Visual tokens of images seen before (`cache_features`); None: every image goes
+        # through the tower.
+        self.feature_cache: FeatureCache | None = None
         self.checkpoint_dir = checkpoint_dir
         # Why there is no tokenizer, when there is none (what encode() reports).
         self.missing_tokenizer = missing_tokenizer
@@ -120,13 +126,24 @@ class VisionLanguageModel:
                              f"shortv.FastV()), got {method!r}")
         self.method = method.for_layers(self.num_layers)
 
+    def cache_features(self, max_mb: float | None = 512) -> VisionLanguageModel:
+        """Keep the visual tokens of the images this model has seen, up to `max_mb` MiB on
+        the model's device (least recently used out first), so that the same image again
+        (the same pixels after preprocessing, however it was given) skips the vision tower
+        and projector; answers do not change. None or 0 turns the cache off. A new call
+        starts an empty cache. `feature_cache` holds it, with its hit and miss counts.
+        Returns the model."""
+        self.feature_cache = FeatureCache.of_mb(max_mb) if max_mb else None
+        return self
+
     # ---- forward passes under the current method -------------------------------------------
 
     def prepare(self, batch: Sequence[Encoded], *, reduce_images: bool = True) -> Prepared:
         """The module's `prepare` (embeddings with visual tokens spliced in, token types,
         positions; left-padded) with the current method's image reduction, unless
-        `reduce_images` is False."""
-        return self.module.prepare(batch, method=self.method if reduce_images else VANILLA)
+        `reduce_images` is False, through the feature cache if it is on."""
+        return self.module.prepare(batch, method=self.method if reduce_images else VANILLA,
+                                   cache=self.feature_cache)
 
     def hidden_states(self, prepared: Prepared, *, method: Method | None = None) -> Tensor:
         """Decoder output [B, T, D] for a prepared batch under `method` (the current one
@@ -144,7 +161,8 @@ class VisionLanguageModel:
         """Run the prompts (left-padded) into a fresh KV cache sized for `max_new_tokens`
         more; next-token logits [B, vocab] and the state that `step` continues. When no new
         token fits the context, the decoder is not run (budget 0, logits empty)."""
-        return self.module.prefill(batch, max_new_tokens=max_new_tokens, method=self.method)
+        return self.module.prefill(batch, max_new_tokens=max_new_tokens, method=self.method,
+                                   cache=self.feature_cache)
 
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one new token per sequence (tokens [B]); next-token logits [B, vocab]."""

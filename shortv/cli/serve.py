@@ -28,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "graphs: the batch changes at every join and leave); compiled at start-up "
                         "for a batch of one and of several, before the first client is answered; "
                         "a graph compiled later is logged as a warning")
+    p.add_argument("--feature-cache-mb", type=float_in(0.0, 1e7), default=512.0, metavar="MB",
+                   help="keep the visual tokens of images already seen, up to MB on the model's "
+                        "device (least recently used out first): the same image sent again skips "
+                        "the vision tower; 0: off (default 512)")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int_at_least(1), default=16, metavar="B",
                    help="sequences decoded together (default 16)")
@@ -130,11 +134,14 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("shortv.serve").info("compiling the decode step (warm-up) ...")
             engine.compile()
             engine.warm_up()
+        model.cache_features(args.feature_cache_mb)  # after the warm-up: its images are not clients'
         name = args.name or model.name
+        cache = f"feature cache {args.feature_cache_mb:g} MB" if args.feature_cache_mb else "no feature cache"
 
         def ready() -> None:
             print(f"shortv serve: {name} ({model.method.describe()}) on http://{host}:{bound_port}/v1 "
-                  f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr, flush=True)
+                  f"(max batch {args.max_batch}, queue {args.max_queue}, {cache})",
+                  file=sys.stderr, flush=True)
 
         app = create_app(engine, limits=limits, model_name=name, on_ready=ready)
         run_server(app, engine, sock, shutdown_timeout=args.shutdown_timeout)

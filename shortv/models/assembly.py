@@ -5,7 +5,9 @@ A family's module (`shortv.models.llava.LlavaModel`, `shortv.models.qwen_vl.Qwen
 subclasses `VisionLanguageModule` and supplies two things: `image_features` (images →
 visual tokens) and `positions` (where each token of a sequence is for RoPE: [n] for 1-D
 RoPE, [n, 3] for M-RoPE). Everything else, the method included, is the same for every
-family: the method is an argument of every pass that depends on it, never state.
+family: the method is an argument of every pass that depends on it, never state. So is
+the vision-feature cache (`shortv.models.feature_cache`): `prepare` and `prefill` take one,
+and then an image seen before skips the tower.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..token_types import TYPE_DTYPE, TokenType
 from ..tokenizer import IMAGE_TOKEN
 from .batch import DecodeState, Encoded, Prepared
 from .config import TextConfig
+from .feature_cache import FeatureCache, image_key
 from .llama import KVCache
 from .protocols import LanguageModel
 
@@ -82,13 +85,18 @@ class VisionLanguageModule(nn.Module):
 
     # ---- assembly --------------------------------------------------------------------------
 
-    def prepare(self, batch: Sequence[Encoded], *, method: Method = VANILLA) -> Prepared:
+    def prepare(self, batch: Sequence[Encoded], *, method: Method = VANILLA,
+                cache: FeatureCache | None = None) -> Prepared:
         """Embeddings with visual tokens spliced in, token types and positions; sequences
         are left-padded to the longest (padding has type PAD). The images' visual tokens
-        are `method`'s (reduced by it, if it reduces images)."""
+        are `method`'s (reduced by it, if it reduces images); with a `cache`, images it
+        holds skip the tower, and the others still go through it in one call."""
         images = [im for e in batch for im in e.images]
         sizes = [s for e in batch for s in e.image_sizes]
-        features = iter(self.image_features(images, sizes, method=method))
+        if cache is None:
+            features = iter(self.image_features(images, sizes, method=method))
+        else:
+            features = iter(self.cached_image_features(images, sizes, method=method, cache=cache))
         embeds, types, positions = [], [], []
         for e in batch:
             x, t, runs, feats = self._splice(e.input_ids.to(self.device), iter(e.images), features)
@@ -96,6 +104,19 @@ class VisionLanguageModule(nn.Module):
             types.append(t)
             positions.append(self.positions(runs, feats))
         return self._left_pad(embeds, types, positions)
+
+    def cached_image_features(self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *,
+                              method: Method, cache: FeatureCache) -> list[Tensor]:
+        """`image_features` through `cache`: the tower runs once, on the images it does not
+        hold (each distinct image once), and their tokens are stored."""
+        keys = [image_key(im, size, method, device=self.device, dtype=self.dtype)
+                for im, size in zip(images, sizes, strict=True)]
+
+        def compute(indices: list[int]) -> list[Tensor]:
+            return self.image_features([images[i] for i in indices], [sizes[i] for i in indices],
+                                       method=method)
+
+        return cache.features(keys, compute)
 
     def _splice(self, ids: Tensor, images: Iterator[Tensor], features: Iterator[Tensor]
                 ) -> tuple[Tensor, Tensor, list[Run], list[Tensor]]:
@@ -156,13 +177,13 @@ class VisionLanguageModule(nn.Module):
         return self.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
 
     @torch.inference_mode()
-    def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int,
-                method: Method) -> tuple[Tensor, DecodeState]:
+    def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int, method: Method,
+                cache: FeatureCache | None = None) -> tuple[Tensor, DecodeState]:
         """Run the prompts (left-padded) under `method` into a fresh KV cache sized for
         `max_new_tokens` more; next-token logits [B, vocab] and the state that `step`
         continues. When no new token fits the context, the decoder is not run (budget 0,
-        logits empty)."""
-        prepared = self.prepare(batch, method=method)
+        logits empty). `cache`: the vision-feature cache, as in `prepare`."""
+        prepared = self.prepare(batch, method=method, cache=cache)
         b, t = prepared.types.shape
         context = self.text_config.max_position_embeddings
         budget = max(0, min(max_new_tokens, context - max(prepared.lengths)))

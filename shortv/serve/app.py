@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..models.feature_cache import FeatureCache
 from .engine import Delta, Engine, Event, Failed, Finished, Job, Started
 from .errors import RequestError
 from .limits import Limits
@@ -186,6 +187,7 @@ class _Api:
                   "# TYPE shortv_requests_total counter"]
         for outcome in ("finished", "failed", "cancelled"):
             lines.append(f'shortv_requests_total{{outcome="{outcome}"}} {getattr(s, outcome)}')
+        lines += _feature_cache_lines(self.engine.feature_cache)
         rss = _resident_bytes()
         if rss is not None:
             lines += ["# HELP process_resident_memory_bytes resident memory of the server process",
@@ -285,6 +287,28 @@ def _generated(job: Job) -> int:
 
 def _ms(started: float) -> float:
     return 1000 * (time.perf_counter() - started)
+
+
+def _feature_cache_lines(cache: FeatureCache | None) -> list[str]:
+    """The vision-feature cache's metrics (none when the cache is off)."""
+    if cache is None:
+        return []
+    rows = [
+        ("shortv_feature_cache_hits_total", "counter",
+         "images whose visual tokens came from the feature cache (no vision tower run)", cache.hits),
+        ("shortv_feature_cache_misses_total", "counter", "images the vision tower ran on", cache.misses),
+        ("shortv_feature_cache_evictions_total", "counter",
+         "feature cache entries dropped to make room (least recently used first)", cache.evictions),
+        ("shortv_feature_cache_bytes", "gauge", "bytes of visual tokens held by the feature cache",
+         cache.bytes),
+        ("shortv_feature_cache_entries", "gauge", "images held by the feature cache", cache.entries),
+        ("shortv_feature_cache_capacity_bytes", "gauge",
+         "the feature cache's size limit (--feature-cache-mb)", cache.max_bytes),
+    ]
+    lines = []
+    for name, kind, text, value in rows:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return lines
 
 
 def _resident_bytes() -> int | None:

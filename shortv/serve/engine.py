@@ -8,7 +8,9 @@ picked with its own request's options and generator, and its text is assembled w
 `shortv.generate.loop.Answer`, as `model.chat` does. A sequence that ends (EOS, a stop
 string, its own budget) or whose client went away leaves the batch (`DecodeState.select`).
 
-The worker is the only thread that touches the model. It talks to the requests' owners
+The worker is the only thread that touches the model, and so the model's vision-feature
+cache (`VisionLanguageModel.cache_features`, which `shortv serve` turns on): an image sent
+again skips the vision tower at prefill. It talks to the requests' owners
 through each job's `sink`, a callable that receives `Started`, `Delta`, `Finished` or
 `Failed` events (the HTTP app forwards them to its event loop).
 """
@@ -34,6 +36,7 @@ from .errors import EngineError, Refusal
 
 if TYPE_CHECKING:
     from ..models.batch import DecodeState, Encoded
+    from ..models.feature_cache import FeatureCache
     from ..session import VisionLanguageModel
 
 log = logging.getLogger("shortv.serve")
@@ -206,6 +209,12 @@ class Engine:
             self._draining = True
             self._deadline = time.monotonic() + timeout
             self._cond.notify()
+
+    @property
+    def feature_cache(self) -> FeatureCache | None:
+        """The model's vision-feature cache (`VisionLanguageModel.cache_features`), if on.
+        Only the worker uses it; its counters may be read from any thread."""
+        return self.model.feature_cache
 
     @property
     def draining(self) -> bool:
@@ -451,10 +460,18 @@ class Engine:
         now = time.monotonic()
         if now - self._last_stats >= self.stats_interval and (self._running or self._waiting):
             self._last_stats = now
-            s = self.stats
-            log.info("stats: queue=%d batch=%d peak_batch=%d steps=%d mean_batch=%.2f finished=%d "
-                     "failed=%d cancelled=%d", s.queue, s.batch, s.peak_batch, s.steps,
-                     s.step_rows / max(1, s.steps), s.finished, s.failed, s.cancelled)
+            log.info("stats: %s", self.stats_line())
+
+    def stats_line(self) -> str:
+        """The stats log line's text: the counters, and the feature cache's when it is on."""
+        s = self.stats
+        line = (f"queue={s.queue} batch={s.batch} peak_batch={s.peak_batch} steps={s.steps} "
+                f"mean_batch={s.step_rows / max(1, s.steps):.2f} finished={s.finished} "
+                f"failed={s.failed} cancelled={s.cancelled}")
+        if (cache := self.feature_cache) is not None:
+            line += (f" feature_cache_hits={cache.hits} feature_cache_misses={cache.misses} "
+                     f"feature_cache_mb={cache.bytes / 2**20:.1f}")
+        return line
 
 
 def shutting_down(detail: str = "") -> EngineError:
