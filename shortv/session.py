@@ -164,6 +164,14 @@ class VisionLanguageModel:
         return self.module.prefill(batch, max_new_tokens=max_new_tokens, method=self.method,
                                    cache=self.feature_cache)
 
+    def prefill_chunks(self, batch: Sequence[Encoded], *, max_new_tokens: int, chunk: int | None
+                       ) -> Iterator[tuple[Tensor, DecodeState] | None]:
+        """`prefill` in pieces of at most `chunk` positions (the module's `prefill_chunks`):
+        None after each piece but the last, then `prefill`'s result. For a caller that has
+        other work to do between the pieces (the server's decode steps)."""
+        return self.module.prefill_chunks(batch, max_new_tokens=max_new_tokens, method=self.method,
+                                          cache=self.feature_cache, chunk=chunk)
+
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one new token per sequence (tokens [B]); next-token logits [B, vocab]."""
         return self.module.step(state, tokens, self.method)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..methods import VANILLA, Method
+from ..methods import VANILLA, Hook, Method
 from ..token_types import TYPE_DTYPE, TokenType
 from ..tokenizer import IMAGE_TOKEN
 from .batch import DecodeState, Encoded, Prepared
@@ -176,26 +176,51 @@ class VisionLanguageModule(nn.Module):
         """Decoder output [B, T, D] for a prepared batch under `method`."""
         return self.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
 
-    @torch.inference_mode()
     def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int, method: Method,
                 cache: FeatureCache | None = None) -> tuple[Tensor, DecodeState]:
         """Run the prompts (left-padded) under `method` into a fresh KV cache sized for
         `max_new_tokens` more; next-token logits [B, vocab] and the state that `step`
         continues. When no new token fits the context, the decoder is not run (budget 0,
         logits empty). `cache`: the vision-feature cache, as in `prepare`."""
+        # In one piece: the generator's first (and only) result is the prefill's.
+        done = next(self.prefill_chunks(batch, max_new_tokens=max_new_tokens, method=method, cache=cache))
+        assert done is not None
+        return done
+
+    @torch.inference_mode()  # around each chunk: a generator must not leave the mode on
+    def prefill_chunks(self, batch: Sequence[Encoded], *, max_new_tokens: int, method: Method,
+                       cache: FeatureCache | None = None, chunk: int | None = None
+                       ) -> Iterator[tuple[Tensor, DecodeState] | None]:
+        """`prefill` in pieces of at most `chunk` positions (None: all at once): the images
+        go through the tower first, then each piece through the decoder, appending to the
+        KV cache; yields None after every piece but the last, then what `prefill` returns.
+        A server interleaves decode steps between the pieces, so that a long prompt does
+        not stall the answers already streaming. The result equals `prefill`'s (each piece
+        attends to the cache and causally within itself). A method that drops tokens or
+        captures attention to rank them (`Hook.TOKENS`: FastV, VTW, PDrop, DART, SparseVLM)
+        needs the whole prompt in one pass, so its prompts go in one piece."""
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
         prepared = self.prepare(batch, method=method, cache=cache)
         b, t = prepared.types.shape
         context = self.text_config.max_position_embeddings
         budget = max(0, min(max_new_tokens, context - max(prepared.lengths)))
-        cache = KVCache(self.num_layers, capacity=t + budget)
-        state = DecodeState(cache, prepared.next_positions, prepared.lengths, budget)
+        kv = KVCache(self.num_layers, capacity=t + budget)
+        state = DecodeState(kv, prepared.next_positions, prepared.lengths, budget)
         if budget == 0:
-            return prepared.embeds.new_empty(b, 0), state
-        hidden = self.decoder(prepared.embeds, prepared.types, prepared.positions, cache=cache,
-                              method=method, last_only=True)
+            yield prepared.embeds.new_empty(b, 0), state
+            return
+        piece = t if chunk is None or Hook.TOKENS in method.hooks else chunk
+        for start in range(0, t, piece):
+            end = min(t, start + piece)
+            hidden = self.decoder(prepared.embeds[:, start:end], prepared.types[:, start:end],
+                                  prepared.positions[:, start:end], cache=kv, method=method,
+                                  last_only=end == t)
+            if end < t:
+                yield None
         if self._static_decode:
-            cache.make_static()
-        return self.decoder.head(hidden[:, -1]), state
+            kv.make_static()
+        yield self.decoder.head(hidden[:, -1]), state
 
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: Tensor, method: Method) -> Tensor:

@@ -454,13 +454,18 @@ class DecoderLayer(nn.Module):
         and the MLP only from `rows`; other positions pass through unchanged. With a
         `capture`, also what it asks for (computed for the asked query rows only)."""
         subset = rows.subset
-        if subset is not None and subset.size == 0:
+        no_rows = subset is not None and subset.size == 0
+        if no_rows and cache is None:
             return x, None
         h = self.attn_norm(x)
         k_new, v = self.attn.keys_values(h, seg.cos, seg.sin)
         k = k_new
         if cache is not None:
             k, v = cache.append(k_new, v, seg.types != int(TokenType.PAD), TokenType.PAD in seg.kinds)
+        if no_rows:
+            # Nothing to update (a prefill chunk of frozen visual tokens alone), but their
+            # keys and values are cached for the tokens that follow.
+            return x, None
         x_rows, h_rows = (x, h) if subset is None else (subset.take(x), subset.take(h))
         q = self.attn.queries(h_rows, rows.cos, rows.sin)
         out = x_rows + self.attn.attend(q, k, v, rows)
