@@ -7,6 +7,7 @@ generated after it.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -103,3 +104,63 @@ def test_the_generator_leaves_no_inference_mode_behind(demo):
     assert not torch.is_inference_mode_enabled()
     for _ in pieces:
         pass
+
+
+# ---- the server's engine: a long prompt in pieces between decode steps ------------------------
+
+
+def test_engine_prefills_a_long_prompt_between_decode_steps(demo):
+    """Jobs A and B (prompts of ~80 positions, prefilled one group each) arrive together;
+    with pieces of 8 the engine prefills A first, one piece per loop, then A decodes (EOS
+    banned, so it runs its 16 tokens) while B's remaining pieces go through, one between
+    every two decode steps. Both answers are their own: B's is `model.chat`'s."""
+    import threading
+
+    from shortv.serve import Engine, Job
+    from shortv.serve.engine import Failed, Finished
+
+    image = random_rgb(80, 60, 7)
+    engine = Engine(demo, max_batch=4, max_prefill=1, prefill_chunk=8, stats_interval=0)
+    events: list[tuple[str, object, int]] = []
+    done = threading.Semaphore(0)
+
+    def sink(name: str):
+        def put(event) -> None:  # the engine's thread, in order
+            events.append((name, event, engine.stats.steps))
+            if isinstance(event, Finished | Failed):
+                done.release()
+        return put
+
+    def job(name: str, prompt: str, **options) -> Job:
+        text = demo.template.render([("<image>\n" + prompt, None)])
+        return Job(name, text, [image], shortv.GenerationOptions(max_new_tokens=16), sink(name), **options)
+
+    b_prompt = "Describe the picture in detail, every shape and every colour."
+    real = demo.prefill_chunks
+    piece_steps: list[int] = []  # decode steps run so far, at each of B's pieces
+
+    def traced(batch, **kwargs):
+        for result in real(batch, **kwargs):
+            if any(b_prompt in e.prompt for e in batch):
+                piece_steps.append(engine.stats.steps)
+            yield result
+
+    demo.prefill_chunks = traced  # type: ignore[method-assign]
+    try:
+        engine.submit(job("a", "What is in this picture?", logit_bias={demo.tokenizer.eos_id: -100.0}))
+        engine.submit(job("b", b_prompt))
+        engine.start()  # both are admitted in its first loop: no timing involved
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.stop()
+        del demo.prefill_chunks
+    by_name = {name: [e for n, e, _ in events if n == name] for name in ("a", "b")}
+    assert isinstance(by_name["a"][-1], Finished) and by_name["a"][-1].completion_tokens == 16
+    assert by_name["b"][-1].text == demo.chat(b_prompt, [image], max_new_tokens=16)
+    b_length = by_name["b"][0].prompt_tokens
+    assert b_length > 8 * 4  # several pieces
+    # B went through in pieces of 8: its first at admission, the rest once A (the older
+    # group) was prefilled and decoding, a decode step between every two of them.
+    assert len(piece_steps) == -(-b_length // 8) >= 6
+    assert piece_steps[0] == 0
+    assert all(later > earlier for earlier, later in itertools.pairwise(piece_steps[1:]))

@@ -295,7 +295,7 @@ def test_one_failing_request_does_not_fail_the_batch(demo, max_prefill):
     message), and so does one longer than the context (a 400), whether prefilled alone or
     in a group; the others, batched with them, get their own answers."""
     engine = Engine(demo, max_batch=4, max_prefill=max_prefill)
-    real_prefill = demo.prefill
+    real_prefill = demo.prefill_chunks
 
     def prefill(batch, **kwargs):
         if any("boom" in e.prompt for e in batch):
@@ -316,7 +316,7 @@ def test_one_failing_request_does_not_fail_the_batch(demo, max_prefill):
         text = demo.template.render([("<image>\n" + prompt, None)])
         return Job(name, text, [Image.open(EXAMPLE)], shortv.GenerationOptions(max_new_tokens=16), sink)
 
-    demo.prefill = prefill  # type: ignore[method-assign]
+    demo.prefill_chunks = prefill  # type: ignore[method-assign]
     try:
         too_long = _long_text(demo, demo.config.text.max_position_embeddings)
         for name, prompt in [("a", PROMPTS[0]), ("b", "boom"), ("c", PROMPTS[1]), ("d", too_long)]:
@@ -326,7 +326,7 @@ def test_one_failing_request_does_not_fail_the_batch(demo, max_prefill):
             assert done.acquire(timeout=30)
     finally:
         engine.stop()
-        del demo.prefill
+        del demo.prefill_chunks
     assert isinstance(events["a"][0], Started) and events["a"][-1].text == demo.chat(PROMPTS[0], [EXAMPLE])
     assert events["c"][-1].text == demo.chat(PROMPTS[1], [EXAMPLE])
     (failed,) = events["b"]

@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="0: any free port (default 8000)")
     p.add_argument("--name", help="the model id clients ask for (default: the model's name)")
+    p.add_argument("--template", metavar="NAME",
+                   help="conversation template (vicuna_v1, llava_v1, qwen2_vl, ...); default: the "
+                        "zoo card's, else the model family's")
     add_runtime(p)
     add_method(p)
     p.add_argument("--compile", action="store_true",
@@ -38,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-prefill", type=int_at_least(1), default=8, metavar="P",
                    help="new requests prefilled together in one padded batch; 1: each alone "
                         "(default 8)")
+    g.add_argument("--prefill-chunk", type=int_at_least(0), default=512, metavar="N",
+                   help="positions of a long prompt prefilled between two decode steps, so that "
+                        "running answers keep their pace while it arrives (methods that drop "
+                        "tokens prefill a prompt at once); 0: whole prompts (default 512)")
     g.add_argument("--max-queue", type=int_at_least(0), default=64, metavar="Q",
                    help="requests waiting for a batch slot; more get a 429 (default 64)")
     g.add_argument("--max-tokens-limit", type=int_at_least(1), default=512, metavar="N",
@@ -104,6 +111,7 @@ def listen(host: str, port_: int) -> socket.socket:
 
 def run(args: argparse.Namespace) -> int:
     from .. import load, zoo
+    from ..conversation import get_template
 
     require_serve_extra()
     image_root = None
@@ -112,12 +120,14 @@ def run(args: argparse.Namespace) -> int:
         if not image_root.is_dir():
             raise ConfigError(f"--image-root {args.image_root} is not a directory")
     method = method_options(args, zoo.card(args.model))  # bad options fail before anything loads
+    if args.template is not None:
+        get_template(args.template)
     sock = listen(args.host, args.port)
     host, bound_port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        model = load(args.model, device=args.device, dtype=args.dtype, **method)
+        model = load(args.model, device=args.device, dtype=args.dtype, template=args.template, **method)
         model.require_tokenizer()
         from ..serve.app import create_app, run_server
         from ..serve.engine import Engine
@@ -129,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
                         max_tokens=args.max_tokens_limit, image_root=image_root,
                         allow_urls=args.allow_image_urls, url_timeout=args.image_url_timeout)
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
-                        max_prefill=args.max_prefill, stats_interval=args.stats_interval)
+                        max_prefill=args.max_prefill, prefill_chunk=args.prefill_chunk or None,
+                        stats_interval=args.stats_interval)
         if args.compile:
             logging.getLogger("shortv.serve").info("compiling the decode step (warm-up) ...")
             engine.compile()

@@ -1,8 +1,11 @@
 """The batching engine: one model, one worker thread, continuous batching.
 
 Requests (`Job`s) wait in a bounded queue. Between two decode steps the worker admits as
-many as the batch has room for: each is encoded and prefilled alone (`VisionLanguageModel.prefill`), its
-first token is picked, and its `DecodeState` joins the running batch (`DecodeState.join`).
+many as the batch has room for: they are encoded and prefilled in groups of up to
+`max_prefill` (`VisionLanguageModel.prefill_chunks`), each one's first token is picked, and
+its `DecodeState` joins the running batch (`DecodeState.join`). A long prompt is prefilled
+in pieces of `prefill_chunk` positions, one piece per decode step of the running batch, so
+that the answers already streaming keep their pace while it arrives.
 Then one `VisionLanguageModel.step` advances every running sequence by a token; each row's token is
 picked with its own request's options and generator, and its text is assembled with
 `shortv.generate.loop.Answer`, as `model.chat` does. A sequence that ends (EOS, a stop
@@ -21,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,27 +127,44 @@ class Stats:
     started_at: float = field(default_factory=time.time)
 
 
+@dataclass
+class _Prefill:
+    """A group of jobs being prefilled together: their prompts and the pieces left
+    (`VisionLanguageModel.prefill_chunks`)."""
+
+    jobs: list[Job]
+    encoded: list[Encoded]
+    pieces: Iterator[tuple[Tensor, DecodeState] | None] | None = None  # set by the first piece
+
+
 class Engine:
     """Continuous batching of chat requests on one model (see the module docstring).
 
-    max_batch: sequences decoded together. max_queue: requests waiting for a batch slot;
-    `submit` refuses more (`Refusal.OVERLOADED`). max_prefill: new requests prefilled together in one
-    padded batch (1: each alone, exactly `model.chat`'s prefill). stats_interval: seconds
-    between stats log lines while busy (0: none)."""
+    max_batch: sequences decoded together (prefilling ones included). max_queue: requests
+    waiting for a batch slot; `submit` refuses more (`Refusal.OVERLOADED`). max_prefill: new
+    requests prefilled together in one padded batch (1: each alone, exactly `model.chat`'s
+    prefill). prefill_chunk: positions of a prompt the decoder takes between two decode steps
+    (None: a whole prompt at once). stats_interval: seconds between stats log lines while
+    busy (0: none)."""
 
     def __init__(self, model: VisionLanguageModel, *, max_batch: int = 16, max_queue: int = 64,
-                 max_prefill: int = 8, stats_interval: float = 10.0) -> None:
+                 max_prefill: int = 8, prefill_chunk: int | None = 512,
+                 stats_interval: float = 10.0) -> None:
         if max_batch < 1 or max_queue < 0 or max_prefill < 1:
             raise ValueError("max_batch and max_prefill must be >= 1, max_queue >= 0")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1 or None")
         self.model = model
         self.max_batch = max_batch
         self.max_prefill = max_prefill
+        self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
         self.stats_interval = stats_interval
         self.stats = Stats()
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []  # in the batch's row order (worker only)
+        self._prefilling: deque[_Prefill] = deque()  # groups with pieces left (worker only)
         self._state: DecodeState | None = None
         self._draining = False
         self._deadline: float | None = None  # when draining: cancel what is left then
@@ -245,12 +265,13 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not (self._waiting or self._running or self._stopped or self._past_deadline()):
+                while not (self._waiting or self._running or self._prefilling or self._stopped
+                           or self._past_deadline()):
                     self._cond.wait(self._wait_seconds())
                 if self._stopped or self._past_deadline():
                     break
                 new = []
-                while self._waiting and len(self._running) + len(new) < self.max_batch:
+                while self._waiting and self._occupied() + len(new) < self.max_batch:
                     new.append(self._waiting.popleft())
                 self.stats.queue = len(self._waiting)
             try:
@@ -259,22 +280,32 @@ class Engine:
                 if self._running:
                     self._step()
                     self._leave()
+                self._continue_prefill()
             except Exception as e:  # a bug in the engine itself: fail the batch, keep serving
                 log.exception("the engine failed; failing the %d requests in the batch", len(self._running))
-                for job in [*new, *self._running]:
+                for job in [*new, *self._running, *self._prefilling_jobs()]:
                     if not job.done:
                         self._fail(job, _as_engine_error(e, job))
                 self._running, self._state = [], None
+                self._prefilling.clear()
                 self.stats.batch = 0
             self._log_stats()
         with self._cond:
-            left = [*self._waiting, *self._running]
+            left = [*self._waiting, *self._running, *self._prefilling_jobs()]
             self._waiting.clear()
         for job in left:
             if not job.done:
                 self._fail(job, shutting_down("the request was cancelled"))
         self._running, self._state = [], None
+        self._prefilling.clear()
         self.stats.queue = self.stats.batch = 0
+
+    def _occupied(self) -> int:
+        """Batch slots taken: running sequences and those still being prefilled."""
+        return len(self._running) + len(self._prefilling_jobs())
+
+    def _prefilling_jobs(self) -> list[Job]:
+        return [job for group in self._prefilling for job in group.jobs]
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
@@ -297,7 +328,7 @@ class Engine:
         states = []
         for at in range(0, len(live), self.max_prefill):
             group = live[at: at + self.max_prefill]
-            states += self._prefill([job for job, _ in group], [e for _, e in group])
+            states += self._begin_prefill([job for job, _ in group], [e for _, e in group])
         while len(states) > 1:  # pairwise, in order: each join copies both sides
             states = [a.join(b) for a, b in zip(states[::2], states[1::2], strict=False)] + \
                      ([states[-1]] if len(states) % 2 else [])
@@ -325,24 +356,55 @@ class Engine:
         job.images = ()  # the pixels are in `encoded` now
         return encoded
 
-    def _prefill(self, jobs: list[Job], encoded: list[Encoded]) -> list[DecodeState]:
-        """Prefill a group of jobs; accept each one's first token; the state of those still
-        going (appended to `_running` in its row order). A group whose prefill fails, or in
-        which one prompt fills the context, is prefilled again one job at a time, so that
+    def _begin_prefill(self, jobs: list[Job], encoded: list[Encoded]) -> list[DecodeState]:
+        """Start prefilling a group of jobs with its first piece: the state of those still
+        going when that was the whole prompt (see `_advance`); otherwise the group waits
+        in `_prefilling` for its next piece."""
+        group = _Prefill(jobs, encoded)
+        self._prefilling.append(group)
+        return self._advance(group)
+
+    def _continue_prefill(self) -> None:
+        """The next piece of the oldest group still being prefilled; when it was the last,
+        the group's sequences join the running batch."""
+        if not self._prefilling:
+            return
+        for state in self._advance(self._prefilling[0]):
+            self._state = state if self._state is None else self._state.join(state)
+        self.stats.batch = len(self._running)
+        self.stats.peak_batch = max(self.stats.peak_batch, self.stats.batch)
+
+    def _advance(self, group: _Prefill) -> list[DecodeState]:
+        """Run `group`'s next piece; when the prefill is complete (or failed), the group
+        leaves `_prefilling` and `_started` takes it over. A group whose prefill fails, or
+        in which one prompt fills the context, is prefilled again one job at a time, so that
         only the job at fault fails."""
         try:
-            # A little room only: the cache grows as the answers do, and a join or select
-            # copies the whole buffer, so a prefill sized for max_tokens would make every
-            # join and leave copy hundreds of unused slots per sequence.
-            room = min(max(job.options.max_new_tokens for job in jobs), PREFILL_ROOM)
-            logits, state = self.model.prefill(encoded, max_new_tokens=room)
-            if state.budget == 0 and len(jobs) > 1:
+            if group.pieces is None:
+                # A little room only: the cache grows as the answers do, and a join or
+                # select copies the whole buffer, so a prefill sized for max_tokens would
+                # make every join and leave copy hundreds of unused slots per sequence.
+                room = min(max(job.options.max_new_tokens for job in group.jobs), PREFILL_ROOM)
+                group.pieces = self.model.prefill_chunks(group.encoded, max_new_tokens=room,
+                                                         chunk=self.prefill_chunk)
+            result = next(group.pieces)
+            if result is not None and result[1].budget == 0 and len(group.jobs) > 1:
                 raise InputError("a prompt fills the context")
         except Exception as e:
-            if len(jobs) > 1:
-                return [s for job, e1 in zip(jobs, encoded, strict=True) for s in self._prefill([job], [e1])]
-            self._fail(jobs[0], _as_engine_error(e, jobs[0]))
+            self._prefilling.remove(group)
+            if len(group.jobs) > 1:
+                return [s for job, e1 in zip(group.jobs, group.encoded, strict=True)
+                        for s in self._begin_prefill([job], [e1])]
+            self._fail(group.jobs[0], _as_engine_error(e, group.jobs[0]))
             return []
+        if result is None:
+            return []
+        self._prefilling.remove(group)
+        return self._started(group.jobs, *result)
+
+    def _started(self, jobs: list[Job], logits: Tensor, state: DecodeState) -> list[DecodeState]:
+        """A prefilled group: accept each job's first token; the state of those still going
+        (appended to `_running` in its row order)."""
         for job, n in zip(jobs, state.prompt_lengths, strict=True):
             try:
                 job.prompt_tokens = n
