@@ -164,3 +164,47 @@ def test_engine_prefills_a_long_prompt_between_decode_steps(demo):
     assert len(piece_steps) == -(-b_length // 8) >= 6
     assert piece_steps[0] == 0
     assert all(later > earlier for earlier, later in itertools.pairwise(piece_steps[1:]))
+
+
+def test_a_client_gone_while_its_prompt_is_prefilled_frees_its_slot_at_once(demo):
+    """Job A's client goes away after A's first piece: its prefill stops (no more pieces,
+    no first token, counted as cancelled) and B, behind it, is answered as alone."""
+    import threading
+
+    from shortv.serve import Engine, Job
+    from shortv.serve.engine import Failed, Finished
+
+    image = random_rgb(80, 60, 8)
+    engine = Engine(demo, max_batch=4, max_prefill=1, prefill_chunk=8, stats_interval=0)
+    events: dict[str, list] = {"a": [], "b": []}
+    done = threading.Semaphore(0)
+    real = demo.prefill_chunks
+    a_pieces = []
+
+    def traced(batch, **kwargs):
+        for result in real(batch, **kwargs):
+            if any("first" in e.prompt for e in batch):
+                a_pieces.append(1)
+                engine.cancel(jobs["a"])  # on the engine's thread, between two pieces
+            yield result
+
+    def job(name: str, prompt: str) -> Job:
+        def sink(event) -> None:
+            events[name].append(event)
+            if isinstance(event, Finished | Failed):
+                done.release()
+        text = demo.template.render([("<image>\n" + prompt, None)])
+        return Job(name, text, [image], shortv.GenerationOptions(max_new_tokens=8), sink)
+
+    jobs = {"a": job("a", "The first question: what is in this picture?"), "b": job("b", "Describe it.")}
+    demo.prefill_chunks = traced  # type: ignore[method-assign]
+    try:
+        engine.submit(jobs["a"])
+        engine.submit(jobs["b"])
+        engine.start()
+        assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+        del demo.prefill_chunks
+    assert a_pieces == [1] and events["a"] == [] and engine.stats.cancelled == 1
+    assert events["b"][-1].text == demo.chat("Describe it.", [image], max_new_tokens=8)

@@ -378,7 +378,12 @@ class Engine:
         """Run `group`'s next piece; when the prefill is complete (or failed), the group
         leaves `_prefilling` and `_started` takes it over. A group whose prefill fails, or
         in which one prompt fills the context, is prefilled again one job at a time, so that
-        only the job at fault fails."""
+        only the job at fault fails. A group whose clients all went away stops here."""
+        if all(job.cancelled for job in group.jobs):
+            self._prefilling.remove(group)
+            for job in group.jobs:
+                self._count_cancelled(job)
+            return []
         try:
             if group.pieces is None:
                 # A little room only: the cache grows as the answers do, and a join or
