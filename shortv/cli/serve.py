@@ -41,10 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-prefill", type=int_at_least(1), default=8, metavar="P",
                    help="new requests prefilled together in one padded batch; 1: each alone "
                         "(default 8)")
-    g.add_argument("--prefill-chunk", type=int_at_least(0), default=512, metavar="N",
+    g.add_argument("--prefill-chunk", type=int_at_least(0), default=2048, metavar="N",
                    help="positions of a long prompt prefilled between two decode steps, so that "
                         "running answers keep their pace while it arrives (methods that drop "
-                        "tokens prefill a prompt at once); 0: whole prompts (default 512)")
+                        "tokens prefill a prompt at once); 0: whole prompts (default 2048: only "
+                        "longer prompts, such as a LLaVA-NeXT image's, are split, since each "
+                        "piece costs some prefill time)")
     g.add_argument("--max-queue", type=int_at_least(0), default=64, metavar="Q",
                    help="requests waiting for a batch slot; more get a 429 (default 64)")
     g.add_argument("--max-tokens-limit", type=int_at_least(1), default=512, metavar="N",

@@ -148,7 +148,7 @@ class Engine:
     busy (0: none)."""
 
     def __init__(self, model: VisionLanguageModel, *, max_batch: int = 16, max_queue: int = 64,
-                 max_prefill: int = 8, prefill_chunk: int | None = 512,
+                 max_prefill: int = 8, prefill_chunk: int | None = 2048,
                  stats_interval: float = 10.0) -> None:
         if max_batch < 1 or max_queue < 0 or max_prefill < 1:
             raise ValueError("max_batch and max_prefill must be >= 1, max_queue >= 0")
