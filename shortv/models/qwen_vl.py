@@ -23,7 +23,7 @@ from .assembly import Run, VisionLanguageModule
 from .llama import Decoder
 from .protocols import LanguageModel
 from .qwen_config import QwenVLConfig
-from .qwen_vision import QwenVisionTower
+from .qwen_vision import QwenVisionTower, merged_tokens
 
 
 class QwenVLModel(VisionLanguageModule):
@@ -50,8 +50,8 @@ class QwenVLModel(VisionLanguageModule):
         grids = [self._grid(im) for im in images]
         patches = torch.cat([im.flatten(0, 3) for im in images]).to(self.device, self.dtype)
         tokens = self.vision(patches, grids)
-        merge = self.config.vision.merge_unit
-        return list(tokens.split([t * h * w // merge for t, h, w in grids]))
+        merge = self.config.vision.spatial_merge_size
+        return list(tokens.split([merged_tokens(grid, merge) for grid in grids]))
 
     def _grid(self, image: Tensor) -> tuple[int, int, int]:
         """(t, h, w) in patches of one preprocessed image."""
