@@ -1,14 +1,15 @@
 """Decode step speed: eager against `LLaVA.compile()`, dynamic shapes and static cache.
 
-    python scripts/bench_compile.py [MODEL] [--batch 1] [--new-tokens 64] [--repeats 5]
+    python scripts/bench_compile.py [MODEL] [--batch 1[,4,16]] [--new-tokens 64] [--repeats 5]
         [--method vanilla|shortv|fastv|vtw] [--backend inductor] [--device D] [--dtype D]
 
 Three copies of the model (default: the embedded demo), one eager, one compiled for
 dynamic shapes (the CPU default), one compiled on the static KV cache (the CUDA-graph
 form, `compile(static=True)`), run interleaved on the same prompt and image: after the
 first round (compilation), the median milliseconds per decode step of each and the
-ratio to eager. Every copy must produce the same tokens, or the script says so and
-exits 1.
+ratio to eager, for each batch size of --batch (a comma-separated list: one table row
+each, the copies compiled once for all). Every copy must produce the same tokens, or the
+script says so and exits 1.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def decode(model: shortv.LLaVA, batch: list, new_tokens: int) -> tuple[float, li
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default="llava-tiny-demo")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--method", choices=METHODS, default="vanilla")
@@ -69,21 +70,25 @@ def main() -> int:
     except ShortVError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    batch = [prompt] * args.batch
-    runs: dict[str, list[float]] = {name: [] for name in variants}
-    answers: dict[str, list[list[int]]] = {}
-    for round_ in range(args.repeats + 1):
-        for name, model in variants.items():
-            seconds, answers[name] = decode(model, batch, args.new_tokens)
-            if round_:  # round 0 compiles
-                runs[name].append(seconds)
-    eager = statistics.median(runs["eager"])
-    print(f"{args.model}  batch {args.batch}  {args.new_tokens} new tokens  method {args.method}  "
-          f"backend {args.backend}  torch {torch.__version__}  threads {torch.get_num_threads()}")
-    for name, r in runs.items():
-        ms = statistics.median(r) * 1e3
-        print(f"  {name:8s} {ms:8.2f} ms/step  ×{eager * 1e3 / ms:5.2f} vs eager")
-    if not answers["eager"] == answers["dynamic"] == answers["static"]:
+    print(f"{args.model}  {args.new_tokens} new tokens  method {args.method}  backend {args.backend}  "
+          f"torch {torch.__version__}  threads {torch.get_num_threads()}")
+    failed = False
+    for size in (int(b) for b in args.batch.split(",")):
+        batch = [prompt] * size
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        answers: dict[str, list[list[int]]] = {}
+        for round_ in range(args.repeats + 1):
+            for name, model in variants.items():
+                seconds, answers[name] = decode(model, batch, args.new_tokens)
+                if round_:  # round 0 compiles
+                    runs[name].append(seconds)
+        eager = statistics.median(runs["eager"])
+        same = answers["eager"] == answers["dynamic"] == answers["static"]
+        failed |= not same
+        print(f"  batch {size:3d}: " + "  ".join(
+            f"{name} {statistics.median(r) * 1e3:8.2f} ms/step (x{eager / statistics.median(r):4.2f})"
+            for name, r in runs.items()) + ("" if same else "  OTHER TOKENS"), flush=True)
+    if failed:
         print("error: the compiled copies gave other tokens than eager", file=sys.stderr)
         return 1
     print("  same tokens: yes")

@@ -27,6 +27,10 @@ class InputError(ShortVError, ValueError):
     """A prompt, image or data file that the model cannot take."""
 
 
+class ContextLengthError(InputError):
+    """A prompt too long for the model's context, or for the KV cache it is to go into."""
+
+
 # What a model name can be, for messages.
 MODEL_SOURCES = "a zoo name (`shortv zoo` lists them), a checkpoint folder or a Hub repo id"
 

@@ -157,23 +157,35 @@ class VisionLanguageModel:
         _require_encoded(encoded, "logits")
         return self.module.decoder.head(self.hidden_states(self.prepare([encoded])))[0]
 
-    def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int) -> tuple[Tensor, DecodeState]:
-        """Run the prompts (left-padded) into a fresh KV cache sized for `max_new_tokens`
-        more; next-token logits [B, vocab] and the state that `step` continues. When no new
-        token fits the context, the decoder is not run (budget 0, logits empty)."""
+    def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int, into: DecodeState | None = None,
+                slots: Sequence[int] | None = None) -> tuple[Tensor, DecodeState]:
+        """Run the prompts (left-padded); next-token logits [B, vocab] and the state that
+        `step` continues: a new one with a slot per prompt, sized for `max_new_tokens`
+        more, or `into` (a `decode_state`) with prompt i written into its free slot
+        `slots[i]`, beside the sequences already decoding there. When no new token fits
+        the context, the decoder is not run (budget 0, logits empty)."""
         return self.module.prefill(batch, max_new_tokens=max_new_tokens, method=self.method,
-                                   cache=self.feature_cache)
+                                   cache=self.feature_cache, into=into, slots=slots)
 
-    def prefill_chunks(self, batch: Sequence[Encoded], *, max_new_tokens: int, chunk: int | None
+    def prefill_chunks(self, batch: Sequence[Encoded], *, max_new_tokens: int, chunk: int | None,
+                       into: DecodeState | None = None, slots: Sequence[int] | None = None,
                        ) -> Iterator[tuple[Tensor, DecodeState] | None]:
         """`prefill` in pieces of at most `chunk` positions (the module's `prefill_chunks`):
         None after each piece but the last, then `prefill`'s result. For a caller that has
         other work to do between the pieces (the server's decode steps)."""
         return self.module.prefill_chunks(batch, max_new_tokens=max_new_tokens, method=self.method,
-                                          cache=self.feature_cache, chunk=chunk)
+                                          cache=self.feature_cache, chunk=chunk, into=into, slots=slots)
+
+    def decode_state(self, slots: int, capacity: int) -> DecodeState:
+        """An empty `DecodeState` of `slots` sequences of up to `capacity` positions each
+        (prompt and answer), its KV cache allocated now: `prefill(..., into=state,
+        slots=...)` starts sequences in it, `state.free(slots)` ends them, and `step`
+        advances the slots [0, B) together (continuous batching)."""
+        return self.module.decode_state(slots, capacity)
 
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
-        """Feed one new token per sequence (tokens [B]); next-token logits [B, vocab]."""
+        """Feed one new token to each of the slots [0, B) of `state` (tokens [B]); next-token
+        logits [B, vocab] (a free slot's row is meaningless)."""
         return self.module.step(state, tokens, self.method)
 
     def compile(self, *, static: bool | None = None, **options: Any) -> VisionLanguageModel:

@@ -384,21 +384,24 @@ def test_continuous_batching_joins_and_leaves(pair, static: bool):
     model.module._static_decode = static
     try:
         expected = [alone(e, n) for e, n in zip(encoded, new, strict=True)]
-        logits, state = model.prefill(encoded[:1], max_new_tokens=max(new))
+        state = model.decode_state(3, 400)
+        slot_of = [2, 0, 1]  # the first prompt in the last slot: the rows before it are free
+        logits, _ = model.prefill(encoded[:1], max_new_tokens=max(new), into=state, slots=[2])
         got = [[logits[0]]]
-        got[0].append(model.step(state, got[0][-1].argmax(-1)[None])[0])
-        logits, late = model.prefill(encoded[1:], max_new_tokens=max(new))
+        got[0].append(model.step(state, torch.tensor([0, 0, int(got[0][-1].argmax())]))[2])
+        logits, _ = model.prefill(encoded[1:], max_new_tokens=max(new), into=state, slots=[0, 1])
         got += [[row] for row in logits]
-        state = state.join(late)
         rows = [0, 1, 2]
         while rows:
-            last = torch.stack([got[r][-1].argmax(-1) for r in rows])
-            for r, row in zip(rows, model.step(state, last), strict=True):
-                got[r].append(row)
-            keep = [i for i, r in enumerate(rows) if len(got[r]) < new[r]]
-            if len(keep) < len(rows):
-                rows = [rows[i] for i in keep]
-                state = state.select(keep) if rows else state
+            tokens = torch.zeros(state.rows_needed(), dtype=torch.long)
+            for r in rows:
+                tokens[slot_of[r]] = got[r][-1].argmax()
+            out = model.step(state, tokens)
+            for r in rows:
+                got[r].append(out[slot_of[r]])
+            done = [r for r in rows if len(got[r]) == new[r]]
+            state.free([slot_of[r] for r in done])
+            rows = [r for r in rows if r not in done]
     finally:
         model.module._static_decode = False
     for mine, reference in zip(got, expected, strict=True):

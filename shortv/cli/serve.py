@@ -27,17 +27,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_runtime(p)
     add_method(p)
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile for dynamic shapes (no CUDA "
-                        "graphs: the batch changes at every join and leave); compiled at start-up "
-                        "for a batch of one and of several, before the first client is answered; "
-                        "a graph compiled later is logged as a warning")
+                   help="compile the decode step with torch.compile, once per bucket of rows (1, 2, "
+                        "4, ..., --max-batch): on CUDA as CUDA graphs over the whole --max-context, "
+                        "elsewhere for dynamic shapes; compiled at start-up (the log says how long), "
+                        "before the first client is answered; a graph compiled later is logged as a "
+                        "warning and counted in /metrics")
     p.add_argument("--feature-cache-mb", type=float_in(0.0, 1e7), default=512.0, metavar="MB",
                    help="keep the visual tokens of images already seen, up to MB on the model's "
                         "device (least recently used out first): the same image sent again skips "
                         "the vision tower; 0: off (default 512)")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int_at_least(1), default=16, metavar="B",
-                   help="sequences decoded together (default 16)")
+                   help="sequences decoded together: the KV cache's slots (default 16)")
+    g.add_argument("--max-context", type=int_at_least(2), metavar="N",
+                   help="positions each sequence may hold, prompt and answer: the KV cache "
+                        "(--max-batch x N positions) is allocated at start, and a request that "
+                        "cannot fit is refused with a 400 (default: the model's context)")
     g.add_argument("--max-prefill", type=int_at_least(1), default=8, metavar="P",
                    help="new requests prefilled together in one padded batch; 1: each alone "
                         "(default 8)")
@@ -140,9 +145,14 @@ def run(args: argparse.Namespace) -> int:
                         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                         max_tokens=args.max_tokens_limit, image_root=image_root,
                         allow_urls=args.allow_image_urls, url_timeout=args.image_url_timeout)
+        context = model.config.text.max_position_embeddings
+        if args.max_context is not None and args.max_context > context:
+            raise ConfigError(f"--max-context {args.max_context} is more than the model's context "
+                              f"of {context} positions")
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_prefill=args.max_prefill, prefill_chunk=args.prefill_chunk or None,
-                        stats_interval=args.stats_interval)
+                        max_context=args.max_context, stats_interval=args.stats_interval)
+        logging.getLogger("shortv.serve").info("KV cache: %s", engine.kv_plan.describe())
         if args.compile:
             logging.getLogger("shortv.serve").info("compiling the decode step (warm-up) ...")
             engine.compile()

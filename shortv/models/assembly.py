@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import ContextLengthError, InputError
 from ..methods import VANILLA, Hook, Method
 from ..token_types import TYPE_DTYPE, TokenType
 from ..tokenizer import IMAGE_TOKEN
 from .batch import DecodeState, Encoded, Prepared
 from .config import TextConfig
 from .feature_cache import FeatureCache, image_key
-from .llama import KVCache
+from .kv_cache import CachePlan, KVCache, SlotCache
 from .protocols import LanguageModel
 
 # torch.compile modes that record CUDA graphs, which need the static KV cache.
@@ -150,7 +150,7 @@ class VisionLanguageModule(nn.Module):
         lengths = [x.shape[0] for x in embeds]
         limit = self.text_config.max_position_embeddings
         if max(lengths) > limit:
-            raise InputError(
+            raise ContextLengthError(
                 f"the sequence has {max(lengths)} tokens after expanding images, more than "
                 f"the model's context of {limit}; shorten the prompt or use fewer/smaller images"
             )
@@ -177,39 +177,61 @@ class VisionLanguageModule(nn.Module):
         return self.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
 
     def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int, method: Method,
-                cache: FeatureCache | None = None) -> tuple[Tensor, DecodeState]:
-        """Run the prompts (left-padded) under `method` into a fresh KV cache sized for
-        `max_new_tokens` more; next-token logits [B, vocab] and the state that `step`
-        continues. When no new token fits the context, the decoder is not run (budget 0,
-        logits empty). `cache`: the vision-feature cache, as in `prepare`."""
+                cache: FeatureCache | None = None, into: DecodeState | None = None,
+                slots: Sequence[int] | None = None) -> tuple[Tensor, DecodeState]:
+        """Run the prompts (left-padded) under `method`; next-token logits [B, vocab] and
+        the state that `step` continues: a new one with a slot per prompt, sized for
+        `max_new_tokens` more, or `into` with prompt i in slot `slots[i]`. When no new
+        token fits the context, the decoder is not run (budget 0, logits empty). `cache`:
+        the vision-feature cache, as in `prepare`."""
         # In one piece: the generator's first (and only) result is the prefill's.
-        done = next(self.prefill_chunks(batch, max_new_tokens=max_new_tokens, method=method, cache=cache))
+        done = next(self.prefill_chunks(batch, max_new_tokens=max_new_tokens, method=method, cache=cache,
+                                        into=into, slots=slots))
         assert done is not None
         return done
 
     @torch.inference_mode()  # around each chunk: a generator must not leave the mode on
     def prefill_chunks(self, batch: Sequence[Encoded], *, max_new_tokens: int, method: Method,
-                       cache: FeatureCache | None = None, chunk: int | None = None
+                       cache: FeatureCache | None = None, chunk: int | None = None,
+                       into: DecodeState | None = None, slots: Sequence[int] | None = None,
                        ) -> Iterator[tuple[Tensor, DecodeState] | None]:
         """`prefill` in pieces of at most `chunk` positions (None: all at once): the images
         go through the tower first, then each piece through the decoder, appending to the
-        KV cache; yields None after every piece but the last, then what `prefill` returns.
-        A server interleaves decode steps between the pieces, so that a long prompt does
-        not stall the answers already streaming. The result equals `prefill`'s (each piece
-        attends to the cache and causally within itself). A method that drops tokens or
-        captures attention to rank them (`Hook.TOKENS`: FastV, VTW, PDrop, DART, SparseVLM)
-        needs the whole prompt in one pass, so its prompts go in one piece."""
+        prefill's KV cache; yields None after every piece but the last, then what `prefill`
+        returns. A server interleaves decode steps between the pieces, so that a long
+        prompt does not stall the answers already streaming. The result equals `prefill`'s
+        (each piece attends to the cache and causally within itself). A method that drops
+        tokens or captures attention to rank them (`Hook.TOKENS`: FastV, VTW, PDrop, DART,
+        SparseVLM) needs the whole prompt in one pass, so its prompts go in one piece.
+
+        `into`, `slots`: write prompt i into slot `slots[i]` of a running `DecodeState`
+        (free slots; continuous batching) and return that state, instead of a new state
+        with a slot per prompt sized for `max_new_tokens` more."""
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
+        if (into is None) != (slots is None) or (slots is not None and len(slots) != len(batch)):
+            raise ValueError("into and slots go together, with one slot per prompt")
         prepared = self.prepare(batch, method=method, cache=cache)
         b, t = prepared.types.shape
         context = self.text_config.max_position_embeddings
         budget = max(0, min(max_new_tokens, context - max(prepared.lengths)))
-        kv = KVCache(self.num_layers, capacity=t + budget)
-        state = DecodeState(kv, prepared.next_positions, prepared.lengths, budget)
+        if into is None:
+            state = self.decode_state(b, t + budget if budget else 0)
+            slots = range(b)
+            state.budget = budget
+        else:
+            state = into
+            if max(prepared.lengths) >= state.cache.capacity:
+                raise ContextLengthError(
+                    f"the prompt has {max(prepared.lengths)} tokens after expanding its images, and "
+                    f"a sequence may hold at most {state.cache.capacity} (prompt and answer; the "
+                    "server's --max-context); shorten the messages or send fewer images")
+        for slot, n in zip(slots, prepared.lengths, strict=True):
+            state.prompt_lengths[slot] = n
         if budget == 0:
             yield prepared.embeds.new_empty(b, 0), state
             return
+        kv = KVCache(self.num_layers, capacity=t)
         piece = t if chunk is None or Hook.TOKENS in method.hooks else chunk
         for start in range(0, t, piece):
             end = min(t, start + piece)
@@ -218,19 +240,34 @@ class VisionLanguageModule(nn.Module):
                                   last_only=end == t)
             if end < t:
                 yield None
-        if self._static_decode:
-            kv.make_static()
+        state.cache.write(slots, kv)
+        index = torch.tensor(list(slots), dtype=torch.long, device=state.positions.device)
+        assert prepared.next_positions is not None
+        state.positions.index_copy_(0, index, prepared.next_positions)
         yield self.decoder.head(hidden[:, -1]), state
+
+    def decode_state(self, slots: int, capacity: int) -> DecodeState:
+        """An empty `DecodeState`: a `SlotCache` of `slots` sequences of up to `capacity`
+        positions each, allocated now (`prefill_chunks(..., into=)` fills its slots)."""
+        c = self.text_config
+        plan = CachePlan(c.layers, slots, capacity, c.kv_heads, c.head_dim, self.dtype)
+        rope_streams = (3,) if c.mrope_section else ()
+        positions = torch.zeros(slots, 1, *rope_streams, dtype=torch.long, device=self.device)
+        return DecodeState(SlotCache(plan, self.device), positions, [0] * slots, 0)
 
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: Tensor, method: Method) -> Tensor:
-        """Feed one new token per sequence (tokens [B]) under `method`; next-token logits
-        [B, vocab]. Runs the compiled decode step once `compile_step` made one."""
-        if self._static_decode and not state.cache.static:
-            state.cache.make_static()  # a joined or selected state starts dynamic
+        """Feed one new token to each of the slots [0, B) of `state` (tokens [B]) under
+        `method`; next-token logits [B, vocab] (a free slot's row is meaningless). Runs the
+        compiled decode step once `compile_step` made one."""
+        rows = tokens.shape[0]
+        if self._static_decode:
+            state.cache.mark_static()
+        view = state.cache.view(rows, static=self._static_decode)
         decode = self._compiled_step or self.decoder.step
-        logits = decode(tokens, state.positions, state.cache, method)
-        state.positions = state.positions + 1
+        logits = decode(tokens, state.positions[:rows], view, method)
+        state.cache.advance(rows)
+        state.positions[:rows] += 1
         return logits
 
     def compile_step(self, *, static: bool | None = None, **options: Any) -> None:
@@ -238,12 +275,12 @@ class VisionLanguageModule(nn.Module):
         (fullgraph: it reads nothing back to the host); the prefill stays eager. `options`
         go to torch.compile.
 
-        `static`: decode on a static KV cache (`KVCache.make_static`): every step has the
-        same shapes, so one graph serves every step and CUDA graphs can replay it. The
-        default is static for the modes that use CUDA graphs ("reduce-overhead", the
-        default mode on CUDA, and "max-autotune"); otherwise the cache is read up to its
-        current length and the graph is compiled for dynamic shapes, which costs less
-        attention on short answers.
+        `static`: every decode step attends over each slot's whole capacity, so every step
+        over the same number of rows has the same shapes: one graph per number of rows, which
+        CUDA graphs can replay. The default is static for the modes that use CUDA graphs
+        ("reduce-overhead", the default mode on CUDA, and "max-autotune"); otherwise each
+        layer attends over as many positions as its longest row holds, and the graph is
+        compiled for dynamic shapes, which costs less attention on short answers.
         """
         if self.device.type == "cuda":
             options.setdefault("mode", "reduce-overhead")

@@ -2,9 +2,9 @@
 and preprocessed images), the batch `Prepared` for the decoder (embeddings, token types
 and positions, left-padded), and the batch's `DecodeState` between decode steps.
 
-Plain data: the model (`shortv.models.llava`) makes and reads them, and the code that drives a
-model (`shortv.generate`, the server's engine) passes them along, without either side
-importing the other.
+Plain data (the state's cache aside): the model (`shortv.models.assembly`) makes and
+reads them, and the code that drives a model (`shortv.generate`, the server's engine)
+passes them along, without either side importing the other.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..tokenizer import IMAGE_TOKEN
-from .llama import KVCache
+from .kv_cache import SlotCache
 
 
 @dataclass(frozen=True)
@@ -63,26 +63,32 @@ class Prepared:
 
 @dataclass
 class DecodeState:
-    """A batch between decode steps: its KV cache, the next RoPE positions [B, 1] (M-RoPE:
-    [B, 1, 3]), the
-    prompt lengths, and how many new tokens fit (max_new_tokens, or less where the context
-    runs out)."""
+    """Sequences between decode steps: their `SlotCache`, the next RoPE position of every
+    slot ([slots, 1]; M-RoPE: [slots, 1, 3]), each slot's prompt length (0 for a free
+    slot), and how many new tokens fit (the prefill's max_new_tokens, or less where the
+    context runs out; a server keeps a budget per request instead).
 
-    cache: KVCache
+    A step feeds one token to each of the slots [0, B) (`VisionLanguageModule.step`); a
+    prefill `into` a state writes its prompts into free slots, and `free` lets a finished
+    sequence's slot go, so sequences join and leave between steps (continuous batching)
+    without copying each other's keys."""
+
+    cache: SlotCache
     positions: Tensor
     prompt_lengths: list[int]
     budget: int
 
-    def join(self, other: DecodeState) -> DecodeState:
-        """One batch of this state's sequences followed by `other`'s, each with the room it
-        had (continuous batching: a newly prefilled batch joins the running one between
-        steps). The next tokens to `step` are this batch's, then other's. The result is
-        on a dynamic-mode cache; `budget` is the larger of the two."""
-        return DecodeState(self.cache.join(other.cache), torch.cat((self.positions, other.positions)),
-                           self.prompt_lengths + other.prompt_lengths, max(self.budget, other.budget))
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
 
-    def select(self, rows: Sequence[int]) -> DecodeState:
-        """The sequences at batch indices `rows`, in that order (finished ones leave)."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.positions.device)
-        return DecodeState(self.cache.select(index), self.positions.index_select(0, index),
-                           [self.prompt_lengths[i] for i in rows], self.budget)
+    def free(self, slots: Sequence[int]) -> None:
+        """The sequences in `slots` are done: their slots take the next ones."""
+        self.cache.free(slots)
+        for slot in slots:
+            self.prompt_lengths[slot] = 0
+
+    def rows_needed(self) -> int:
+        """The fewest rows a step must run on to cover every live slot (0 when none is)."""
+        live = [s for s, used in enumerate(self.cache.live) if used]
+        return live[-1] + 1 if live else 0

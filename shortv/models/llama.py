@@ -23,6 +23,7 @@ from ..methods import VANILLA, Capture, LayerStep, LayerView, Method, Queries, l
 from ..ops import Linear
 from ..token_types import TYPE_DTYPE, TokenType
 from .config import TextConfig
+from .kv_cache import KVCache, LayerCache, SlotLayer, SlotView
 from .rotary import apply_rope, rope_tables
 
 # The token types of a decode step. (Tensors are compared with the types' int values
@@ -43,158 +44,6 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, shape, self.weight, self.eps)
         # Half precision: normalise in fp32 and cast back before the weight, as Llama does.
         return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(x.dtype)
-
-
-class KVCache:
-    """Keys and values of every layer. Layers may hold different tokens (FastV and VTW
-    drop visual tokens from some layer on), so each layer keeps its own length and its
-    own key-validity mask (False for padding).
-
-    The buffers are allocated once, at prefill, for the prompt plus every token that may
-    follow. `make_static()` then fixes every shape for the decode steps: each step writes
-    at a slot held as a tensor and attends over the whole buffer, unwritten slots masked,
-    which is what CUDA graphs need (one recorded graph for every step).
-    """
-
-    def __init__(self, num_layers: int, capacity: int = 0) -> None:
-        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
-
-    def make_static(self) -> None:
-        """From now on, append at tensor-held slots and return full-capacity buffers."""
-        for layer in self.layers:
-            layer.make_static()
-
-    @property
-    def static(self) -> bool:
-        return any(layer.slot is not None for layer in self.layers)
-
-    def join(self, other: KVCache) -> KVCache:
-        """One cache for this batch's sequences followed by `other`'s, each layer with room
-        for as many more tokens as either had (a new, dynamic-mode cache)."""
-        if len(self.layers) != len(other.layers):
-            raise ValueError("cannot join KV caches of models with different depths")
-        joined = KVCache(0)
-        joined.layers = [a.joined(b) for a, b in zip(self.layers, other.layers, strict=True)]
-        return joined
-
-    def select(self, rows: Tensor) -> KVCache:
-        """A cache of the sequences `rows` [N] (batch indices), in that order (a new,
-        dynamic-mode cache without the slots no kept sequence uses)."""
-        kept = KVCache(0)
-        kept.layers = [layer.selected(rows) for layer in self.layers]
-        return kept
-
-
-class LayerCache:
-    def __init__(self, capacity: int = 0) -> None:
-        self.capacity = capacity
-        self.k: Tensor | None = None  # [B, H_kv, capacity, D]
-        self.v: Tensor | None = None
-        self.valid: Tensor | None = None  # [B, capacity]
-        self.length = 0
-        self.has_pad = False
-        # Static mode: the next free slot, [1] on the cache's device (see KVCache).
-        self.slot: Tensor | None = None
-
-    def past_valid(self) -> Tensor | None:
-        """[B, P]: validity of the keys so far (static: of every slot, unwritten False)."""
-        if self.valid is None:
-            return None
-        return self.valid if self.slot is not None else self.valid[:, : self.length]
-
-    def make_static(self) -> None:
-        if self.k is None:
-            return  # a layer the prefill did not reach (nothing to decode after it)
-        self.slot = torch.tensor([self.length], device=self.k.device)
-        # Fixed addresses: compiled code may then mutate these buffers in place inside a
-        # recorded CUDA graph (inductor skips CUDA graphs for other mutated inputs).
-        for buffer in (self.k, self.v, self.valid, self.slot):
-            torch._dynamo.mark_static_address(buffer)
-
-    def append(self, k: Tensor, v: Tensor, valid: Tensor, has_pad: bool) -> tuple[Tensor, Tensor]:
-        """Store new keys/values; return all keys/values so far (static: the buffers)."""
-        if self.slot is not None:
-            return self._append_static(k, v)
-        new = k.shape[2]
-        end = self.length + new
-        if self.k is None or end > self.k.shape[2]:
-            self._grow(k, v, max(end, self.capacity, 2 * (self.k.shape[2] if self.k is not None else 0)))
-        assert self.k is not None and self.v is not None and self.valid is not None
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
-        self.valid[:, self.length : end] = valid
-        self.length = end
-        self.has_pad = self.has_pad or has_pad
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def _append_static(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """One decode token (never padding) into slot `slot`, all in place on device."""
-        assert self.k is not None and self.v is not None and self.valid is not None
-        assert self.slot is not None
-        self.k.index_copy_(2, self.slot, k)
-        self.v.index_copy_(2, self.slot, v)
-        self.valid.index_fill_(1, self.slot, True)
-        self.slot.add_(1)
-        return self.k, self.v
-
-    @property
-    def filled(self) -> int:
-        """Slots written so far (reads a static cache's slot back to the host)."""
-        return int(self.slot) if self.slot is not None else self.length
-
-    def _content(self) -> tuple[Tensor, Tensor, Tensor]:
-        assert self.k is not None and self.v is not None and self.valid is not None
-        n = self.filled
-        return self.k[:, :, :n], self.v[:, :, :n], self.valid[:, :n]
-
-    def joined(self, other: LayerCache) -> LayerCache:
-        """This layer's sequences, then `other`'s. Each side's keys are right-aligned at the
-        new length (the columns before them are padding, as in a left-padded prefill); the
-        capacity leaves room for the larger of the two sides' free slots."""
-        if self.k is None or other.k is None:
-            raise ValueError("cannot join a KV cache that holds no tokens (a prefill that ran no layer)")
-        parts = [self._content(), other._content()]
-        length = max(k.shape[2] for k, _, _ in parts)
-        room = max(self.k.shape[2] - self.filled, other.k.shape[2] - other.filled)
-        out = LayerCache(length + room)
-        ks, vs, valids = [], [], []
-        for k, v, valid in parts:
-            b, h, n, d = k.shape
-            pad = length - n
-            ks.append(torch.cat((k.new_zeros(b, h, pad, d), k), dim=2))
-            vs.append(torch.cat((v.new_zeros(b, h, pad, d), v), dim=2))
-            valids.append(torch.cat((valid.new_zeros(b, pad), valid), dim=1))
-        valid = torch.cat(valids)
-        out.append(torch.cat(ks), torch.cat(vs), valid,
-                   has_pad=self.has_pad or other.has_pad or not bool(valid.all()))
-        return out
-
-    def selected(self, rows: Tensor) -> LayerCache:
-        """The sequences `rows`, without the leading slots none of them uses."""
-        if self.k is None:
-            return LayerCache(self.capacity)
-        k, v, valid = (x.index_select(0, rows) for x in self._content())
-        used = valid.any(dim=0)
-        start = int(used.to(torch.int8).argmax()) if bool(used.any()) else valid.shape[1]
-        k, v, valid = k[:, :, start:], v[:, :, start:], valid[:, start:]
-        out = LayerCache(self.k.shape[2] - start)
-        out.append(k, v, valid, has_pad=not bool(valid.all()))
-        return out
-
-    def _grow(self, k: Tensor, v: Tensor, size: int) -> None:
-        b, h, _, d = k.shape
-        old = self.length
-        # Zeros, not garbage: a static decode step attends over unwritten slots too (masked,
-        # but a masked NaN value would still poison the weighted sum).
-        new_k = k.new_zeros(b, h, size, d)
-        new_v = v.new_zeros(b, h, size, d)
-        new_valid = torch.zeros(b, size, dtype=torch.bool, device=k.device)
-        if self.k is not None and old:
-            assert self.v is not None and self.valid is not None
-            new_k[:, :, :old] = self.k[:, :, :old]
-            new_v[:, :, :old] = self.v[:, :, :old]
-            new_valid[:, :old] = self.valid[:, :old]
-        self.k, self.v, self.valid = new_k, new_v, new_valid
 
 
 @dataclass
@@ -266,7 +115,8 @@ class Segment:
     past_valid: Tensor | None  # [B, P] validity of the cached keys before this pass
     has_pad: bool
     kinds: frozenset[TokenType]
-    # A decode step on a static cache: the slots [B, capacity] the new token may see.
+    # A decode step on a `SlotCache`: the positions [B, W] of its window the new token
+    # may see (the step's keys and values are the whole window).
     step_keys: Tensor | None = None
     _rows: dict[object, Rows] = field(default_factory=dict)
 
@@ -277,7 +127,7 @@ class Segment:
         positions: Tensor,
         config: TextConfig,
         dtype: torch.dtype,
-        past: LayerCache | None = None,
+        past: LayerCache | SlotLayer | None = None,
         kinds: frozenset[TokenType] | None = None,
     ) -> Segment:
         """`kinds`: the token types present, when the caller knows them (a decode step's are
@@ -286,13 +136,13 @@ class Segment:
                                sections=config.mrope_section)
         if kinds is None:
             kinds = frozenset(TokenType(int(t)) for t in torch.unique(types).tolist())
+        if past is not None and (step_keys := past.step_keys()) is not None:
+            # A decode step on a `SlotCache`: the new token sits inside the window it
+            # attends over, and the window's mask says which positions each row holds.
+            return cls(types, positions, cos, sin, None, True, kinds, step_keys)
         past_valid = past.past_valid() if past is not None and past.length else None
         has_pad = TokenType.PAD in kinds or bool(past is not None and past.has_pad)
-        step_keys = None
-        if past is not None and past.slot is not None and past.valid is not None:
-            slots = torch.arange(past.valid.shape[1], device=past.valid.device)
-            step_keys = past.valid | (slots == past.slot)
-        return cls(types, positions, cos, sin, past_valid, has_pad, kinds, step_keys)
+        return cls(types, positions, cos, sin, past_valid, has_pad, kinds)
 
     @property
     def past_length(self) -> int:
@@ -447,7 +297,7 @@ class DecoderLayer(nn.Module):
         x: Tensor,
         seg: Segment,
         rows: Rows,
-        cache: LayerCache | None = None,
+        cache: LayerCache | SlotLayer | None = None,
         capture: Capture | None = None,
     ) -> tuple[Tensor, Captured | None]:
         """One layer. Keys and values come from every token; queries, the output projection
@@ -514,7 +364,8 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     def segment(self, types: Tensor, positions: Tensor, dtype: torch.dtype,
-                past: LayerCache | None = None, kinds: frozenset[TokenType] | None = None) -> Segment:
+                past: LayerCache | SlotLayer | None = None,
+                kinds: frozenset[TokenType] | None = None) -> Segment:
         return Segment.build(types, positions, self.config, dtype, past, kinds)
 
     def forward(
@@ -547,9 +398,10 @@ class Decoder(nn.Module):
         out = self._run(x, types, positions, last_only=last_only, inputs=inputs)
         return out, inputs
 
-    def step(self, tokens: Tensor, positions: Tensor, cache: KVCache, method: Method) -> Tensor:
+    def step(self, tokens: Tensor, positions: Tensor, cache: SlotView, method: Method) -> Tensor:
         """One decode step: feed one new text token per sequence (tokens [B], at RoPE
-        positions [B, 1]) after what `cache` holds; next-token logits [B, vocab]."""
+        positions [B, 1]) after what `cache` holds (slots [0, B) of a `SlotCache`);
+        next-token logits [B, vocab]."""
         x = self.embed_tokens(tokens[:, None])
         types = torch.full(positions.shape[:2], int(TokenType.TEXT), dtype=TYPE_DTYPE,
                            device=positions.device)
@@ -562,7 +414,7 @@ class Decoder(nn.Module):
         types: Tensor,
         positions: Tensor,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotView | None = None,
         method: Method = VANILLA,
         layers: Iterable[int] | None = None,
         last_only: bool = False,
@@ -610,7 +462,8 @@ class _Pass:
     latest capture since the last drop, and each drop's tokens to put back at the end."""
 
     def __init__(self, decoder: Decoder, method: Method, x: Tensor, seg: Segment,
-                 cache: KVCache | None, last_only_at: int | None, inputs: list[Tensor] | None) -> None:
+                 cache: KVCache | SlotView | None, last_only_at: int | None,
+                 inputs: list[Tensor] | None) -> None:
         self.decoder, self.method, self.cache = decoder, method, cache
         self.last_only_at = last_only_at  # the layer that computes the last position only
         self.inputs = inputs
@@ -620,7 +473,7 @@ class _Pass:
         self.captured: Captured | None = None
         self.drops: list[tuple[Tensor, Subset]] = []
 
-    def cache_of(self, layer: int) -> LayerCache | None:
+    def cache_of(self, layer: int) -> LayerCache | SlotLayer | None:
         return self.cache.layers[layer] if self.cache is not None else None
 
     def visual_left(self) -> bool:

@@ -179,6 +179,12 @@ class _Api:
             ("shortv_completion_tokens_total", "counter", "tokens generated", s.completion_tokens),
             ("shortv_compiles_after_warm_up_total", "counter",
              "graphs of the compiled decode step compiled while serving (--compile)", s.compiles),
+            ("shortv_kv_cache_bytes", "gauge", "bytes of the KV cache, allocated at start",
+             self.engine.kv_plan.nbytes),
+            ("shortv_kv_cache_slots", "gauge", "sequences the KV cache holds (--max-batch)",
+             self.engine.kv_plan.slots),
+            ("shortv_kv_cache_positions", "gauge", "positions per slot (--max-context)",
+             self.engine.kv_plan.capacity),
         ]
         lines = []
         for name, kind, text, value in rows:

@@ -1,8 +1,8 @@
 """The serving engine's decode step, eager or compiled (`DecodeStep`).
 
-Compiled, the step is given inputs of the few kinds that `DecodeStep.warm_up` compiles
-for, so that serving compiles nothing new; a graph compiled anyway is counted and logged
-with dynamo's reason. `compile_for_serving` compiles a model's step for changing batches.
+Compiled, the step runs on the engine's buckets of rows, which `DecodeStep.warm_up`
+compiles for, so that serving compiles nothing new; a graph compiled anyway is counted and
+logged with dynamo's reason. `compile_for_serving` compiles a model's step for serving.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 from torch.fx.experimental import _config as fx_config
 
-from ..errors import ShortVError
+from ..errors import ContextLengthError, ShortVError
 
 if TYPE_CHECKING:
-    from ..models.batch import DecodeState, Encoded
+    from ..models.batch import DecodeState
     from ..session import VisionLanguageModel
 
 log = logging.getLogger("shortv.serve")
@@ -28,19 +28,21 @@ WARM_UP_STEPS = 3  # decode steps per kind of batch in `DecodeStep.warm_up`
 
 
 def compile_for_serving(model: VisionLanguageModel, **options: Any) -> VisionLanguageModel:
-    """Compile the model's decode step for continuous batching: for dynamic shapes and
-    without CUDA graphs (`mode="default"`), since the batch and the cache lengths change
-    at every join and leave, and each new shape would need its own CUDA-graph recording
-    over a static cache. `options` go to torch.compile. `Engine.compile` calls it; then
+    """Compile the model's decode step for the engine's buckets of rows. On CUDA: CUDA
+    graphs ("reduce-overhead") over the whole slot capacity (`static`), one graph per
+    bucket. Elsewhere: dynamic shapes without graphs (`mode="default"`), each layer
+    attending over the positions its rows hold; one graph for a single row and one for
+    any other bucket. `options` go to torch.compile. `Engine.compile` calls it; then
     `Engine.warm_up` compiles the graphs serving needs."""
+    static = model.device.type == "cuda"
     if options.get("backend", "inductor") == "inductor":  # modes are inductor's
-        options.setdefault("mode", "default")
-    return model.compile(static=False, **options)
+        options.setdefault("mode", "reduce-overhead" if static else "default")
+    return model.compile(static=static, **options)
 
 
 class DecodeStep:
     """`model.step` as the engine runs it: eager until `compile`, then compiled for the
-    kinds of batch `warm_up` covers. `compiles` counts the graphs compiled after warm-up."""
+    buckets of rows `warm_up` covers. `compiles` counts the graphs compiled after warm-up."""
 
     def __init__(self, model: VisionLanguageModel) -> None:
         self.model = model
@@ -56,20 +58,18 @@ class DecodeStep:
         compile_for_serving(self.model, **options)
         self.compiled = True
 
-    def warm_up(self, max_batch: int) -> float:
-        """Compile the decode step for every kind of batch (of at most `max_batch` rows) the
-        engine will hand it, before any client is answered; the seconds it took.
-
-        The step keeps those kinds to two (see `__call__`): a batch of one, and a batch of
-        several (dynamo specialises a dimension of size 1, and compiles the others for any
-        size). A scripted run of the model's own calls covers both, whatever the model
-        answers: one grey-picture prompt alone, then two more of other lengths prefilled
-        together (padded) joining it, rows leaving, and the last one alone again. Each
-        runs a few decode steps. From here on a compile is counted and logged as a warning."""
+    def warm_up(self, state: DecodeState, buckets: Sequence[int]) -> float:
+        """Compile the decode step for every bucket of rows the engine will run it on,
+        before any client is answered; the seconds it took. A scripted run of the model's
+        own calls on the engine's `state`, whatever the model answers: one grey-picture
+        prompt in slot 0, a few steps on one row; two more prompts of other lengths
+        (prefilled together, padded) in slots 1 and 2; a few steps on each bucket; then
+        every slot is freed again. From here on a compile is counted and logged as a
+        warning."""
         started = time.perf_counter()
         graphs = _graphs_compiled()
         with torch.inference_mode():
-            self._warm_up_batches(max_batch)
+            self._warm_up_buckets(state, buckets)
         self._warm = True
         self._graphs_seen = _graphs_compiled()
         self._failures_seen = len(_guard_failures(self.model))
@@ -78,59 +78,40 @@ class DecodeStep:
                  self._graphs_seen - graphs, seconds)
         return seconds
 
-    def _warm_up_batches(self, max_batch: int) -> None:
+    def _warm_up_buckets(self, state: DecodeState, buckets: Sequence[int]) -> None:
         from PIL import Image
 
         picture = Image.new("RGB", (336, 336), (128, 128, 128))
         questions = ["Describe the picture in detail.", "Hi.",
                      "What colour is the picture? Answer in one word, please."]
         encoded = [self.model.encode(q, [picture]) for q in questions]
-        steps = WARM_UP_STEPS
-
-        def prefill(batch: list[Encoded]) -> tuple[Tensor, DecodeState]:
-            logits, state = self.model.prefill(batch, max_new_tokens=4 * steps)
-            if state.budget == 0:
-                raise ShortVError("the warm-up prompts fill the model's context; serve without --compile")
-            return logits.argmax(dim=-1), state
-
-        def decode(state: DecodeState, tokens: Tensor) -> Tensor:
-            for _ in range(steps):
-                tokens = self(state, tokens).argmax(dim=-1)
-            return tokens
-
-        tokens, state = prefill(encoded[:1])
-        tokens = decode(state, tokens)  # a batch of one
-        if max_batch == 1:
-            return
-        new, joining = prefill(encoded[1:])  # two lengths: padded
-        if max_batch >= 3:
-            state, tokens = state.join(joining), torch.cat((tokens, new))
-        else:
-            state, tokens = joining, new
-        tokens = decode(state, tokens)  # several
-        if len(tokens) == 3:  # the middle one leaves
-            state = state.select([0, 2])
-            tokens = decode(state, tokens[[0, 2]])
-        decode(state.select([0]), tokens[:1])  # one again, after the others left
+        used = list(range(min(3, state.slots)))
+        try:
+            for first, group in ((0, encoded[:1]), (1, encoded[1:len(used)])):
+                if not group:
+                    continue
+                slots = list(range(first, first + len(group)))
+                logits, _ = self.model.prefill(group, max_new_tokens=4 * WARM_UP_STEPS,
+                                               into=state, slots=slots)
+                if logits.shape[1] == 0:
+                    raise ShortVError("the warm-up prompts fill the model's context; serve without --compile")
+                for rows in buckets if first else buckets[:1]:
+                    tokens = torch.zeros(rows, dtype=torch.long, device=self.model.device)
+                    for _ in range(WARM_UP_STEPS):
+                        tokens = self(state, tokens).argmax(dim=-1)
+        except ContextLengthError as e:
+            raise ShortVError(f"the warm-up prompts do not fit: {e}; raise --max-context or serve "
+                              "without --compile") from e
+        finally:
+            state.free(used)
 
     def __call__(self, state: DecodeState, tokens: Tensor) -> Tensor:
-        """`model.step`. A compiled step is given inputs of the kinds `warm_up` compiled
-        for, so that serving compiles nothing new: dynamo guards on every Python value the
-        step reads, so a batch of several always takes the masked-attention path (whether
-        or not its rows happen to be padded: a mask of all True is the same attention), and
-        a step whose cache must grow, or becomes exactly full, runs eagerly (each is a graph
-        of its own; they happen a few times per answer, as the buffers double). Sizes that happen to be
-        equal get no symbol of their own (no "duck shapes"): one graph then serves caches
-        whose layers hold different lengths (FastV). Any graph compiled after warm-up is
-        counted and logged with dynamo's reason."""
+        """`model.step` on the slots [0, len(tokens)). Sizes that happen to be equal get no
+        symbol of their own (no "duck shapes"): one graph then serves layers whose windows
+        differ (FastV) and windows equal to the number of rows. Any graph compiled after
+        warm-up is counted and logged with dynamo's reason."""
         if not self.compiled:
             return self.model.step(state, tokens)
-        if len(tokens) > 1:
-            for layer in state.cache.layers:
-                layer.has_pad = True
-        if _would_grow(state):
-            with torch.compiler.set_stance("force_eager"):
-                return self.model.step(state, tokens)
         with fx_config.patch(use_duck_shape=False):
             logits = self.model.step(state, tokens)
         if self._warm and (graphs := _graphs_compiled()) != self._graphs_seen:
@@ -140,12 +121,6 @@ class DecodeStep:
             self.compiles += 1
             log.warning("compiled a new graph after warm-up (%s)", reason)
         return logits
-
-
-def _would_grow(state: DecodeState) -> bool:
-    """Whether one more token overflows some layer's KV buffer (the step would grow it), or
-    fills it exactly (inductor compiles a slice that is the whole buffer on its own)."""
-    return any(layer.k is not None and layer.length + 1 >= layer.k.shape[2] for layer in state.cache.layers)
 
 
 def _graphs_compiled() -> int:

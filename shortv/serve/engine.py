@@ -1,15 +1,20 @@
 """The batching engine: one model, one worker thread, continuous batching.
 
-Requests (`Job`s) wait in a bounded queue. Between two decode steps the worker admits as
-many as the batch has room for: they are encoded and prefilled in groups of up to
-`max_prefill` (`VisionLanguageModel.prefill_chunks`), each one's first token is picked, and
-its `DecodeState` joins the running batch (`DecodeState.join`). A long prompt is prefilled
-in pieces of `prefill_chunk` positions, one piece per decode step of the running batch, so
-that the answers already streaming keep their pace while it arrives.
-Then one `VisionLanguageModel.step` advances every running sequence by a token; each row's token is
-picked with its own request's options and generator, and its text is assembled with
-`shortv.generate.loop.Answer`, as `model.chat` does. A sequence that ends (EOS, a stop
-string, its own budget) or whose client went away leaves the batch (`DecodeState.select`).
+Requests (`Job`s) wait in a bounded queue. The engine owns one `DecodeState` for its whole
+life: a `SlotCache` of `max_batch` slots of `max_context` positions, allocated at start
+(its size is the plan `kv_plan` describes). Between two decode steps the worker admits as
+many waiting jobs as there are free slots: they are encoded and prefilled in groups of up
+to `max_prefill` (`VisionLanguageModel.prefill_chunks`), each into a free slot, and each
+one's first token is picked. A long prompt is prefilled in pieces of `prefill_chunk`
+positions, one piece per decode step of the running batch, so that the answers already
+streaming keep their pace while it arrives.
+Then one `VisionLanguageModel.step` advances the slots [0, B) by a token, B the smallest
+bucket (1, 2, 4, 8, ..., max_batch) that covers every running slot; each running slot's
+token is picked with its own request's options and generator, and its text is assembled
+with `shortv.generate.loop.Answer`, as `model.chat` does. A sequence that ends (EOS, a stop
+string, its own budget) or whose client went away frees its slot (`DecodeState.free`).
+Nothing is copied when sequences join or leave, and a compiled step sees one shape per
+bucket.
 
 The worker is the only thread that touches the model, and so the model's vision-feature
 cache (`VisionLanguageModel.cache_features`, which `shortv serve` turns on): an image sent
@@ -31,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError, ShortVError
+from ..errors import ContextLengthError, ShortVError
 from ..generate.loop import Answer
 from ..generate.sampling import GenerationOptions, make_generator, pick
 from .compiled import DecodeStep
@@ -40,11 +45,10 @@ from .errors import EngineError, Refusal
 if TYPE_CHECKING:
     from ..models.batch import DecodeState, Encoded
     from ..models.feature_cache import FeatureCache
+    from ..models.kv_cache import CachePlan
     from ..session import VisionLanguageModel
 
 log = logging.getLogger("shortv.serve")
-
-PREFILL_ROOM = 16  # KV slots a prefill reserves for the answer (the cache grows beyond)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class Job:
     answer: Answer | None = None
     generator: torch.Generator | None = None
     remaining: int = 0
+    slot: int = -1  # its slot in the engine's KV cache, from admission until it ends
     last_token: int = 0
     prompt_tokens: int = 0
     bias_ids: Tensor | None = None  # `logit_bias` as token ids (long) and values (float) on the
@@ -129,31 +134,37 @@ class Stats:
 
 @dataclass
 class _Prefill:
-    """A group of jobs being prefilled together: their prompts and the pieces left
-    (`VisionLanguageModel.prefill_chunks`)."""
+    """A group of jobs being prefilled together: their prompts, their slots and the pieces
+    left (`VisionLanguageModel.prefill_chunks`)."""
 
     jobs: list[Job]
     encoded: list[Encoded]
+    slots: list[int]
     pieces: Iterator[tuple[Tensor, DecodeState] | None] | None = None  # set by the first piece
 
 
 class Engine:
     """Continuous batching of chat requests on one model (see the module docstring).
 
-    max_batch: sequences decoded together (prefilling ones included). max_queue: requests
-    waiting for a batch slot; `submit` refuses more (`Refusal.OVERLOADED`). max_prefill: new
-    requests prefilled together in one padded batch (1: each alone, exactly `model.chat`'s
-    prefill). prefill_chunk: positions of a prompt the decoder takes between two decode steps
-    (None: a whole prompt at once). stats_interval: seconds between stats log lines while
-    busy (0: none)."""
+    max_batch: sequences decoded together (prefilling ones included): the KV cache's slots.
+    max_context: positions each slot holds, prompt and answer (None: the model's context);
+    a request that cannot fit is refused (`Refusal.TOO_LONG`), and an answer that reaches
+    it ends with "length". max_queue: requests waiting for a slot; `submit` refuses more
+    (`Refusal.OVERLOADED`). max_prefill: new requests prefilled together in one padded
+    batch (1: each alone, exactly `model.chat`'s prefill). prefill_chunk: positions of a
+    prompt the decoder takes between two decode steps (None: a whole prompt at once).
+    stats_interval: seconds between stats log lines while busy (0: none)."""
 
     def __init__(self, model: VisionLanguageModel, *, max_batch: int = 16, max_queue: int = 64,
-                 max_prefill: int = 8, prefill_chunk: int | None = 2048,
+                 max_prefill: int = 8, prefill_chunk: int | None = 2048, max_context: int | None = None,
                  stats_interval: float = 10.0) -> None:
         if max_batch < 1 or max_queue < 0 or max_prefill < 1:
             raise ValueError("max_batch and max_prefill must be >= 1, max_queue >= 0")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1 or None")
+        context = model.config.text.max_position_embeddings
+        if max_context is not None and not 2 <= max_context <= context:
+            raise ValueError(f"max_context must lie in [2, {context}] (the model's context)")
         self.model = model
         self.max_batch = max_batch
         self.max_prefill = max_prefill
@@ -163,15 +174,22 @@ class Engine:
         self.stats = Stats()
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._running: list[Job] = []  # in the batch's row order (worker only)
+        self._running: list[Job] = []  # decoding, each in its slot (worker only)
         self._prefilling: deque[_Prefill] = deque()  # groups with pieces left (worker only)
-        self._state: DecodeState | None = None
+        self._slots: list[Job | None] = [None] * max_batch  # who holds each slot (worker only)
+        self._state = model.decode_state(max_batch, context if max_context is None else max_context)
+        self.buckets = _buckets(max_batch)
         self._draining = False
         self._deadline: float | None = None  # when draining: cancel what is left then
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._last_stats = 0.0
         self._decode = DecodeStep(model)  # `model.step`, eager or compiled
+
+    @property
+    def kv_plan(self) -> CachePlan:
+        """The KV cache's shape and bytes (allocated when the engine was made)."""
+        return self._state.cache.plan
 
     # ---- the owners' side (any thread) -----------------------------------------------------
 
@@ -220,7 +238,7 @@ class Engine:
         any client is answered (`DecodeStep.warm_up`); the seconds it took. Nothing reaches
         the stats or the queue; the worker is not started. From here on a compile during
         serving is logged as a warning and counted in `stats.compiles`."""
-        return self._decode.warm_up(self.max_batch)
+        return self._decode.warm_up(self._state, self.buckets)
 
     def drain(self, timeout: float) -> None:
         """Begin a graceful shutdown: refuse new jobs; those queued or running may finish
@@ -256,9 +274,9 @@ class Engine:
     # ---- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        # Every tensor the worker makes (joined and selected caches, the step's tokens) is
-        # an inference tensor, like those `prefill` and `step` make: a compiled step guards
-        # on whether each input is one, so a mix would compile a new graph per combination.
+        # Every tensor the worker makes (the step's tokens, the cache's views) is an
+        # inference tensor, like those `prefill` and `step` make: a compiled step guards on
+        # whether each input is one, so a mix would compile a new graph per combination.
         with torch.inference_mode():
             self._serve()
 
@@ -286,9 +304,7 @@ class Engine:
                 for job in [*new, *self._running, *self._prefilling_jobs()]:
                     if not job.done:
                         self._fail(job, _as_engine_error(e, job))
-                self._running, self._state = [], None
-                self._prefilling.clear()
-                self.stats.batch = 0
+                self._clear()
             self._log_stats()
         with self._cond:
             left = [*self._waiting, *self._running, *self._prefilling_jobs()]
@@ -296,13 +312,25 @@ class Engine:
         for job in left:
             if not job.done:
                 self._fail(job, shutting_down("the request was cancelled"))
-        self._running, self._state = [], None
+        self._clear()
+        self.stats.queue = 0
+
+    def _clear(self) -> None:
+        """Empty the batch: every slot free, nothing running or prefilling."""
+        self._running = []
         self._prefilling.clear()
-        self.stats.queue = self.stats.batch = 0
+        self._release([s for s, job in enumerate(self._slots) if job is not None])
+        self.stats.batch = 0
 
     def _occupied(self) -> int:
-        """Batch slots taken: running sequences and those still being prefilled."""
-        return len(self._running) + len(self._prefilling_jobs())
+        """Slots taken: by running sequences and by those still being prefilled."""
+        return sum(job is not None for job in self._slots)
+
+    def _release(self, slots: Sequence[int]) -> None:
+        """Free slots whose sequences ended (or never started)."""
+        self._state.free(slots)
+        for slot in slots:
+            self._slots[slot] = None
 
     def _prefilling_jobs(self) -> list[Job]:
         return [job for group in self._prefilling for job in group.jobs]
@@ -316,24 +344,20 @@ class Engine:
         return None
 
     def _admit(self, jobs: Sequence[Job]) -> None:
-        """Prefill the new jobs (up to `max_prefill` in one padded batch), pick their first
-        tokens, and join those still going to the running batch (joined among themselves
-        first, so the running batch is copied once)."""
+        """Prefill the new jobs (up to `max_prefill` in one padded batch), each into a free
+        slot, and pick their first tokens."""
         live = []
         for job in jobs:
             if job.cancelled:
                 self._count_cancelled(job)
             elif (encoded := self._encode(job)) is not None:
                 live.append((job, encoded))
-        states = []
         for at in range(0, len(live), self.max_prefill):
             group = live[at: at + self.max_prefill]
-            states += self._begin_prefill([job for job, _ in group], [e for _, e in group])
-        while len(states) > 1:  # pairwise, in order: each join copies both sides
-            states = [a.join(b) for a, b in zip(states[::2], states[1::2], strict=False)] + \
-                     ([states[-1]] if len(states) % 2 else [])
-        if states:
-            self._state = states[0] if self._state is None else self._state.join(states[0])
+            self._begin_prefill([job for job, _ in group], [e for _, e in group])
+        self._count_batch()
+
+    def _count_batch(self) -> None:
         self.stats.batch = len(self._running)
         self.stats.peak_batch = max(self.stats.peak_batch, self.stats.batch)
 
@@ -356,63 +380,61 @@ class Engine:
         job.images = ()  # the pixels are in `encoded` now
         return encoded
 
-    def _begin_prefill(self, jobs: list[Job], encoded: list[Encoded]) -> list[DecodeState]:
-        """Start prefilling a group of jobs with its first piece: the state of those still
-        going when that was the whole prompt (see `_advance`); otherwise the group waits
-        in `_prefilling` for its next piece."""
-        group = _Prefill(jobs, encoded)
+    def _begin_prefill(self, jobs: list[Job], encoded: list[Encoded]) -> None:
+        """Give each job of a group a free slot and start prefilling the group with its
+        first piece; when that was the whole prompt the group starts decoding (see
+        `_advance`), otherwise it waits in `_prefilling` for its next piece."""
+        free = [s for s, holder in enumerate(self._slots) if holder is None][: len(jobs)]
+        for job, slot in zip(jobs, free, strict=True):
+            job.slot, self._slots[slot] = slot, job
+        group = _Prefill(jobs, encoded, free)
         self._prefilling.append(group)
-        return self._advance(group)
+        self._advance(group)
 
     def _continue_prefill(self) -> None:
-        """The next piece of the oldest group still being prefilled; when it was the last,
-        the group's sequences join the running batch."""
-        if not self._prefilling:
-            return
-        for state in self._advance(self._prefilling[0]):
-            self._state = state if self._state is None else self._state.join(state)
-        self.stats.batch = len(self._running)
-        self.stats.peak_batch = max(self.stats.peak_batch, self.stats.batch)
+        """The next piece of the oldest group still being prefilled."""
+        if self._prefilling:
+            self._advance(self._prefilling[0])
+            self._count_batch()
 
-    def _advance(self, group: _Prefill) -> list[DecodeState]:
+    def _advance(self, group: _Prefill) -> None:
         """Run `group`'s next piece; when the prefill is complete (or failed), the group
         leaves `_prefilling` and `_started` takes it over. A group whose prefill fails, or
         in which one prompt fills the context, is prefilled again one job at a time, so that
         only the job at fault fails. A group whose clients all went away stops here."""
         if all(job.cancelled for job in group.jobs):
             self._prefilling.remove(group)
+            self._release(group.slots)
             for job in group.jobs:
                 self._count_cancelled(job)
-            return []
+            return
         try:
             if group.pieces is None:
-                # A little room only: the cache grows as the answers do, and a join or
-                # select copies the whole buffer, so a prefill sized for max_tokens would
-                # make every join and leave copy hundreds of unused slots per sequence.
-                room = min(max(job.options.max_new_tokens for job in group.jobs), PREFILL_ROOM)
-                group.pieces = self.model.prefill_chunks(group.encoded, max_new_tokens=room,
-                                                         chunk=self.prefill_chunk)
+                group.pieces = self.model.prefill_chunks(
+                    group.encoded, max_new_tokens=max(job.options.max_new_tokens for job in group.jobs),
+                    chunk=self.prefill_chunk, into=self._state, slots=group.slots)
             result = next(group.pieces)
-            if result is not None and result[1].budget == 0 and len(group.jobs) > 1:
-                raise InputError("a prompt fills the context")
+            if result is not None and result[0].shape[1] == 0 and len(group.jobs) > 1:
+                raise ContextLengthError("a prompt fills the context")
         except Exception as e:
             self._prefilling.remove(group)
+            self._release(group.slots)
             if len(group.jobs) > 1:
-                return [s for job, e1 in zip(group.jobs, group.encoded, strict=True)
-                        for s in self._begin_prefill([job], [e1])]
-            self._fail(group.jobs[0], _as_engine_error(e, group.jobs[0]))
-            return []
-        if result is None:
-            return []
-        self._prefilling.remove(group)
-        return self._started(group.jobs, *result)
+                for job, e1 in zip(group.jobs, group.encoded, strict=True):
+                    self._begin_prefill([job], [e1])
+            else:
+                self._fail(group.jobs[0], _as_engine_error(e, group.jobs[0]))
+            return
+        if result is not None:
+            self._prefilling.remove(group)
+            self._started(group.jobs, result[0])
 
-    def _started(self, jobs: list[Job], logits: Tensor, state: DecodeState) -> list[DecodeState]:
-        """A prefilled group: accept each job's first token; the state of those still going
-        (appended to `_running` in its row order)."""
-        for job, n in zip(jobs, state.prompt_lengths, strict=True):
+    def _started(self, jobs: list[Job], logits: Tensor) -> None:
+        """A prefilled group (row i of `logits` is jobs[i]'s): accept each job's first
+        token; those still going join `_running`, the others free their slots."""
+        for job in jobs:
             try:
-                job.prompt_tokens = n
+                n = job.prompt_tokens = self._state.prompt_lengths[job.slot]
                 job.remaining = self._budget(job)
                 job.answer = Answer.start(self.model, job.options)
                 job.generator = make_generator(job.options.seed, self.model.device)
@@ -428,46 +450,55 @@ class Engine:
                 self._accept(jobs[i], token)
             except Exception as e:
                 self._fail(jobs[i], _as_engine_error(e, jobs[i]))
-        ready = [i for i in rows if not jobs[i].done]
-        self._running += [jobs[i] for i in ready]
-        if not ready:
-            return []
-        return [state if len(ready) == len(jobs) else state.select(ready)]
+        self._running += [job for job in jobs if not job.done]
+        self._release([job.slot for job in jobs if job.done])
 
     def _budget(self, job: Job) -> int:
         """How many tokens the job may generate: its max_tokens, or less where the context
-        ends (EngineError TOO_LONG when nothing fits, or when an explicit max_tokens does not)."""
+        or its slot ends (EngineError TOO_LONG when nothing fits, or when an explicit
+        max_tokens does not)."""
         n = job.prompt_tokens
         context = self.model.config.text.max_position_embeddings
         if n >= context:
             raise EngineError(Refusal.TOO_LONG, f"the prompt has {n} tokens after expanding its images, "
                                                 f"which fills the model's context of {context} tokens; "
                                                 "shorten the messages or send fewer images", param="messages")
+        room = self._state.cache.room(job.slot)
+        fits = min(context - n, room)
         wanted = job.options.max_new_tokens
-        if job.strict_budget and n + wanted > context:
+        if job.strict_budget and wanted > fits:
+            capacity = self._state.cache.capacity
+            limit = (f"{n + wanted} is more than the model's context of {context} tokens"
+                     if room >= context - n else
+                     f"{n + wanted} is more than the {capacity} positions this server holds per "
+                     "request (--max-context)")
             raise EngineError(Refusal.TOO_LONG, f"the prompt has {n} tokens after expanding its images "
-                                                f"and max_tokens is {wanted}: {n + wanted} is more than the "
-                                                f"model's context of {context} tokens; ask for at most "
-                                                f"{context - n}", param="max_tokens")
-        return min(wanted, context - n)
+                                                f"and max_tokens is {wanted}: {limit}; ask for at most "
+                                                f"{fits}", param="max_tokens")
+        return min(wanted, fits)
 
     def _step(self) -> None:
-        """One decode step for the whole batch."""
-        assert self._state is not None
+        """One decode step for the slots [0, B): B the smallest bucket covering every
+        running slot (the other rows compute tokens nobody reads)."""
         jobs = self._running
-        tokens = torch.tensor([job.last_token for job in jobs], device=self.model.device)
+        rows = next(b for b in self.buckets if b > max(job.slot for job in jobs))
+        tokens = [0] * rows
+        for job in jobs:
+            tokens[job.slot] = job.last_token
         try:
-            logits = self._decode(self._state, tokens)
+            logits = self._decode(self._state, torch.tensor(tokens, device=self.model.device))
         except Exception as e:  # the step is shared: every running request fails with it
             log.exception("a decode step failed; failing the %d requests in the batch", len(jobs))
             for job in jobs:
                 self._fail(job, _as_engine_error(e, job))
-            self._running, self._state = [], None
+            self._release([job.slot for job in jobs])
+            self._running = []
             return
         self.stats.steps += 1
         self.stats.step_rows += len(jobs)
         self.stats.compiles = self._decode.compiles  # the step counts its own
-        for job, token in zip(jobs, _pick(logits, jobs), strict=True):
+        index = torch.tensor([job.slot for job in jobs], device=logits.device)
+        for job, token in zip(jobs, _pick(logits.index_select(0, index), jobs), strict=True):
             try:
                 if token is None:
                     raise RuntimeError("sampling failed")
@@ -511,14 +542,12 @@ class Engine:
                 self.stats.cancelled += 1
 
     def _leave(self) -> None:
-        """Finished and cancelled sequences leave the batch."""
+        """Finished and cancelled sequences free their slots."""
         for job in self._running:
             if job.cancelled:
                 self._count_cancelled(job)
-        keep = [i for i, job in enumerate(self._running) if not job.done]
-        if len(keep) < len(self._running):
-            self._running = [self._running[i] for i in keep]
-            self._state = self._state.select(keep) if keep and self._state is not None else None
+        self._release([job.slot for job in self._running if job.done])
+        self._running = [job for job in self._running if not job.done]
         self.stats.batch = len(self._running)
 
     def _log_stats(self) -> None:
@@ -551,11 +580,18 @@ def _as_engine_error(e: Exception, job: Job) -> EngineError:
     prompt or image) as bad input, anything else as internal (logged with its traceback)."""
     if isinstance(e, EngineError):
         return e
+    if isinstance(e, ContextLengthError):
+        return EngineError(Refusal.TOO_LONG, str(e), param="messages")
     if isinstance(e, ShortVError):
         return EngineError(Refusal.BAD_INPUT, str(e))
     log.error("%s failed", job.id, exc_info=e)
     return EngineError(Refusal.INTERNAL, f"internal error: the server failed on this request (its log "
                                          f"has the details under {job.id})")
+
+
+def _buckets(max_batch: int) -> list[int]:
+    """The numbers of rows a decode step runs on: powers of two, and max_batch."""
+    return sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch})
 
 
 def _pick(logits: Tensor, jobs: Sequence[Job]) -> list[int | None]:
