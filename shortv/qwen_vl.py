@@ -48,15 +48,15 @@ class QwenVL(VisionLanguageModel):
                          tokenizer=tokenizer, template=template, name=name,
                          checkpoint_dir=checkpoint_dir, missing_tokenizer=missing_tokenizer)
 
-    def set_method(self, method: Method) -> None:
-        """As `VisionLanguageModel.set_method`; a method that reduces the vision tower's
+    def check_method(self, method: Method) -> Method:
+        """As `VisionLanguageModel.check_method`; a method that reduces the vision tower's
         tokens (VisionZip) is refused here, before any input: shortv defines it on LLaVA's
         CLIP tower (class-token attention), which Qwen's tower does not have."""
         if isinstance(method, Method) and method.reduces_images:
             raise ConfigError(f"{method.describe()} reduces the vision tower's tokens, which shortv "
                               "defines for LLaVA's CLIP tower only; use it with a LLaVA model, or "
                               "a method that works in the decoder (fastv, pdrop, dart, sparsevlm, ...)")
-        super().set_method(method)
+        return super().check_method(method)
 
     def set_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
         """Resize images to an area within [min_pixels, max_pixels] (Qwen's `min_pixels` /

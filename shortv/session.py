@@ -121,10 +121,15 @@ class VisionLanguageModel:
     def set_method(self, method: Method) -> None:
         """Switch to another method: Vanilla(), ShortV(layers), FastV, VTW, PDrop, VisionZip,
         DART, SparseVLM, or a composition (`shortv.compose`)."""
+        self.method = self.check_method(method)
+
+    def check_method(self, method: Method) -> Method:
+        """`method` fitted to this model's depth, or ConfigError / InputError when this
+        model cannot run it (`set_method` and the server's per-request methods use it)."""
         if not isinstance(method, Method):
             raise InputError(f"expected a shortv method (e.g. shortv.Vanilla(), shortv.ShortV(layers), "
                              f"shortv.FastV()), got {method!r}")
-        self.method = method.for_layers(self.num_layers)
+        return method.for_layers(self.num_layers)
 
     def cache_features(self, max_mb: float | None = 512) -> VisionLanguageModel:
         """Keep the visual tokens of the images this model has seen, up to `max_mb` MiB on
@@ -169,11 +174,13 @@ class VisionLanguageModel:
 
     def prefill_chunks(self, batch: Sequence[Encoded], *, max_new_tokens: int, chunk: int | None,
                        into: DecodeState | None = None, slots: Sequence[int] | None = None,
-                       ) -> Iterator[tuple[Tensor, DecodeState] | None]:
+                       method: Method | None = None) -> Iterator[tuple[Tensor, DecodeState] | None]:
         """`prefill` in pieces of at most `chunk` positions (the module's `prefill_chunks`):
         None after each piece but the last, then `prefill`'s result. For a caller that has
-        other work to do between the pieces (the server's decode steps)."""
-        return self.module.prefill_chunks(batch, max_new_tokens=max_new_tokens, method=self.method,
+        other work to do between the pieces (the server's decode steps). `method`: this
+        prefill's, instead of the model's (one from `check_method`)."""
+        return self.module.prefill_chunks(batch, max_new_tokens=max_new_tokens,
+                                          method=self.method if method is None else method,
                                           cache=self.feature_cache, chunk=chunk, into=into, slots=slots)
 
     def decode_state(self, slots: int, capacity: int) -> DecodeState:
@@ -185,7 +192,9 @@ class VisionLanguageModel:
 
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one new token to each of the slots [0, B) of `state` (tokens [B]); next-token
-        logits [B, vocab] (a free slot's row is meaningless)."""
+        logits [B, vocab] (a free slot's row is meaningless). The step is the same for every
+        method (each layer attends over what its slot holds, however the prefill filled
+        it), so sequences prefilled under different methods may share it."""
         return self.module.step(state, tokens, self.method)
 
     def compile(self, *, static: bool | None = None, **options: Any) -> VisionLanguageModel:

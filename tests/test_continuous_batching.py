@@ -113,8 +113,8 @@ def test_slots_hold_prompts_without_padding(demo):
     visual = int((demo.token_types(encoded[0]) == int(shortv.TokenType.VISUAL)).sum())
     assert visual > 0
     for s, n in enumerate(state.prompt_lengths):
-        assert [ends[s] for ends in state.cache.ends[:2]] == [n, n]
-        assert all(ends[s] == n - visual // 2 for ends in state.cache.ends[2:])
+        assert state.cache.ends[:2, s].tolist() == [n, n]
+        assert state.cache.ends[2:, s].tolist() == [n - visual // 2] * 6
 
 
 def test_cache_bytes_equal_the_plan(demo):

@@ -264,7 +264,7 @@ def test_options_reach_the_model(server, demo, image_root, case):
 # ---- batching -----------------------------------------------------------------------------
 
 
-def test_concurrent_clients_share_the_batch(server, references):
+def test_concurrent_clients_share_the_batch(server, references, demo):
     """16 clients at once, each a different (prompt, picture): every answer is its alone
     answer, and the engine decoded several of them in one batch."""
     before = server.metrics()
@@ -287,6 +287,59 @@ def test_concurrent_clients_share_the_batch(server, references):
     assert rows > steps  # on average more than one sequence per step
     finished = 'shortv_requests_total{outcome="finished"}'
     assert after[finished] - before[finished] == 16
+    # Latency histograms: a first token per request, the other tokens' gaps; cumulative
+    # buckets ending at the count. The KV cache: the default plan (16 slots, the context).
+    ttft = "shortv_time_to_first_token_seconds"
+    assert after[f"{ttft}_count"] - before[f"{ttft}_count"] == 16
+    tokens = after["shortv_completion_tokens_total"] - before["shortv_completion_tokens_total"]
+    itl = "shortv_inter_token_latency_seconds_count"
+    gaps = after[itl] - before[itl]
+    assert 0 < gaps <= tokens
+    buckets = [v for k, v in after.items() if k.startswith(f"{ttft}_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == after[f"{ttft}_count"]
+    assert after[f"{ttft}_sum"] > 0
+    c = demo.config.text
+    context = c.max_position_embeddings
+    assert after["shortv_kv_cache_slots"] == 16 and after["shortv_kv_cache_positions"] == context
+    assert after["shortv_kv_cache_bytes"] == 2 * c.layers * 16 * c.kv_heads * context * c.head_dim * 4
+
+
+def test_each_request_may_name_its_method(server, demo):
+    """Requests naming FastV, VTW and VisionZip (through the openai client's extra_body)
+    next to ones that name none (the server's vanilla), sent together so that they share
+    decode steps: each answer is `model.chat`'s under that method alone. A method the
+    server cannot build is a 400 naming the field."""
+    named = {"fastv k=2 r=0.5": shortv.FastV(k=2, r=0.5), "vtw k=4": shortv.VTW(k=4),
+             "visionzip budget=12": shortv.VisionZip(budget=12), None: shortv.Vanilla()}
+    jobs = [(entry, i) for i, entry in enumerate([*named, *named])]
+    expected = {}
+    for entry, i in jobs:
+        demo.set_method(named[entry])
+        try:
+            expected[entry, i] = demo.chat(PROMPTS[i % len(PROMPTS)], [picture(i)], max_new_tokens=24)
+        finally:
+            demo.set_method(shortv.Vanilla())
+    assert len(set(expected.values())) > 2  # the methods answer differently
+    client = server.client()
+    barrier = threading.Barrier(len(jobs))
+
+    def ask(job: tuple[str | None, int]) -> str:
+        entry, i = job
+        barrier.wait()
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[user(PROMPTS[i % len(PROMPTS)], picture(i))], max_tokens=24,
+            extra_body={} if entry is None else {"method": entry})
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert answers == [expected[job] for job in jobs]
+    for method, words in (("nosuch", "unknown method 'nosuch'"), ("fastv r=7", "fastv"), (5, "string"),
+                          ("  ", "method entry")):
+        response = post(server, _body(method=method))
+        assert response.status_code == 400, method
+        error = response.json()["error"]
+        assert error["param"] == "method" and words in error["message"], error
 
 
 @pytest.mark.parametrize("max_prefill", [1, 8])

@@ -109,13 +109,16 @@ def test_a_random_stream_compiles_nothing_after_warm_up(fastv, graphs, caplog):
 
 
 def test_a_graph_compiled_after_warm_up_is_logged(fastv, graphs, caplog):
-    """A compile the warm-up did not foresee (here: the method's layer changed, which the
-    step's graph depends on) is counted and logged with the failed guard."""
+    """A compile the warm-up did not foresee (here: the final norm's epsilon changed, a
+    constant of the step's graph; a method change no longer is one, since the decode step
+    is the same for every method) is counted and logged with the failed guard."""
     engine = Engine(fastv, max_batch=2, stats_interval=0)
     engine.compile(backend=counting(graphs))
     engine.warm_up()
     warm = len(graphs)
-    fastv.set_method(shortv.FastV(k=3, r=0.5))
+    norm = fastv.module.decoder.norm
+    eps = norm.eps
+    norm.eps = eps * 2
     engine.start()
     caplog.set_level(logging.WARNING, logger="shortv.serve")
     try:
@@ -125,7 +128,31 @@ def test_a_graph_compiled_after_warm_up_is_logged(fastv, graphs, caplog):
         run_jobs(engine, jobs)
     finally:
         engine.stop()
-        fastv.set_method(shortv.FastV(k=2, r=0.5))
+        norm.eps = eps
     assert len(graphs) == warm + 1 and engine.stats.compiles == 1
     (line,) = [r.getMessage() for r in caplog.records if "compiled a new graph" in r.getMessage()]
-    assert line.startswith("compiled a new graph after warm-up (") and "method.k == 2" in line
+    assert line.startswith("compiled a new graph after warm-up (") and "eps" in line, line
+
+
+def test_requests_under_other_methods_compile_nothing_more(fastv, graphs, caplog):
+    """Requests naming FastV at another layer, VTW, VisionZip and vanilla beside the
+    server's FastV, in one random stream: the decode step is shared, so nothing compiles
+    after the warm-up, and every request is answered."""
+    engine = Engine(fastv, max_batch=4, max_prefill=2, stats_interval=0)
+    engine.compile(backend=counting(graphs))
+    engine.warm_up()
+    warm = len(graphs)
+    entries = ["fastv k=3 r=0.25", "vtw k=4", "visionzip budget=12", "vanilla"]
+    jobs = random_jobs(fastv, seed=3, n=16)
+    for i, (job, _) in enumerate(jobs):
+        if i % 5:
+            job.method = engine.method_for(entries[i % len(entries)])
+    engine.start()
+    caplog.set_level(logging.WARNING, logger="shortv.serve")
+    try:
+        events = run_jobs(engine, jobs)
+    finally:
+        engine.stop()
+    assert all(isinstance(e, Finished) for e in events.values()), events
+    assert len(graphs) == warm and engine.stats.compiles == 0
+    assert "compiled a new graph" not in caplog.text

@@ -90,5 +90,5 @@ class DecodeState:
 
     def rows_needed(self) -> int:
         """The fewest rows a step must run on to cover every live slot (0 when none is)."""
-        live = [s for s, used in enumerate(self.cache.live) if used]
-        return live[-1] + 1 if live else 0
+        live = self.cache.in_use.nonzero()
+        return int(live[-1]) + 1 if len(live) else 0

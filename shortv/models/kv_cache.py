@@ -52,10 +52,6 @@ class LayerCache:
         """[B, P]: validity of the keys so far."""
         return None if self.valid is None else self.valid[:, : self.length]
 
-    def step_keys(self) -> Tensor | None:
-        """A prefill cache has no decode-step mask (see `SlotLayer.step_keys`)."""
-        return None
-
     def append(self, k: Tensor, v: Tensor, valid: Tensor, has_pad: bool) -> tuple[Tensor, Tensor]:
         """Store new keys/values; return all keys/values so far."""
         new = k.shape[2]
@@ -117,7 +113,7 @@ class CachePlan:
 class SlotCache:
     """Keys and values of up to `slots` sequences being decoded (see the module docstring).
 
-    `ends[l][s]` (on the host) is how many positions slot s holds in layer l; `live[s]`
+    `ends[l, s]` (a host tensor) is how many positions slot s holds in layer l; `in_use[s]`
     whether slot s holds a sequence. The buffers are zeros at first, so that the positions
     a step reads past a row's end (masked) are finite.
     """
@@ -127,9 +123,11 @@ class SlotCache:
         shape = (plan.slots, plan.kv_heads, plan.capacity, plan.head_dim)
         self.k = [torch.zeros(shape, dtype=plan.dtype, device=device) for _ in range(plan.layers)]
         self.v = [torch.zeros(shape, dtype=plan.dtype, device=device) for _ in range(plan.layers)]
-        self.ends = [[0] * plan.slots for _ in range(plan.layers)]
-        self.live = [False] * plan.slots
+        # On the host: [layers, slots] positions held, [slots] in use.
+        self.ends = torch.zeros(plan.layers, plan.slots, dtype=torch.long)
+        self.in_use = torch.zeros(plan.slots, dtype=torch.bool)
         self._columns = torch.arange(plan.capacity, device=device)
+        self._rows = torch.arange(plan.slots, device=device)
         self._static = False
 
     def mark_static(self) -> None:
@@ -149,20 +147,22 @@ class SlotCache:
         return self.plan.capacity
 
     @property
+    def live(self) -> list[bool]:
+        """Whether each slot holds a sequence."""
+        return self.in_use.tolist()
+
+    @property
     def nbytes(self) -> int:
         """Bytes the buffers hold (equal to `plan.nbytes`)."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def held(self, slot: int) -> int:
         """The most positions slot `slot` holds in any layer."""
-        return max(ends[slot] for ends in self.ends)
+        return int(self.ends[:, slot].max())
 
     def room(self, slot: int) -> int:
         """How many more tokens slot `slot` can take."""
         return self.capacity - self.held(slot)
-
-    def free_slots(self) -> list[int]:
-        return [s for s, used in enumerate(self.live) if not used]
 
     def write(self, slots: Sequence[int], prefill: KVCache) -> None:
         """Move row i of a prefill's cache into slot `slots[i]`, without its padding (and
@@ -180,7 +180,7 @@ class SlotCache:
             content = cache.content()
             for row, slot in enumerate(slots):
                 held = n[row] if n else 0
-                self.ends[layer][slot] = held
+                self.ends[layer, slot] = held
                 if content is None or not held:
                     continue
                 k, v, valid = content
@@ -191,43 +191,36 @@ class SlotCache:
                     self.k[layer][slot, :, :held] = k[row][:, valid[row]]
                     self.v[layer][slot, :, :held] = v[row][:, valid[row]]
             cache.k = cache.v = cache.valid = None  # copied: its memory may go now
-        for slot in slots:
-            self.live[slot] = True
+        self.in_use[list(slots)] = True
 
     def free(self, slots: Sequence[int]) -> None:
         """The sequences in `slots` are done: their slots take the next ones (no copy)."""
-        for slot in slots:
-            self.live[slot] = False
-            for ends in self.ends:
-                ends[slot] = 0
+        index = list(slots)
+        self.in_use[index] = False
+        self.ends[:, index] = 0
 
     def view(self, rows: int, *, static: bool = False) -> SlotView:
         """What a decode step over slots [0, rows) reads and writes (see `SlotLayer`).
-        `static`: every layer's window is the whole capacity."""
+        `static`: every layer's window is the whole capacity. A single row needs no mask
+        when its window is exactly what it holds (dynamic)."""
         if not 1 <= rows <= self.slots:
             raise ValueError(f"a step runs on 1 to {self.slots} rows, not {rows}")
-        live = self.live[:rows]
-        ends = torch.tensor([e[:rows] for e in self.ends], dtype=torch.long)
-        for layer_ends in self.ends:
-            for s in range(rows):
-                if live[s] and layer_ends[s] >= self.capacity:
-                    raise InputError(f"slot {s} is full ({self.capacity} positions): it cannot take "
-                                     "another token")
-        if static:
-            windows = [self.capacity] * len(self.k)
-        else:
-            windows = [1 + max((e for e, used in zip(layer_ends[:rows], live, strict=True) if used),
-                               default=0) for layer_ends in self.ends]
-        ends = ends.to(self._columns.device)
-        return SlotView([SlotLayer(k, v, ends[i], self._columns[:w])
+        ends = self.ends[:, :rows]
+        live_ends = ends * self.in_use[:rows]  # a free slot's ends are 0 anyway
+        longest = live_ends.max(dim=1).values.tolist()
+        if max(longest) >= self.capacity:
+            raise InputError(f"a slot is full ({self.capacity} positions): it cannot take another token")
+        windows = [self.capacity] * len(self.k) if static else [n + 1 for n in longest]
+        device = self._columns.device
+        ends = ends.to(device, non_blocking=True) if device.type != "cpu" else ends
+        rows_index = self._rows[:rows]
+        masked = static or rows > 1
+        return SlotView([SlotLayer(k, v, ends[i], self._columns[:w], rows_index, masked)
                          for i, (k, v, w) in enumerate(zip(self.k, self.v, windows, strict=True))])
 
     def advance(self, rows: int) -> None:
         """After a step over slots [0, rows): each live one holds one more position."""
-        for layer_ends in self.ends:
-            for s in range(rows):
-                if self.live[s]:
-                    layer_ends[s] += 1
+        self.ends[:, :rows] += self.in_use[:rows]
 
 
 def _counts(layer: LayerCache) -> list[int]:
@@ -245,23 +238,28 @@ class SlotView:
 
 class SlotLayer:
     """One layer of a decode step over slots [0, B): the layer's whole buffers, each row's
-    end [B] (where its new token goes) and the columns [W] it attends over."""
+    end [B] (where its new token goes), the columns [W] it attends over, the rows' indices
+    [B], and whether the step needs a mask (several rows, or a static window)."""
 
-    has_pad = True  # rows hold different lengths: attention is always masked
+    has_pad = True  # rows may hold different lengths
 
-    def __init__(self, k: Tensor, v: Tensor, ends: Tensor, columns: Tensor) -> None:
-        self.k, self.v, self.ends, self.columns = k, v, ends, columns
+    def __init__(self, k: Tensor, v: Tensor, ends: Tensor, columns: Tensor, rows: Tensor,
+                 masked: bool) -> None:
+        self.k, self.v, self.ends, self.columns, self.rows = k, v, ends, columns, rows
+        self.masked = masked
 
-    def step_keys(self) -> Tensor:
-        """[B, W]: the positions each row's new token may see (those it holds, and its own)."""
-        return self.columns[None, :] <= self.ends[:, None]
+    def step_mask(self) -> Tensor | None:
+        """[B, 1, 1, W]: the positions each row's new token may see (those it holds, and
+        its own); None when that is every position of the window."""
+        if not self.masked:
+            return None
+        return (self.columns[None, :] <= self.ends[:, None])[:, None, None, :]
 
     def append(self, k: Tensor, v: Tensor, valid: Tensor, has_pad: bool) -> tuple[Tensor, Tensor]:
         """Write one new token per row (k, v [B, H_kv, 1, D]) at the row's end, in place;
         return the window of keys and values [B, H_kv, W, D] the step attends over."""
         b = k.shape[0]
-        rows = torch.arange(b, device=k.device)
-        self.k[rows, :, self.ends] = k[:, :, 0]
-        self.v[rows, :, self.ends] = v[:, :, 0]
+        self.k[self.rows, :, self.ends] = k[:, :, 0]
+        self.v[self.rows, :, self.ends] = v[:, :, 0]
         w = self.columns.shape[0]
         return self.k[:b, :, :w], self.v[:b, :, :w]

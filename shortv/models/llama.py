@@ -115,9 +115,9 @@ class Segment:
     past_valid: Tensor | None  # [B, P] validity of the cached keys before this pass
     has_pad: bool
     kinds: frozenset[TokenType]
-    # A decode step on a `SlotCache`: the positions [B, W] of its window the new token
-    # may see (the step's keys and values are the whole window).
-    step_keys: Tensor | None = None
+    # A decode step on a `SlotCache`: each layer attends over its own window with its own
+    # mask (`SlotLayer.step_mask`), so layers that hold fewer tokens need no new segment.
+    decoding: bool = False
     _rows: dict[object, Rows] = field(default_factory=dict)
 
     @classmethod
@@ -136,10 +136,10 @@ class Segment:
                                sections=config.mrope_section)
         if kinds is None:
             kinds = frozenset(TokenType(int(t)) for t in torch.unique(types).tolist())
-        if past is not None and (step_keys := past.step_keys()) is not None:
+        if isinstance(past, SlotLayer):
             # A decode step on a `SlotCache`: the new token sits inside the window it
-            # attends over, and the window's mask says which positions each row holds.
-            return cls(types, positions, cos, sin, None, True, kinds, step_keys)
+            # attends over, and each layer masks its own window (`SlotLayer.step_mask`).
+            return cls(types, positions, cos, sin, None, True, kinds, decoding=True)
         past_valid = past.past_valid() if past is not None and past.length else None
         has_pad = TokenType.PAD in kinds or bool(past is not None and past.has_pad)
         return cls(types, positions, cos, sin, past_valid, has_pad, kinds)
@@ -158,8 +158,8 @@ class Segment:
         if "all" not in self._rows:
             b, t = self.types.shape
             p = self.past_length
-            if self.step_keys is not None:
-                rows = Rows(self.cos, self.sin, self.step_keys[:, None, None, :], causal=False)
+            if self.decoding:  # the mask is each layer's own (`DecoderLayer.forward`)
+                rows = Rows(self.cos, self.sin, None, causal=False)
             elif not self.has_pad and (p == 0 or t == 1):
                 # No padding: plain causal attention (or a single new query seeing all keys),
                 # which lets SDPA pick its fastest kernels.
@@ -312,6 +312,8 @@ class DecoderLayer(nn.Module):
         k = k_new
         if cache is not None:
             k, v = cache.append(k_new, v, seg.types != int(TokenType.PAD), TokenType.PAD in seg.kinds)
+            if isinstance(cache, SlotLayer):  # a decode step: this layer's own window and mask
+                rows = Rows(rows.cos, rows.sin, cache.step_mask(), causal=False)
         if no_rows:
             # Nothing to update (a prefill chunk of frozen visual tokens alone), but their
             # keys and values are cached for the tokens that follow.

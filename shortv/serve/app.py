@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..models.feature_cache import FeatureCache
-from .engine import Delta, Engine, Event, Failed, Finished, Job, Started
+from .engine import Delta, Engine, Event, Failed, Finished, Histogram, Job, Started
 from .errors import RequestError
 from .limits import Limits
 from .protocol import body_too_large, chunk, completion, parse_chat_request, sse, usage
@@ -86,6 +86,7 @@ class _Api:
             body = await _read_body(request, self.limits.max_body_bytes)
             chat = await run_in_threadpool(parse_chat_request, body, model_name=self.model_name,
                                            template=self.engine.model.template, limits=self.limits)
+            method = None if chat.method is None else self.engine.method_for(chat.method)
         except RequestError as e:
             return self._error(rid, e, started)
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -96,7 +97,7 @@ class _Api:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = Job(rid, chat.prompt, chat.images, chat.options, sink, strict_budget=chat.max_tokens_given,
-                  logit_bias=chat.logit_bias)
+                  logit_bias=chat.logit_bias, method=method)
         try:
             self.engine.submit(job)
         except RequestError as e:
@@ -193,6 +194,10 @@ class _Api:
                   "# TYPE shortv_requests_total counter"]
         for outcome in ("finished", "failed", "cancelled"):
             lines.append(f'shortv_requests_total{{outcome="{outcome}"}} {getattr(s, outcome)}')
+        lines += _histogram_lines("shortv_time_to_first_token_seconds",
+                                  "from a request's arrival at the engine to its first token", s.ttft)
+        lines += _histogram_lines("shortv_inter_token_latency_seconds",
+                                  "between two consecutive tokens of a request", s.inter_token)
         lines += _feature_cache_lines(self.engine.feature_cache)
         rss = _resident_bytes()
         if rss is not None:
@@ -293,6 +298,13 @@ def _generated(job: Job) -> int:
 
 def _ms(started: float) -> float:
     return 1000 * (time.perf_counter() - started)
+
+
+def _histogram_lines(name: str, text: str, histogram: Histogram) -> list[str]:
+    """A histogram in Prometheus text: cumulative buckets, sum and count."""
+    lines = [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
+    lines += [f'{name}_bucket{{le="{le}"}} {n}' for le, n in histogram.cumulative()]
+    return [*lines, f"{name}_sum {histogram.total}", f"{name}_count {histogram.count}"]
 
 
 def _feature_cache_lines(cache: FeatureCache | None) -> list[str]:

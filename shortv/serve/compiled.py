@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.fx.experimental import _config as fx_config
 
 from ..errors import ContextLengthError, ShortVError
+from ..methods import VANILLA
 
 if TYPE_CHECKING:
     from ..models.batch import DecodeState
@@ -95,6 +96,11 @@ class DecodeStep:
                                                into=state, slots=slots)
                 if logits.shape[1] == 0:
                     raise ShortVError("the warm-up prompts fill the model's context; serve without --compile")
+                steps = WARM_UP_STEPS * (len(buckets) + 1)  # slot 0 takes part in every bucket
+                if any(state.cache.room(slot) < steps for slot in slots):
+                    raise ShortVError(f"the warm-up needs {steps} more positions after its prompts in "
+                                      f"each slot; raise --max-context above {state.cache.capacity} or "
+                                      "serve without --compile")
                 for rows in buckets if first else buckets[:1]:
                     tokens = torch.zeros(rows, dtype=torch.long, device=self.model.device)
                     for _ in range(WARM_UP_STEPS):
@@ -105,15 +111,21 @@ class DecodeStep:
         finally:
             state.free(used)
 
+    def _step(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        # Vanilla's plan: a decode step is the same for every method (each layer attends
+        # over what its slot holds), so requests prefilled under different methods share
+        # it, and one graph serves them all.
+        return self.model.module.step(state, tokens, VANILLA)
+
     def __call__(self, state: DecodeState, tokens: Tensor) -> Tensor:
-        """`model.step` on the slots [0, len(tokens)). Sizes that happen to be equal get no
+        """The decode step on the slots [0, len(tokens)). Sizes that happen to be equal get no
         symbol of their own (no "duck shapes"): one graph then serves layers whose windows
         differ (FastV) and windows equal to the number of rows. Any graph compiled after
         warm-up is counted and logged with dynamo's reason."""
         if not self.compiled:
-            return self.model.step(state, tokens)
+            return self._step(state, tokens)
         with fx_config.patch(use_duck_shape=False):
-            logits = self.model.step(state, tokens)
+            logits = self._step(state, tokens)
         if self._warm and (graphs := _graphs_compiled()) != self._graphs_seen:
             failures = _guard_failures(self.model)
             reason = _recompile_reason(failures[self._failures_seen:])

@@ -25,6 +25,8 @@ through each job's `sink`, a callable that receives `Started`, `Delta`, `Finishe
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import threading
 import time
@@ -43,6 +45,7 @@ from .compiled import DecodeStep
 from .errors import EngineError, Refusal
 
 if TYPE_CHECKING:
+    from ..methods import Method
     from ..models.batch import DecodeState, Encoded
     from ..models.feature_cache import FeatureCache
     from ..models.kv_cache import CachePlan
@@ -100,6 +103,7 @@ class Job:
     sink: Callable[[Event], None]
     strict_budget: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    method: Method | None = None  # its prefill's method (`Engine.method_for`); None: the model's
     cancelled: bool = False  # set by the owner (any thread); the worker drops the job
     # Worker-side state.
     done: bool = False
@@ -109,8 +113,33 @@ class Job:
     slot: int = -1  # its slot in the engine's KV cache, from admission until it ends
     last_token: int = 0
     prompt_tokens: int = 0
+    submitted_at: float = 0.0  # when `submit` took it (time.monotonic)
+    last_token_at: float = 0.0  # when its latest token was picked (0: none yet)
     bias_ids: Tensor | None = None  # `logit_bias` as token ids (long) and values (float) on the
     bias_values: Tensor | None = None  # model's device, set by `_encode` when there is any
+
+
+# Upper bounds (seconds) of the latency histograms' buckets (and +Inf).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Histogram:
+    """A Prometheus histogram: observations counted in cumulative `LATENCY_BUCKETS`."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, observations at most le) per bucket, "+Inf" last."""
+        bounds = [f"{b:g}" for b in LATENCY_BUCKETS] + ["+Inf"]
+        return list(zip(bounds, itertools.accumulate(self.counts), strict=True))
 
 
 @dataclass
@@ -129,6 +158,8 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     compiles: int = 0  # graphs of the compiled decode step compiled after warm-up
+    ttft: Histogram = field(default_factory=Histogram)  # submission to first token
+    inter_token: Histogram = field(default_factory=Histogram)  # between a request's tokens
     started_at: float = field(default_factory=time.time)
 
 
@@ -185,6 +216,26 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._last_stats = 0.0
         self._decode = DecodeStep(model)  # `model.step`, eager or compiled
+        self._methods: dict[str, Method] = {}  # `method_for`'s memo
+
+    def method_for(self, entry: str) -> Method:
+        """The method a request names (its "method" field: a method entry such as
+        "fastv k=2 r=0.5", "visionzip budget=64" or "shortv", ShortV taking the zoo card's
+        paper N), fitted to the model; EngineError (BAD_INPUT) when it cannot be used.
+        Requests under different methods are prefilled apart and decoded together."""
+        from ..ranking import entry_method
+        from ..zoo import card
+
+        if entry not in self._methods:
+            try:
+                chosen = entry_method(entry.strip(), card(self.model.name), self.model.num_layers)
+                self._methods[entry] = self.model.check_method(chosen)
+            except ShortVError as e:
+                raise EngineError(Refusal.BAD_INPUT, f"method {entry.strip()!r}: {e}",
+                                  param="method") from None
+            if len(self._methods) > 256:  # a bounded memo: clients may send any text
+                self._methods.pop(next(iter(self._methods)))
+        return self._methods[entry]
 
     @property
     def kv_plan(self) -> CachePlan:
@@ -208,6 +259,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise EngineError(Refusal.OVERLOADED, f"the server is busy: {len(self._waiting)} requests "
                                                       "are waiting (--max-queue); retry later")
+            job.submitted_at = time.monotonic()
             self._waiting.append(job)
             self.stats.queue = len(self._waiting)
             self._cond.notify()
@@ -352,9 +404,13 @@ class Engine:
                 self._count_cancelled(job)
             elif (encoded := self._encode(job)) is not None:
                 live.append((job, encoded))
-        for at in range(0, len(live), self.max_prefill):
-            group = live[at: at + self.max_prefill]
-            self._begin_prefill([job for job, _ in group], [e for _, e in group])
+        by_method: dict[Method, list[tuple[Job, Encoded]]] = {}
+        for job, encoded in live:  # one method per prefill, the jobs in arrival order
+            by_method.setdefault(job.method or self.model.method, []).append((job, encoded))
+        for jobs_encoded in by_method.values():
+            for at in range(0, len(jobs_encoded), self.max_prefill):
+                group = jobs_encoded[at: at + self.max_prefill]
+                self._begin_prefill([job for job, _ in group], [e for _, e in group])
         self._count_batch()
 
     def _count_batch(self) -> None:
@@ -412,7 +468,8 @@ class Engine:
             if group.pieces is None:
                 group.pieces = self.model.prefill_chunks(
                     group.encoded, max_new_tokens=max(job.options.max_new_tokens for job in group.jobs),
-                    chunk=self.prefill_chunk, into=self._state, slots=group.slots)
+                    chunk=self.prefill_chunk, into=self._state, slots=group.slots,
+                    method=group.jobs[0].method)
             result = next(group.pieces)
             if result is not None and result[0].shape[1] == 0 and len(group.jobs) > 1:
                 raise ContextLengthError("a prompt fills the context")
@@ -509,6 +566,12 @@ class Engine:
     def _accept(self, job: Job, token: int) -> None:
         """A job's next token: more text, or the end of its answer."""
         assert job.answer is not None
+        now = time.monotonic()
+        if job.last_token_at:
+            self.stats.inter_token.observe(now - job.last_token_at)
+        else:
+            self.stats.ttft.observe(now - job.submitted_at)
+        job.last_token_at = now
         job.answer.add(token)
         job.last_token = token
         job.remaining -= 1

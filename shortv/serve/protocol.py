@@ -40,6 +40,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    method: str | None = None  # shortv's extension: "NAME[+NAME] [PARAM=VALUE ...]", None: the server's
 
 
 # Parameters of OpenAI's API that shortv does not implement, with the value that means
@@ -100,8 +101,12 @@ def parse_chat_request(body: bytes, *, model_name: str, template: Template, limi
     system, turns, images = _conversation(request.get("messages"), limits, template)
     if system is not None:
         template = with_system(template, system)
+    method = _optional(request, "method", str)
+    if method is not None and not (0 < len(method.strip()) <= 200):
+        raise bad("method must be a method entry of at most 200 characters, e.g. \"fastv k=2 r=0.5\"",
+                  "method")
     return ChatRequest(model, template.render(turns), images, options, given, stream, include_usage,
-                       _logit_bias(request))
+                       _logit_bias(request), method)
 
 
 def body_too_large(limit: int) -> RequestError:
