@@ -216,7 +216,7 @@ class VisionLanguageModule(nn.Module):
         context = self.text_config.max_position_embeddings
         budget = max(0, min(max_new_tokens, context - max(prepared.lengths)))
         if into is None:
-            state = self.decode_state(b, t + budget if budget else 0)
+            state = self.decode_state(b, t + budget if budget else 0, lazy=True)
             slots = range(b)
             state.budget = budget
         else:
@@ -246,14 +246,15 @@ class VisionLanguageModule(nn.Module):
         state.positions.index_copy_(0, index, prepared.next_positions)
         yield self.decoder.head(hidden[:, -1]), state
 
-    def decode_state(self, slots: int, capacity: int) -> DecodeState:
+    def decode_state(self, slots: int, capacity: int, *, lazy: bool = False) -> DecodeState:
         """An empty `DecodeState`: a `SlotCache` of `slots` sequences of up to `capacity`
-        positions each, allocated now (`prefill_chunks(..., into=)` fills its slots)."""
+        positions each, allocated now (`prefill_chunks(..., into=)` fills its slots), or
+        layer by layer as the first prefill fills it (`lazy`)."""
         c = self.text_config
         plan = CachePlan(c.layers, slots, capacity, c.kv_heads, c.head_dim, self.dtype)
         rope_streams = (3,) if c.mrope_section else ()
         positions = torch.zeros(slots, 1, *rope_streams, dtype=torch.long, device=self.device)
-        return DecodeState(SlotCache(plan, self.device), positions, [0] * slots, 0)
+        return DecodeState(SlotCache(plan, self.device, lazy=lazy), positions, [0] * slots, 0)
 
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: Tensor, method: Method) -> Tensor:

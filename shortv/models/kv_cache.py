@@ -118,17 +118,31 @@ class SlotCache:
     a step reads past a row's end (masked) are finite.
     """
 
-    def __init__(self, plan: CachePlan, device: torch.device | str) -> None:
+    def __init__(self, plan: CachePlan, device: torch.device | str, *, lazy: bool = False) -> None:
         self.plan = plan
-        shape = (plan.slots, plan.kv_heads, plan.capacity, plan.head_dim)
-        self.k = [torch.zeros(shape, dtype=plan.dtype, device=device) for _ in range(plan.layers)]
-        self.v = [torch.zeros(shape, dtype=plan.dtype, device=device) for _ in range(plan.layers)]
+        self._device = device
+        # lazy: each layer's buffers are allocated by the first `write` (a prefill's own
+        # state: its prefill cache is freed layer by layer as the slots fill, so the two
+        # never both hold every layer).
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        if not lazy:
+            for layer in range(plan.layers):
+                self._allocate(layer)
         # On the host: [layers, slots] positions held, [slots] in use.
         self.ends = torch.zeros(plan.layers, plan.slots, dtype=torch.long)
         self.in_use = torch.zeros(plan.slots, dtype=torch.bool)
         self._columns = torch.arange(plan.capacity, device=device)
         self._rows = torch.arange(plan.slots, device=device)
         self._static = False
+
+    def _allocate(self, layer: int) -> None:
+        if layer < len(self.k):
+            return
+        plan = self.plan
+        shape = (plan.slots, plan.kv_heads, plan.capacity, plan.head_dim)
+        self.k.append(torch.zeros(shape, dtype=plan.dtype, device=self._device))
+        self.v.append(torch.zeros(shape, dtype=plan.dtype, device=self._device))
 
     def mark_static(self) -> None:
         """Give the buffers fixed addresses for compiled code: a recorded CUDA graph may
@@ -169,7 +183,7 @@ class SlotCache:
         the fillers a drop left): the slot's keys keep the order they had. A slot that
         held a sequence is overwritten; the prefill cache is emptied layer by layer as it
         is copied. InputError when a row does not fit the capacity."""
-        if len(prefill.layers) != len(self.k):
+        if len(prefill.layers) != self.plan.layers:
             raise ValueError("a prefill cache of another depth")
         counts = [_counts(layer) for layer in prefill.layers]
         longest = max((max(c) for c in counts if c), default=0)
@@ -177,6 +191,7 @@ class SlotCache:
             raise InputError(f"the prompt needs {longest} cached positions, more than the "
                              f"{self.capacity} a slot holds (the server's --max-context)")
         for layer, (cache, n) in enumerate(zip(prefill.layers, counts, strict=True)):
+            self._allocate(layer)
             content = cache.content()
             for row, slot in enumerate(slots):
                 held = n[row] if n else 0
@@ -205,6 +220,8 @@ class SlotCache:
         when its window is exactly what it holds (dynamic)."""
         if not 1 <= rows <= self.slots:
             raise ValueError(f"a step runs on 1 to {self.slots} rows, not {rows}")
+        for layer in range(self.plan.layers):
+            self._allocate(layer)
         ends = self.ends[:, :rows]
         live_ends = ends * self.in_use[:rows]  # a free slot's ends are 0 anyway
         longest = live_ends.max(dim=1).values.tolist()
