@@ -20,11 +20,8 @@ import argparse
 import base64
 import io
 import json
-import os
 import random
-import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,9 +32,8 @@ from pathlib import Path
 import httpx
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ["What is in this picture?", "Describe the picture.", "What shapes do you see?",
-           "What colour is the circle on the left of the picture? Answer in one word."]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import PROMPTS, start
 
 
 def picture(i: int) -> str:
@@ -49,22 +45,6 @@ def picture(i: int) -> str:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
-
-
-def start(model: str, args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "shortv", "serve", model, "--port", "0", *args],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if found := re.search(r"on (http://[\d.]+:\d+)/v1", log.read_text()):
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start in 900 s")
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -106,8 +86,7 @@ def main() -> int:
     args = parser.parse_args()
     pictures = [picture(i) for i in range(16)]
     with tempfile.TemporaryDirectory() as folder:
-        log = Path(folder) / "serve.log"
-        proc, url = start(args.model, shlex.split(args.serve_args), log)
+        proc, url, log = start(args.model, shlex.split(args.serve_args), Path(folder), "serve")
         try:
             outcomes: dict[str, int] = {}
             errors: list[str] = []

@@ -130,3 +130,26 @@ def test_a_prompt_that_cannot_fit_its_slot_is_refused(demo):
     with pytest.raises(shortv.ShortVError, match="at most 50"):
         demo.prefill([demo.encode(PROMPTS[0], [IMAGE])], max_new_tokens=4, into=state, slots=[0])
     assert state.cache.live == [False, False]
+
+
+def test_write_keeps_exactly_each_rows_valid_keys():
+    """`SlotCache.write` on a hand-made prefill cache: left padding, a full row, a row whose
+    valid positions are not one run, and an empty row; each slot holds exactly its row's
+    valid keys and values, in order (against boolean indexing, written out here)."""
+    from shortv.models.kv_cache import CachePlan, KVCache, SlotCache
+
+    g = torch.Generator().manual_seed(0)
+    valid = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0]],
+                         dtype=torch.bool)
+    k, v = torch.randn(4, 2, 5, 3, generator=g), torch.randn(4, 2, 5, 3, generator=g)
+    prefill = KVCache(1)
+    prefill.layers[0].append(k, v, valid, True)
+    cache = SlotCache(CachePlan(1, 6, 8, 2, 3, torch.float32), "cpu")
+    slots = [5, 0, 2, 3]
+    cache.write(slots, prefill)
+    for row, slot in enumerate(slots):
+        n = int(valid[row].sum())
+        assert int(cache.ends[0, slot]) == n
+        torch.testing.assert_close(cache.k[0][slot, :, :n], k[row][:, valid[row]], rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[0][slot, :, :n], v[row][:, valid[row]], rtol=0, atol=0)
+    assert cache.live == [True, False, True, True, False, True]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,9 +16,10 @@ import torch
 
 import shortv
 from shortv.serve import Engine, Job
-from shortv.serve.engine import Failed, Finished
+from shortv.serve.engine import Finished
 
 from .data import PROMPTS, picture
+from .engine_jobs import run_jobs
 
 MODEL = "llava-tiny-demo"
 
@@ -49,24 +48,6 @@ def counting(compiled: list[int]):
         return gm.forward
 
     return backend
-
-
-def run_jobs(engine: Engine, jobs: list[tuple[Job, float]]) -> dict[str, object]:
-    """Submit each job after its pause; each one's Finished or Failed event."""
-    events: dict[str, object] = {}
-    done = threading.Semaphore(0)
-    for job, pause in jobs:
-        def sink(event, name=job.id) -> None:
-            if isinstance(event, Finished | Failed):
-                events[name] = event
-                done.release()
-
-        job.sink = sink
-        engine.submit(job)
-        time.sleep(pause)
-    for _ in jobs:
-        assert done.acquire(timeout=300)
-    return events
 
 
 def random_jobs(model: shortv.LLaVA, seed: int, n: int) -> list[tuple[Job, float]]:

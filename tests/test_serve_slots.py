@@ -6,7 +6,6 @@ Eager decode; the compiled engine is tests/test_serve_compile.py's."""
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from shortv.serve import Engine, Job
 from shortv.serve.engine import Failed, Finished
 
 from .data import PROMPTS, picture
+from .engine_jobs import run_jobs
 
 
 @pytest.fixture(scope="module")
@@ -24,24 +24,8 @@ def demo() -> shortv.LLaVA:
 
 
 def ask(engine: Engine, jobs: list[Job], *, cancel: frozenset[str] = frozenset()) -> dict[str, object]:
-    """Submit every job at once, cancelling those named in `cancel` right after their
-    submission (queued or already prefilling); each other one's Finished or Failed event."""
-    events: dict[str, object] = {}
-    done = threading.Semaphore(0)
-    for job in jobs:
-        def sink(event, name=job.id) -> None:
-            if isinstance(event, Finished | Failed):
-                events[name] = event
-                done.release()
-
-        job.sink = sink
-        engine.submit(job)
-        if job.id in cancel:
-            engine.cancel(job)
-    wanted = {job.id for job in jobs} - cancel
-    while not wanted <= events.keys():  # (a cancelled job may still have ended first)
-        assert done.acquire(timeout=300)
-    return events
+    """Submit every job at once (cancelling those in `cancel`); each other one's end."""
+    return run_jobs(engine, [(job, 0.0) for job in jobs], cancel=cancel)
 
 
 def job(model: shortv.LLaVA, name: str, question: str, *, image: bool = True, max_tokens: int = 8,

@@ -185,23 +185,23 @@ class SlotCache:
         is copied. InputError when a row does not fit the capacity."""
         if len(prefill.layers) != self.plan.layers:
             raise ValueError("a prefill cache of another depth")
-        counts = [_counts(layer) for layer in prefill.layers]
-        longest = max((max(c) for c in counts if c), default=0)
+        runs = [_valid_runs(layer) for layer in prefill.layers]
+        longest = max((n for layer in runs for _, n in layer), default=0)
         if longest > self.capacity:
             raise InputError(f"the prompt needs {longest} cached positions, more than the "
                              f"{self.capacity} a slot holds (the server's --max-context)")
-        for layer, (cache, n) in enumerate(zip(prefill.layers, counts, strict=True)):
+        for layer, (cache, rows) in enumerate(zip(prefill.layers, runs, strict=True)):
             self._allocate(layer)
             content = cache.content()
             for row, slot in enumerate(slots):
-                held = n[row] if n else 0
+                start, held = rows[row] if rows else (0, 0)
                 self.ends[layer, slot] = held
                 if content is None or not held:
                     continue
                 k, v, valid = content
-                if held == k.shape[2]:  # no padding in this row: one slice
-                    self.k[layer][slot, :, :held] = k[row]
-                    self.v[layer][slot, :, :held] = v[row]
+                if start >= 0:  # one run of valid positions: one slice
+                    self.k[layer][slot, :, :held] = k[row, :, start: start + held]
+                    self.v[layer][slot, :, :held] = v[row, :, start: start + held]
                 else:
                     self.k[layer][slot, :, :held] = k[row][:, valid[row]]
                     self.v[layer][slot, :, :held] = v[row][:, valid[row]]
@@ -240,10 +240,21 @@ class SlotCache:
         self.ends[:, :rows] += self.in_use[:rows]
 
 
-def _counts(layer: LayerCache) -> list[int]:
-    """Positions each row of a prefill layer holds (padding and fillers excluded)."""
+def _valid_runs(layer: LayerCache) -> list[tuple[int, int]]:
+    """Per row of a prefill layer, (its first valid position, how many are valid). The
+    padding is on the left and a drop's fillers lead, so the valid positions are one run
+    and a row is copied as one slice; the start is -1 for a row where they are not."""
     content = layer.content()
-    return [] if content is None else content[2].sum(dim=1).tolist()
+    if content is None:
+        return []
+    valid = content[2].to(torch.int8)
+    t = valid.shape[1]
+    counts = valid.sum(dim=1)
+    first = valid.argmax(dim=1)
+    last = t - 1 - valid.flip(1).argmax(dim=1)
+    one_run = (counts == last - first + 1) | (counts == 0)
+    start = torch.where(one_run, first, -1)
+    return list(zip(start.tolist(), counts.tolist(), strict=True))
 
 
 class SlotView:
