@@ -53,12 +53,12 @@ def metrics(url: str) -> dict[str, float]:
             if line and not line.startswith("#")}
 
 
-def request(url: str, rng: random.Random, pictures: list[str]) -> str:
+def request(url: str, model: str, rng: random.Random, pictures: list[str]) -> str:
     """One randomized request; its outcome: "ok", "left" (the client went away) or an error."""
     content: list[dict] = [{"type": "text", "text": rng.choice(PROMPTS)}]
     if rng.random() < 0.8:
         content.insert(0, {"type": "image_url", "image_url": {"url": rng.choice(pictures)}})
-    body = {"model": "m", "messages": [{"role": "user", "content": content}],
+    body = {"model": model, "messages": [{"role": "user", "content": content}],
             "max_tokens": rng.randint(1, 64), "temperature": rng.choice([0.0, 0.0, 0.7]),
             "seed": rng.randrange(1000), "stream": True}
     leave = rng.random() < 0.05
@@ -88,6 +88,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         proc, url, log = start(args.model, shlex.split(args.serve_args), Path(folder), "serve")
         try:
+            served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             outcomes: dict[str, int] = {}
             errors: list[str] = []
             samples: list[dict[str, float]] = []
@@ -100,7 +101,7 @@ def main() -> int:
                 nonlocal sent
                 if time.monotonic() - began > args.max_seconds:
                     return
-                outcome = request(url, random.Random(args.seed * 1_000_003 + i), pictures)
+                outcome = request(url, served, random.Random(args.seed * 1_000_003 + i), pictures)
                 with lock:
                     sent += 1
                     key = outcome if outcome in ("ok", "left") else "error"
