@@ -230,12 +230,12 @@ class SlotCache:
         windows = [self.capacity] * len(self.k) if static else [n + 1 for n in longest]
         device = self._columns.device
         ends = ends.to(device, non_blocking=True) if device.type != "cpu" else ends
+        rows_index = self._rows[:rows]
         # Where row b's head h starts in a buffer seen as [slots * heads * capacity, D].
-        plan = self.plan
-        heads = torch.arange(plan.kv_heads, device=device)
-        starts = (self._rows[:rows, None] * plan.kv_heads + heads) * plan.capacity
+        heads = torch.arange(self.plan.kv_heads, device=device)
+        starts = (rows_index[:, None] * self.plan.kv_heads + heads) * self.capacity
         masked = static or rows > 1
-        return SlotView([SlotLayer(k, v, ends[i], self._columns[:w], starts, masked)
+        return SlotView([SlotLayer(k, v, ends[i], self._columns[:w], rows_index, starts, masked)
                          for i, (k, v, w) in enumerate(zip(self.k, self.v, windows, strict=True))])
 
     def advance(self, rows: int) -> None:
@@ -269,16 +269,16 @@ class SlotView:
 
 class SlotLayer:
     """One layer of a decode step over slots [0, B): the layer's whole buffers, each row's
-    end [B] (where its new token goes), the columns [W] it attends over, where each row's
-    heads start in the flattened buffers [B, H_kv], and whether the step needs a mask
-    (several rows, or a static window)."""
+    end [B] (where its new token goes), the columns [W] it attends over, the rows' indices
+    [B] and where each row's heads start in the flattened buffers [B, H_kv], and whether
+    the step needs a mask (several rows, or a static window)."""
 
     has_pad = True  # rows may hold different lengths
 
-    def __init__(self, k: Tensor, v: Tensor, ends: Tensor, columns: Tensor, starts: Tensor,
-                 masked: bool) -> None:
-        self.k, self.v, self.ends, self.columns, self.starts = k, v, ends, columns, starts
-        self.masked = masked
+    def __init__(self, k: Tensor, v: Tensor, ends: Tensor, columns: Tensor, rows: Tensor,
+                 starts: Tensor, masked: bool) -> None:
+        self.k, self.v, self.ends, self.columns = k, v, ends, columns
+        self.rows, self.starts, self.masked = rows, starts, masked
 
     def step_mask(self) -> Tensor | None:
         """[B, 1, 1, W]: the positions each row's new token may see (those it holds, and
@@ -291,8 +291,16 @@ class SlotLayer:
         """Write one new token per row (k, v [B, H_kv, 1, D]) at the row's end, in place;
         return the window of keys and values [B, H_kv, W, D] the step attends over."""
         b, _, _, d = k.shape
-        at = (self.starts + self.ends[:, None]).view(-1)  # one row of D per (row, head)
-        self.k.view(-1, d).index_copy_(0, at, k.reshape(-1, d))
-        self.v.view(-1, d).index_copy_(0, at, v.reshape(-1, d))
+        if torch.compiler.is_compiling():
+            # Traced: advanced indexing on the buffers themselves (a write through a
+            # flattened view of a graph input doubles the time dynamo takes to trace).
+            self.k[self.rows, :, self.ends] = k[:, :, 0]
+            self.v[self.rows, :, self.ends] = v[:, :, 0]
+        else:
+            # Eager: one row of D per (row, head) into the flattened buffers, which costs
+            # less per call than the advanced-indexing write.
+            at = (self.starts + self.ends[:, None]).view(-1)
+            self.k.view(-1, d).index_copy_(0, at, k.reshape(-1, d))
+            self.v.view(-1, d).index_copy_(0, at, v.reshape(-1, d))
         w = self.columns.shape[0]
         return self.k[:b, :, :w], self.v[:b, :, :w]
