@@ -773,20 +773,20 @@ def time_cell(pair: Pair, cell: Cell, inputs: Inputs, result: Result, *, repeats
               warmup: int, new_tokens: int, only: str | None) -> None:
     """Fill `result` with both models' vision (Qwen), prefill and decode timings (medians)."""
     device = pair.device
+
+    def both(ours: Callable[[Pair, Inputs], object], theirs: Callable[[Pair, Inputs], object],
+             runs_ms: dict[str, list[float]], median_ms: dict[str, float]) -> None:
+        """Time ours and theirs interleaved; each one's runs and median, in ms."""
+        runs = interleaved([lambda: timed(lambda: ours(pair, inputs), device),
+                            lambda: timed(lambda: theirs(pair, inputs), device)], repeats, warmup)
+        for name, r in zip(("shortv", "transformers"), runs, strict=True):
+            runs_ms[name] = [s * 1e3 for s in r]
+            median_ms[name] = statistics.median(r) * 1e3
+
     if only in (None, "vision") and cell.arch in QWEN_ARCHS and cell.prompt.images:
-        runs = interleaved([lambda: timed(lambda: vision_ours(pair, inputs), device),
-                            lambda: timed(lambda: vision_theirs(pair, inputs), device)],
-                           repeats, warmup)
-        for name, r in zip(("shortv", "transformers"), runs, strict=True):
-            result.vision_runs_ms[name] = [s * 1e3 for s in r]
-            result.vision_ms[name] = statistics.median(r) * 1e3
+        both(vision_ours, vision_theirs, result.vision_runs_ms, result.vision_ms)
     if only in (None, "prefill"):
-        runs = interleaved([lambda: timed(lambda: prefill_ours(pair, inputs), device),
-                            lambda: timed(lambda: prefill_theirs(pair, inputs), device)],
-                           repeats, warmup)
-        for name, r in zip(("shortv", "transformers"), runs, strict=True):
-            result.prefill_runs_ms[name] = [s * 1e3 for s in r]
-            result.prefill_ms[name] = statistics.median(r) * 1e3
+        both(prefill_ours, prefill_theirs, result.prefill_runs_ms, result.prefill_ms)
     if only in (None, "decode") and new_tokens >= 2:
         tokens: dict[str, list[list[int]]] = {}
 

@@ -134,6 +134,9 @@ class SlotCache:
         self.in_use = torch.zeros(plan.slots, dtype=torch.bool)
         self._columns = torch.arange(plan.capacity, device=device)
         self._rows = torch.arange(plan.slots, device=device)
+        # Where slot s's head h starts in a buffer seen as [slots * heads * capacity, D].
+        heads = torch.arange(plan.kv_heads, device=device)
+        self._starts = (self._rows[:, None] * plan.kv_heads + heads) * plan.capacity
         self._static = False
 
     def _allocate(self, layer: int) -> None:
@@ -220,8 +223,9 @@ class SlotCache:
         when its window is exactly what it holds (dynamic)."""
         if not 1 <= rows <= self.slots:
             raise ValueError(f"a step runs on 1 to {self.slots} rows, not {rows}")
-        for layer in range(self.plan.layers):
-            self._allocate(layer)
+        if len(self.k) < self.plan.layers:  # a lazy cache stepped before any write
+            for layer in range(len(self.k), self.plan.layers):
+                self._allocate(layer)
         ends = self.ends[:, :rows]
         live_ends = ends * self.in_use[:rows]  # a free slot's ends are 0 anyway
         longest = live_ends.max(dim=1).values.tolist()
@@ -230,10 +234,7 @@ class SlotCache:
         windows = [self.capacity] * len(self.k) if static else [n + 1 for n in longest]
         device = self._columns.device
         ends = ends.to(device, non_blocking=True) if device.type != "cpu" else ends
-        rows_index = self._rows[:rows]
-        # Where row b's head h starts in a buffer seen as [slots * heads * capacity, D].
-        heads = torch.arange(self.plan.kv_heads, device=device)
-        starts = (rows_index[:, None] * self.plan.kv_heads + heads) * self.capacity
+        rows_index, starts = self._rows[:rows], self._starts[:rows]
         masked = static or rows > 1
         return SlotView([SlotLayer(k, v, ends[i], self._columns[:w], rows_index, starts, masked)
                          for i, (k, v, w) in enumerate(zip(self.k, self.v, windows, strict=True))])
@@ -272,8 +273,6 @@ class SlotLayer:
     end [B] (where its new token goes), the columns [W] it attends over, the rows' indices
     [B] and where each row's heads start in the flattened buffers [B, H_kv], and whether
     the step needs a mask (several rows, or a static window)."""
-
-    has_pad = True  # rows may hold different lengths
 
     def __init__(self, k: Tensor, v: Tensor, ends: Tensor, columns: Tensor, rows: Tensor,
                  starts: Tensor, masked: bool) -> None:

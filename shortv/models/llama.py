@@ -507,8 +507,11 @@ class _Pass:
 
     def nothing_to_drop(self, step: LayerStep) -> None:
         # The same tokens, but the layers from here on may hold other cache contents (an
-        # earlier pass dropped tokens there): a new segment, with the same token types.
+        # earlier pass dropped tokens there): a new segment, with the same token types. A
+        # decode step keeps its segment: each layer masks its own slot window.
         seg = self.seg
+        if seg.decoding:
+            return
         self.seg = self.decoder.segment(seg.types, seg.positions, self.x.dtype,
                                         self.cache_of(step.layer), seg.kinds)
 

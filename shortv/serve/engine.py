@@ -41,6 +41,8 @@ from torch import Tensor
 from ..errors import ContextLengthError, ShortVError
 from ..generate.loop import Answer
 from ..generate.sampling import GenerationOptions, make_generator, pick
+from ..ranking import entry_method
+from ..zoo import card
 from .compiled import DecodeStep
 from .errors import EngineError, Refusal
 
@@ -223,9 +225,6 @@ class Engine:
         "fastv k=2 r=0.5", "visionzip budget=64" or "shortv", ShortV taking the zoo card's
         paper N), fitted to the model; EngineError (BAD_INPUT) when it cannot be used.
         Requests under different methods are prefilled apart and decoded together."""
-        from ..ranking import entry_method
-        from ..zoo import card
-
         if entry not in self._methods:
             try:
                 chosen = entry_method(entry.strip(), card(self.model.name), self.model.num_layers)
