@@ -120,6 +120,8 @@ class _Count:
 
     def __init__(self, config: TextConfig, method: Method, types: torch.Tensor) -> None:
         self.config, self.method, self.types = config, method, types
+        self.input_types = types[None]  # [1, T0]: what the method's view calls the pass's input
+        self.origin = torch.arange(types.numel())[None]  # each token's column there (-1: merged)
         self.capture: Capture | None = None  # the latest capture since the last drop
         self.ranking = 0  # capture FLOPs charged to the layer about to run
         self.layers: list[LayerTokens] = []
@@ -134,8 +136,18 @@ class _Count:
         self.ranking += capture_flops(self.config, step.capture_before, self.types)
 
     def drop(self, step: LayerStep) -> None:
-        keep = self.method.keep(_placeholder_view(step.layer, self.types, self.capture, self.generator))
-        self.types = self.types[keep[0]]
+        view = _placeholder_view(step.layer, self.types, self.capture, self.generator)
+        view.input_types, view.origin = self.input_types, self.origin
+        keep = self.method.keep(view)[0]
+        merged = self.method.merge(view, keep[None])
+        types, origin = self.types[keep], self.origin[0][keep]
+        if merged is not None:
+            # Merged tokens are visual tokens placed after the last kept visual one: counted
+            # as they run (where they sit does not change a layer's FLOPs).
+            n = int(merged[1].sum())
+            types = torch.cat((types, torch.full((n,), int(TokenType.VISUAL), dtype=types.dtype)))
+            origin = torch.cat((origin, torch.full((n,), -1, dtype=origin.dtype)))
+        self.types, self.origin = types, origin[None]
         self.capture = None
 
     def nothing_to_drop(self, step: LayerStep) -> None:

@@ -79,6 +79,18 @@ def demo_model() -> shortv.LLaVA:
     return model
 
 
+@pytest.fixture(scope="session")
+def gqa_wide_model(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> shortv.LLaVA:
+    """A tiny random LLaVA-1.5 with grouped-query attention (4 heads, 2 KV heads), 8 layers
+    and 36 visual tokens per image (84-pixel tower), in float64: for the methods' checks
+    against their authors' code on GQA."""
+    path = checkpoints.make_llava(tmp_path_factory.mktemp("gqa-wide"), sp_model, seed=5,
+                                  vision=dict(image_size=84), text=dict(num_hidden_layers=8))
+    model = shortv.load(path, device="cpu", dtype=torch.float64)
+    assert model.config.text.kv_heads < model.config.text.heads
+    return model
+
+
 @pytest.fixture(scope="module")
 def gqa_model(hf_llava: Path) -> shortv.LLaVA:
     """A tiny transformers-layout LLaVA with grouped-query attention (4 heads, 2 KV heads)."""

@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -694,3 +695,83 @@ def reference_loglikelihood(model: shortv.LLaVA, question: str, image: Image.Ima
     predicting = logits[-len(target) - 1:-1]  # each continuation token is predicted one earlier
     logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, target[:, None]).sum()
     return float(logprobs), bool((predicting.argmax(-1) == target).all())
+
+
+# ---- the authors' single-sequence forward (the methods' oracle tests) -------------------------
+
+
+def authors_layer(model: shortv.LLaVA, layer: int, x: torch.Tensor, positions: torch.Tensor,
+                  cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """One decoder layer as LLaVA's Llama runs it for a batch of one, in float64: x [T, D]
+    at RoPE positions [T], after the cached (rotated) keys and values `cache` ([kv_heads, S,
+    head_dim] each), causal. Returns (output [T, D], the cache extended by these tokens)."""
+    c = model.config.text
+    w = model.module.decoder.layers[layer]
+    x = x.double()
+    h = _rms(x, w.attn_norm.weight, c.rms_norm_eps)
+    t = h.shape[0]
+
+    def heads(proj, n):
+        return (h @ proj.weight.double().T).view(1, t, n, c.head_dim).transpose(1, 2)
+
+    q = _rope(heads(w.attn.q_proj, c.heads), positions[None], c.rope_theta)[0]
+    k = _rope(heads(w.attn.k_proj, c.kv_heads), positions[None], c.rope_theta)[0]
+    v = heads(w.attn.v_proj, c.kv_heads)[0]
+    if cache is not None:
+        k, v = torch.cat((cache[0], k), dim=1), torch.cat((cache[1], v), dim=1)
+    s = k.shape[1]
+    group = c.heads // c.kv_heads
+    logits = q @ k.repeat_interleave(group, dim=0).transpose(-1, -2) / math.sqrt(c.head_dim)
+    allowed = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    attn = (probs @ v.repeat_interleave(group, dim=0)).transpose(0, 1).reshape(t, -1)
+    y = x + attn @ w.attn.o_proj.weight.double().T
+    hm = _rms(y, w.mlp_norm.weight, c.rms_norm_eps)
+    gate = torch.nn.functional.silu(hm @ w.mlp.gate_proj.weight.double().T)
+    y = y + (gate * (hm @ w.mlp.up_proj.weight.double().T)) @ w.mlp.down_proj.weight.double().T
+    return y, (k, v)
+
+
+def authors_scores(model: shortv.LLaVA, layer: int, x: torch.Tensor, positions: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """[H, len(rows), T]: layer `layer`'s causal attention probabilities of the query rows
+    `rows` over the tokens x [T, D] at positions [T] (its input norm, q/k projections, RoPE)."""
+    c = model.config.text
+    w = model.module.decoder.layers[layer]
+    h = _rms(x.double(), w.attn_norm.weight, c.rms_norm_eps)
+    t = h.shape[0]
+    q = _rope((h @ w.attn.q_proj.weight.double().T).view(1, t, c.heads, c.head_dim).transpose(1, 2),
+              positions[None], c.rope_theta)[0]
+    k = _rope((h @ w.attn.k_proj.weight.double().T).view(1, t, c.kv_heads, c.head_dim).transpose(1, 2),
+              positions[None], c.rope_theta)[0].repeat_interleave(c.heads // c.kv_heads, dim=0)
+    logits = q[:, rows] @ k.transpose(-1, -2) / math.sqrt(c.head_dim)
+    allowed = torch.arange(t)[None, :] <= rows[:, None]
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+class KeepRecorder:
+    """Records, for every drop of a method class while active, the columns of the pass's
+    input each sequence keeps (`LayerView.origins`; inserted tokens left out), per layer."""
+
+    def __init__(self, method_class: type) -> None:
+        self.method_class = method_class
+        self.kept: list[tuple[int, list[list[int]]]] = []
+
+    def __enter__(self) -> KeepRecorder:
+        original = self.method_class.keep
+        recorder = self
+
+        def keep(method, view):
+            mask = original(method, view)
+            origin = view.origins()
+            recorder.kept.append((view.layer, [
+                sorted(origin[b][mask[b] & view.visual()[b] & (origin[b] >= 0)].tolist())
+                for b in range(mask.shape[0])]))
+            return mask
+
+        self._patch = mock.patch.object(self.method_class, "keep", keep)
+        self._patch.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.stop()

@@ -152,6 +152,16 @@ class KeepAside(Method):
         self.spent.append(counter.get_total_flops())
         return kept
 
+    def merge(self, view: LayerView, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        with FlopCounterMode(display=False) as counter:
+            merged = self.inner.merge(view, keep)
+        self.spent.append(counter.get_total_flops())
+        return merged
+
+    @property
+    def compacts_positions(self) -> bool:
+        return self.inner.compacts_positions
+
 
 @pytest.fixture(scope="module")
 def decoder() -> Decoder:

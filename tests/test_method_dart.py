@@ -39,6 +39,7 @@ from .reference import (
     pinned_keys,
     pinned_reference_tokens,
     prepared_and_types,
+    random_rgb,
     reference_decoder,
     two_image_prompt,
 )
@@ -98,7 +99,11 @@ def reference_dropped(model: shortv.LLaVA, prepared, types: torch.Tensor, method
             budget = round(len(visual) * (1 - method.reduction_ratio))
         per_pivot = budget // (method.pivot_image + method.pivot_text)
         retained = list(image_pivots)
-        for p in image_pivots + text_pivots:
+        pivots = image_pivots + text_pivots
+        if method.pivot_order == "set":  # the code's loop: a set of sequence indices
+            pad = row.count(P_)
+            pivots = [i + pad for i in set([p - pad for p in pivots])]
+        for p in pivots:
             left = [i for i in visual if i not in retained]
 
             def dissimilarity(i, p=p, b=b):
@@ -131,6 +136,7 @@ def observe(model: shortv.LLaVA, prepared, method: DART):
 
 CASES = {
     "k2-b16": DART(k=2, budget=16),
+    "k2-b16-norm": DART(k=2, budget=16, pivot_order="norm"),
     "k1-b8-2+2": DART(k=1, budget=8, pivot_image=2, pivot_text=2),
     "k3-ratio0.5": DART(k=3, reduction_ratio=0.5),
     "k7-b5-1+3": DART(k=7, budget=5, pivot_image=1, pivot_text=3),
@@ -262,3 +268,72 @@ def test_bf16_smoke(images):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out[types != P_]).all()
     model.set_method(DART(k=2, budget=16))
     assert all(len(s) == 3 for s in cached_tokens(model, batch, 3))
+
+
+# ---- the authors' code -----------------------------------------------------------------------
+
+
+def authors_retained(last_layer_state: torch.Tensor, any_states: torch.Tensor, start: int, length: int,
+                     max_num_trunction: int, pivot_image_token: int = 4, pivot_text_token: int = 4):
+    """Transcribed from ZichenWen1/DART (copy xqy1111111/DART at d6a5af6,
+    llava/model/language_model/modeling_llama_self.py, `get_retained_image_token`, LLaVA-1.5
+    branch): one sequence of a batch of one. last_layer_state [1, T, D]: layer K's input
+    through the final norm; any_states [1, heads, T, head_dim]: layer K - 1's rotated keys
+    repeated to the query heads. Returns the retained image indices, in the code's order."""
+    token_topk = math.ceil(max_num_trunction // (pivot_image_token + pivot_text_token))
+    any_states = any_states.permute(0, 2, 1, 3).reshape(any_states.shape[0], any_states.shape[2], -1)
+    k_image = any_states[0][start:start + length, :]
+    k_query = any_states[0][start + length:, :]
+    image_indices = (torch.norm(k_image, p=1, dim=-1).topk(pivot_image_token).indices + start).tolist()
+    query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text_token).indices
+                     + start + length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(start, start + length)) - set(image_indices)
+    valid_indices_list = list(valid_indices)
+    for item in list(indices_set):
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(token_topk).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = list(valid_indices)
+    indices_set.difference_update(query_indices)
+    return torch.tensor(list(indices_set))
+
+
+@pytest.mark.parametrize("budget", [16, 24])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("which", ["demo", "gqa"])
+def test_kept_tokens_equal_the_authors_code(request, demo, which, seed, budget):
+    """One image, a batch of one, at the code's K = 2: shortv's kept visual tokens are the
+    ones the authors' function returns (their pivot loop order included), and the logits
+    equal the code's forward, which keeps the survivors' original positions."""
+    model = demo if which == "demo" else request.getfixturevalue("gqa_wide_model")
+    image = random_rgb(40 + 17 * seed, 30, seed=seed)
+    enc = model.encode("<image>\nWhat is shown in this picture, in a few words?", [image])
+    prepared, types = prepared_and_types(model, [enc])
+    method = DART(k=2, budget=budget)
+    _, inputs = reference_decoder(model, prepared, types)
+    visual = torch.nonzero(types[0] == V_).flatten()
+    start, length = int(visual[0]), visual.numel()
+    keys = explicit_keys(model, 1, inputs[1], prepared.positions)  # [1, T, heads · head_dim]
+    c = model.config.text
+    any_states = keys.view(1, -1, c.heads, c.head_dim).transpose(1, 2)
+    normed = _rms(inputs[2], model.module.decoder.norm.weight, c.rms_norm_eps)
+    expected = authors_retained(normed, any_states, start, length, budget)
+    ours, seen = observe(model, prepared, method)
+    kept = seen["positions"][0][seen["types"][0] == V_]
+    assert sorted(kept.tolist()) == sorted(expected.tolist())
+    assert torch.equal(seen["positions"][0], kept_positions(types[0], expected))  # original positions
+    dropped = (types == V_).clone()
+    dropped[0, expected] = False
+    hide = {i: dropped for i in range(2, model.num_layers)}
+    ref, _ = reference_decoder(model, prepared, types, hide)
+    assert_rows_close(ours, ref, types == T_)
+
+
+def kept_positions(types: torch.Tensor, retained: torch.Tensor) -> torch.Tensor:
+    keep = types != V_
+    keep[retained] = True
+    return torch.nonzero(keep).flatten()

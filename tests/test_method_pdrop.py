@@ -1,9 +1,13 @@
 """PDrop against references that do not use the code under test.
 
-- Kept sets: at each stage layer l, explicit float64 attention probabilities of layer
-  l − 1's last query (mean over heads) on that layer's input from `reference_decoder`, with
-  the tokens dropped by earlier stages hidden as keys; per sequence the top int(c · λ) of
-  its c surviving visual tokens are kept.
+- The authors' code: a transcription of its prefill (ranking, drop, renumbered positions)
+  and decode (shifted positions) for one sequence, against shortv's default: the kept
+  tokens at each stage, the logits and the greedy tokens of cached generation (demo and
+  GQA models, 2 images, 2 stage settings).
+- `positions="original"` (kept sets): at each stage layer l, explicit float64 attention
+  probabilities of layer l's last query (mean over heads) on its input from
+  `reference_decoder`, with the tokens dropped by earlier stages hidden as keys; per
+  sequence the top int(n · λ^(s+1)) of its n visual tokens are kept at stage s.
 - Outputs: `reference_decoder` with each stage's dropped tokens hidden as keys from its
   layer on (1e-5; the demo model in float64, as in tests/test_methods.py).
 - Generation with the KV cache: greedy tokens equal a recomputation of the explicit
@@ -28,8 +32,11 @@ from .reference import (
     P_,
     T_,
     V_,
+    KeepRecorder,
     _attention_probs,
     assert_rows_close,
+    authors_layer,
+    authors_scores,
     base_mask,
     batch_prompts,
     cached_tokens,
@@ -37,7 +44,9 @@ from .reference import (
     counted_flops,
     pinned_reference_tokens,
     prepared_and_types,
+    random_rgb,
     reference_decoder,
+    reference_head,
     two_image_prompt,
 )
 
@@ -82,7 +91,7 @@ def reference_stages(model: shortv.LLaVA, prepared, types: torch.Tensor, layers,
     dropped = torch.zeros_like(visual)
     by_stage: dict[int, torch.Tensor] = {}
     gap = float("inf")
-    for stage in layers:
+    for s, stage in enumerate(layers):
         _, inputs = reference_decoder(model, prepared, types, hidden_keys(by_stage, model.num_layers))
         allowed = base_mask(types) & ~dropped[:, None, :]
         probs, _ = _attention_probs(model, stage, inputs[stage], allowed, prepared.positions)
@@ -90,7 +99,7 @@ def reference_stages(model: shortv.LLaVA, prepared, types: torch.Tensor, layers,
         dropped = dropped.clone()
         for b in range(types.shape[0]):
             alive = torch.nonzero(visual[b] & ~dropped[b]).flatten()
-            n_keep = int(len(alive) * lam)
+            n_keep = min(int(int(visual[b].sum()) * lam ** (s + 1)), len(alive))  # of the image's n
             order = alive[scores[b, alive].argsort(descending=True)]
             dropped[b, order[n_keep:]] = True
             if 0 < n_keep < len(alive):
@@ -121,7 +130,7 @@ CASES = {"l246-half": (STAGES, 0.5), "l135-0.6": ((1, 3, 5), 0.6), "l7-0.3": ((7
 def test_pdrop_kept_sets_and_outputs(demo, images, layers, lam, case):
     batch = [two_image_prompt(demo, images)] if case == "two-images" else batch_prompts(demo, images)
     prepared, types = prepared_and_types(demo, batch)
-    method = PDrop(layers=layers, lam=lam).for_layers(demo.num_layers)
+    method = PDrop(layers=layers, lam=lam, positions="original").for_layers(demo.num_layers)
     ours, seen = observe(demo, prepared, method)
     by_stage, gap = reference_stages(demo, prepared, types, layers, lam)
     assert gap > 1e-8, "near tie at a keep/drop boundary: choose other test data"
@@ -134,12 +143,11 @@ def test_pdrop_kept_sets_and_outputs(demo, images, layers, lam, case):
             positions, seg_types = seen[stage]
             assert set((positions[row][seg_types[row] == T_] + pad[row]).tolist()) == \
                 set(torch.nonzero(types[row] == T_).flatten().tolist())  # all text survives
-    # the counts: int(c · λ) at every stage, from the sequence's own visual tokens
+    # the counts: int(n · λ^(s+1)) at stage s, n the sequence's own visual tokens
     for row in range(b):
-        c = int((types[row] == V_).sum())
-        for stage in layers:
-            c = int(c * lam)
-            assert len(kept_visual(seen[stage], row, pad[row])) == c
+        n = int((types[row] == V_).sum())
+        for s, stage in enumerate(layers):
+            assert len(kept_visual(seen[stage], row, pad[row])) == int(n * lam ** (s + 1))
     ref, inputs = reference_decoder(demo, prepared, types, hidden_keys(by_stage, demo.num_layers))
     final = by_stage[layers[-1]]
     survivors = (types == T_) | ((types == V_) & ~final)
@@ -158,7 +166,7 @@ def test_pdrop_generation_with_cache_equals_recomputation(demo, images):
     """The kept sets are chosen once, at the prefill, by the last prompt token; the
     reference recomputes every step with those sets hidden from their stage layers on."""
     batch = batch_prompts(demo, images)
-    method = PDrop(layers=(1, 3, 5), lam=0.5)
+    method = PDrop(layers=(1, 3, 5), lam=0.5, positions="original")
     demo.set_method(method)
     n = 8
     got = cached_tokens(demo, batch, n)
@@ -173,15 +181,20 @@ def test_pdrop_generation_with_cache_equals_recomputation(demo, images):
 def test_pdrop_batch_equals_one_by_one(demo, images):
     batch = batch_prompts(demo, images)
     prepared, _ = prepared_and_types(demo, batch)
-    method = PDrop(layers=STAGES, lam=0.5)
-    together, seen = observe(demo, prepared, method)
+    method = PDrop(layers=STAGES, lam=0.5)  # renumbered positions, per sequence
+    with KeepRecorder(PDrop) as recorder:
+        together, _ = observe(demo, prepared, method)
     for row, enc in enumerate(batch):
         p1, t1 = prepared_and_types(demo, [enc])
-        alone, seen1 = observe(demo, p1, method)
+        with KeepRecorder(PDrop) as alone_recorder:
+            alone, _ = observe(demo, p1, method)
         n = t1.shape[1]
+        pad = prepared.types.shape[1] - n
         assert_rows_close(together[row, -n:], alone[0], t1[0] != P_)
-        for stage in STAGES:
-            assert kept_visual(seen[stage], row, 0) == kept_visual(seen1[stage], 0, 0)  # RoPE positions
+        if not alone_recorder.kept:  # no image: nothing to drop alone, nothing kept together
+            assert all(rows[row] == [] for _, rows in recorder.kept)
+        for (_, rows), (_, alone_rows) in zip(recorder.kept, alone_recorder.kept, strict=False):
+            assert [i - pad for i in rows[row]] == alone_rows[0]
 
 
 @pytest.mark.parametrize("method", [PDrop(layers=STAGES, lam=0.5), PDrop(layers=(1, 5), lam=0.3),
@@ -204,7 +217,7 @@ def test_flop_counter_agrees_with_sequence_flops(demo, images, method):
             # tokens, the last query's Q row, and that row's scores
             n = n_text + vis
             ranking += 2 * n * d * kv_dim + 2 * q_dim * (d + n)
-            vis = int(vis * fitted.lam)
+            vis = int(n_vis * fitted.lam ** (fitted.layers.index(i) + 1))
         per_layer.append(n_text + vis)
     expected = sum(closed_form_layer(c, k, k) for k in per_layer) + ranking
     assert analytic == expected
@@ -267,7 +280,7 @@ def test_ranks_with_the_stage_layers_own_attention(demo, images):
     """The official kept set: layer l's own q/k (its attn_norm, projections, RoPE) on the
     hidden states entering layer l, before the drop."""
     prepared, types = prepared_and_types(demo, [two_image_prompt(demo, images)])
-    _, seen = observe(demo, prepared, PDrop(layers=(2,), lam=0.5))
+    _, seen = observe(demo, prepared, PDrop(layers=(2,), lam=0.5, positions="original"))
     _, inputs = reference_decoder(demo, prepared, types)
     probs, _ = _attention_probs(demo, 2, inputs[2], base_mask(types), prepared.positions)
     scores = probs[0, :, -1].mean(dim=0)
@@ -286,3 +299,89 @@ def test_bf16_smoke(images):
         assert out.dtype == torch.bfloat16 and torch.isfinite(out[types != P_]).all()
         model.set_method(method)
         assert all(len(s) == 3 for s in cached_tokens(model, batch, 3))
+
+
+# ---- the authors' code -----------------------------------------------------------------------
+
+
+def authors_pdrop(model: shortv.LLaVA, embeds: torch.Tensor, types: torch.Tensor, layer_list: list[int],
+                  ratios: list[float], new_tokens: int = 0):
+    """Transcribed from Cooperx521/PyramidDrop at 6444f30, llava/model/modeling_llama_pdrop.py
+    (`LlamaModel.pdrop_forward`, `pdrop_rank_drop`, inference branch) with the eval scripts'
+    `image_token_ratio_list.insert(0, 1.0)`: one sequence (embeds [T, D], one image), then
+    `new_tokens` greedy decode steps. Returns (kept image indices per stage, in the input's
+    columns; the prefill's last logits; the greedy tokens)."""
+    ratios = [1.0, *ratios]
+    num_layers = model.num_layers
+    image_index = int(torch.nonzero(types == V_)[0])
+    n_image = int((types == V_).sum())
+    x = embeds.double()
+    position_ids = torch.arange(x.shape[0])
+    origin = list(range(x.shape[0]))
+    caches: list = [None] * num_layers
+    kept = []
+    for layer_idx in range(num_layers):
+        x, caches[layer_idx] = authors_layer(model, layer_idx, x, position_ids)
+        rank_layer = layer_idx + 1
+        if rank_layer in layer_list:
+            cur_num = layer_list.index(rank_layer)
+            image_tokens = int(n_image * ratios[cur_num])
+            keep_length = int(n_image * ratios[cur_num + 1])
+            last = torch.tensor([x.shape[0] - 1])  # prompt_total_len - 1: the last prompt token
+            attn = authors_scores(model, rank_layer, x, position_ids, last)  # fp32 softmax, here fp64
+            attention_avg_head = attn.mean(dim=0)[:, image_index:image_index + image_tokens]
+            attention_avg_text = attention_avg_head.mean(dim=0)
+            top_rank_index = attention_avg_text.topk(keep_length).indices + image_index
+            top_rank_index = top_rank_index.sort().values
+            start_index = image_index + image_tokens
+            select = torch.cat((torch.arange(image_index), top_rank_index,
+                                torch.arange(start_index, x.shape[0])))
+            x = x[select]
+            origin = [origin[i] for i in select.tolist()]
+            kept.append(origin[image_index:image_index + keep_length])
+            position_ids = torch.arange(x.shape[0])  # position_ids[i, :cur_len] = arange(cur_len)
+    logits = reference_head(model, x[-1])
+    tokens = [int(logits.argmax())]
+    position = embeds.shape[0]  # the next position by the attention mask (prepare_inputs_for_generation)
+    while len(tokens) < new_tokens:
+        h = model.module.decoder.embed_tokens.weight.double()[tokens[-1]][None]
+        position_ids = torch.tensor([position])
+        for layer_idx in range(num_layers):
+            h, caches[layer_idx] = authors_layer(model, layer_idx, h, position_ids, caches[layer_idx])
+            rank_layer = layer_idx + 1
+            if rank_layer in layer_list:  # "update position_ids in decoding stage when inference"
+                stage = layer_list.index(rank_layer)
+                cur_visual_length = int(n_image * ratios[stage])
+                next_visual_length = int(n_image * ratios[stage + 1])
+                position_ids = position_ids - (cur_visual_length - next_visual_length)
+        step_logits = reference_head(model, h[-1])
+        top = step_logits.topk(2).values
+        assert top[0] - top[1] > 1e-6, "near tie: choose other test data"
+        tokens.append(int(step_logits.argmax()))
+        position += 1
+    return kept, logits, tokens
+
+
+@pytest.mark.parametrize("layers,lam", [((2, 4, 6), 0.5), ((1, 3, 5), 0.6)])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("which", ["demo", "gqa"])
+def test_kept_tokens_logits_and_generation_equal_the_authors_code(request, demo, which, seed, layers, lam):
+    """One image, a batch of one: the tokens each stage keeps, the prefill's logits and the
+    greedy tokens of cached generation equal the authors' code, which renumbers positions
+    after each drop and shifts later stages' decode positions (shortv's default)."""
+    model = demo if which == "demo" else request.getfixturevalue("gqa_wide_model")
+    image = random_rgb(40 + 17 * seed, 30, seed=seed)
+    enc = model.encode("<image>\nWhat is shown in this picture, in a few words?", [image])
+    prepared, types = prepared_and_types(model, [enc])
+    # The code's layer_list holds the stage layers themselves (rank_layer = layer_idx + 1).
+    kept, logits, tokens = authors_pdrop(model, prepared.embeds[0], types[0], [*layers],
+                                         [lam ** (s + 1) for s in range(len(layers))], new_tokens=4)
+    method = PDrop(layers=layers, lam=lam)
+    model.set_method(method)
+    with KeepRecorder(PDrop) as recorder:
+        ours = model.logits(enc)[-1]
+    assert [row[0] for _, row in recorder.kept] == [sorted(k) for k in kept]
+    assert torch.allclose(ours, logits, atol=1e-6, rtol=1e-6)
+    assert cached_tokens(model, [enc], 4)[0] == tokens
+    model.set_method(PDrop(layers=layers, lam=lam, positions="original"))
+    assert not torch.allclose(model.logits(enc)[-1], logits, atol=1e-4)  # the renumbering matters

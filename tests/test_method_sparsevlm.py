@@ -12,6 +12,7 @@ same forward with every dropped token hidden from the layer after its pruning la
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -19,14 +20,17 @@ import torch
 from shortv import ConfigError, Vanilla
 from shortv.flops import layer_tokens, sequence_flops
 from shortv.methods.base import LayerView
-from shortv.methods.sparsevlm import SCHEDULES, SparseVLM, budget_schedule
+from shortv.methods.sparsevlm import SCHEDULES, SparseVLM, budget_schedule, cluster_and_merge
 
 from .reference import (
     P_,
     T_,
     V_,
+    KeepRecorder,
     _attention_probs,
     assert_rows_close,
+    authors_layer,
+    authors_scores,
     base_mask,
     batch_prompts,
     cached_tokens,
@@ -34,6 +38,7 @@ from .reference import (
     counted_flops,
     pinned_reference_tokens,
     prepared_and_types,
+    random_rgb,
     reference_decoder,
     reference_head,
     two_image_prompt,
@@ -55,7 +60,7 @@ def demo(demo_model):
 def reference_drops(model, prepared, types: torch.Tensor, method: SparseVLM):
     """Per pruning stage, [B, T] the visual tokens dropped there; and the smallest margin of
     any choice (rater threshold, keep/drop boundary)."""
-    counts = (576, *method.counts())
+    counts = method.counts()
     b, t = types.shape
     dropped = torch.zeros(b, t, dtype=torch.bool)
     hidden_keys: dict[int, torch.Tensor] = {}
@@ -71,15 +76,16 @@ def reference_drops(model, prepared, types: torch.Tensor, method: SparseVLM):
             vis = [p for p in range(t) if types[row, p] == V_ and not dropped[row, p]]
             if not vis:
                 continue
+            every = [p for p in range(t) if types[row, p] == V_]  # raters: from every visual token
             text = [p for p in range(t) if types[row, p] == T_]
-            cand = [p for p in text if p > vis[0]] or text
+            cand = [p for p in text if p > every[0]] or text
             h = rater_hidden[row]
-            relevance = torch.softmax(h[vis] @ h[cand].T, dim=1).mean(dim=0)
+            relevance = torch.softmax(h[every] @ h[cand].T, dim=1).mean(dim=0)
             mean = float(relevance.mean())
             raters = [p for p, r in zip(cand, relevance.tolist(), strict=True) if r > mean] or cand
             margin = min(margin, float((relevance - mean).abs().min()))
             score = {p: float(attention[row, raters, p].mean()) for p in vis}
-            n_keep = min(round(len(vis) * counts[j + 1] / counts[j]), len(vis) - 1)
+            n_keep = min(round(len(every) * counts[j] / 576), len(vis) - 1)
             ranked = sorted(vis, key=lambda p: (-score[p], p))
             for p in ranked[n_keep:]:
                 new[row, p] = True
@@ -127,9 +133,10 @@ def observe(model, prepared, method: SparseVLM):
 # ---- tests ------------------------------------------------------------------------------------
 
 
-METHODS = {"b192": SparseVLM(LAYERS), "b64": SparseVLM(LAYERS, budget=64),
-           "sched": SparseVLM((2, 4), schedule=(250, 40)), "last": SparseVLM((0, 6), budget=None,
-                                                                                schedule=(400, 100))}
+DROP_ONLY = dict(recycle=False, positions="original")  # what the hidden-keys reference models
+METHODS = {"b192": SparseVLM(LAYERS, **DROP_ONLY), "b64": SparseVLM(LAYERS, budget=64, **DROP_ONLY),
+           "sched": SparseVLM((2, 4), schedule=(250, 40), **DROP_ONLY),
+           "last": SparseVLM((0, 6), budget=None, schedule=(400, 100), **DROP_ONLY)}
 
 
 @pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
@@ -167,47 +174,48 @@ def test_kept_sets_and_outputs_match_reference(demo, images, method, case):
 
 
 def test_counts_follow_the_released_schedule(demo, images):
-    """576 visual tokens keep exactly the released counts; others scale by chained rounding."""
-    method = SparseVLM(budget=128)
+    """576 visual tokens keep exactly the released counts; others keep round(n · s / 576);
+    recycled tokens are visual tokens of the next stages."""
+    method = SparseVLM(budget=128, recycle=False)
     types = torch.tensor([0] * 30 + [1] * 576 + [0] * 40)
     kept = [lt.keys - 70 for lt in layer_tokens(demo.config.text.__class__(), method, types)]
     assert kept == [576] * 3 + [303] * 4 + [110] * 9 + [36] * 16
+    # recycled: int(0.3 · dropped) + 1 clustered into int(that / 10) + 1 tokens after each stage
+    kept = [lt.keys - 70 for lt in layer_tokens(demo.config.text.__class__(), SparseVLM(), types)]
+    assert kept == [576] * 3 + [300 + 9] * 4 + [200 + 4] * 9 + [110 + 3] * 16
     types2 = torch.tensor([0] * 5 + [1] * 72 + [0] * 20)
-    kept = [lt.keys - 25 for lt in layer_tokens(demo.config.text, SparseVLM(LAYERS), types2)]
-    # 72 · 300/576 = 37.5 → 38 (halves to even); 38 · 200/300 → 25; 25 · 110/200 → 14
+    kept = [lt.keys - 25 for lt in layer_tokens(demo.config.text, SparseVLM(LAYERS, recycle=False), types2)]
+    # 72 · 300/576 = 37.5 → 38 (halves to even); 72 · 200/576 = 25; 72 · 110/576 = 13.75 → 14
     assert kept == [72, 72, 38, 38, 25, 25, 14, 14]
     assert budget_schedule(192) == SCHEDULES[192] and budget_schedule(32) == (33, 15, 8)
     assert SparseVLM().counts() == (300, 200, 110)
 
 
-def test_raters_from_embeddings_when_the_view_has_them():
-    """With `embeddings` on the view the relevance is computed from them (the code's
-    `inputs_embeds`), not from the layer's hidden states."""
+def test_raters_are_chosen_from_the_inputs_of_every_visual_token():
+    """The raters come from the pass's input embeddings and *every* visual token of it (the
+    code chooses them once, before layer 0), not from the drop layer's surviving tokens."""
     g = torch.Generator().manual_seed(0)
-    types = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]])
+    first_types = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]])
+    inputs = torch.randn(1, 12, 8, generator=g, dtype=torch.float64)
+    origin = torch.tensor([[0, 1, 3, 5, 6, 8, 9, 10, 11]])  # visual 2, 4, 7 dropped earlier
+    types = first_types.gather(1, origin)
     t = types.shape[1]
     at = torch.nonzero(types[0] == 0).flatten()
     scores = torch.rand(1, at.numel(), t, generator=g, dtype=torch.float64)
     real = torch.ones(1, at.numel(), dtype=torch.bool)
     view = LayerView(2, types, torch.randn(1, t, 8, generator=g, dtype=torch.float64), lambda x: x,
-                     scores=scores, query_positions=at[None], query_real=real)
-    emb = torch.randn(1, t, 8, generator=g, dtype=torch.float64)
-    method = SparseVLM((1,), schedule=(288,))  # keeps half
-
-    def expected(h):
-        vis, cand = [2, 3, 4, 5, 6, 7], [8, 9, 10, 11]
-        rel = torch.softmax(h[0, vis] @ h[0, cand].T, dim=1).mean(0)
-        rows = [i for i, p in enumerate(at.tolist()) if p in cand and rel[cand.index(p)] > rel.mean()]
-        s = scores[0, rows].mean(0)
-        top = sorted(vis, key=lambda p: (-float(s[p]), p))[:3]
-        return [p for p in range(t) if types[0, p] == 0 or p in top]
-
-    plain = method.keep(view)[0].nonzero().flatten().tolist()
-    assert plain == expected(view.hidden)
-    view.embeddings = emb
-    with_emb = method.keep(view)[0].nonzero().flatten().tolist()
-    assert with_emb == expected(emb)
-    assert plain != with_emb
+                     scores=scores, query_positions=at[None], query_real=real,
+                     inputs=inputs, input_types=first_types, origin=origin)
+    method = SparseVLM((1,), schedule=(192,), recycle=False)  # 6 visual → round(2) = 2 kept
+    vis, cand = [2, 3, 4, 5, 6, 7], [8, 9, 10, 11]
+    rel = torch.softmax(inputs[0, vis] @ inputs[0, cand].T, dim=1).mean(0)
+    raters = [c for i, c in enumerate(cand) if rel[i] > rel.mean()]
+    rows = [i for i, p in enumerate(at.tolist()) if int(origin[0, p]) in raters]
+    rating = scores[0, rows].mean(0)
+    here = [p for p in range(t) if types[0, p] == 1]
+    top = sorted(here, key=lambda p: (-float(rating[p]), p))[:2]
+    expected = [p for p in range(t) if types[0, p] == 0 or p in top]
+    assert method.keep(view)[0].nonzero().flatten().tolist() == expected
 
 
 def test_generation_with_cache_equals_pinned_recomputation(demo, images):
@@ -215,7 +223,7 @@ def test_generation_with_cache_equals_pinned_recomputation(demo, images):
     prunes when the input is longer than one token); the reference recomputes every step
     with those sets hidden from their drop layers on."""
     batch = batch_prompts(demo, images)
-    method = SparseVLM(LAYERS, budget=64)
+    method = SparseVLM(LAYERS, budget=64, **DROP_ONLY)
     demo.set_method(method)
     got = cached_tokens(demo, batch, 8)
     for enc, tokens in zip(batch, got, strict=True):
@@ -231,18 +239,21 @@ def test_generation_with_cache_equals_pinned_recomputation(demo, images):
 
 def test_padded_batch_equals_one_by_one(demo, images):
     batch = batch_prompts(demo, images)
-    method = SparseVLM(LAYERS, budget=96)
+    method = SparseVLM(LAYERS, budget=64)  # recycling, renumbered positions: per sequence
     prepared, _ = prepared_and_types(demo, batch)
-    together, seen = observe(demo, prepared, method)
+    with KeepRecorder(SparseVLM) as recorder:
+        together, _ = observe(demo, prepared, method)
     for row, enc in enumerate(batch):
         p1, t1 = prepared_and_types(demo, [enc])
-        alone, seen1 = observe(demo, p1, method)
+        with KeepRecorder(SparseVLM) as alone_recorder:
+            alone, _ = observe(demo, p1, method)
         n = t1.shape[1]
+        pad = prepared.types.shape[1] - n
         assert_rows_close(together[row, -n:], alone[0], t1[0] != P_)
-        for layer in seen:
-            pos, kinds = seen[layer]
-            pos1, kinds1 = seen1[layer]
-            assert torch.equal(pos[row][kinds[row] == V_], pos1[0][kinds1[0] == V_])
+        if not alone_recorder.kept:  # no image: nothing to drop alone, nothing kept together
+            assert all(rows[row] == [] for _, rows in recorder.kept)
+        for (_, rows), (_, alone_rows) in zip(recorder.kept, alone_recorder.kept, strict=False):
+            assert [i - pad for i in rows[row]] == alone_rows[0]
 
 
 def test_flop_counter_agrees_with_analytic_count(demo, images):
@@ -261,7 +272,9 @@ def test_flop_counter_agrees_with_analytic_count(demo, images):
     measured = counted_flops(demo, prepared, method)
     analytic = sequence_flops(c, method, prepared.types[0])
     n_text = int((types == T_).sum())
-    kept = [72, 72, 38, 38, 25, 25, 14, 14]
+    # kept 38, 25, 14 (round(72 · s / 576)) plus the recycled: 34 dropped → 11 → 2 tokens,
+    # 15 → 5 → 1, 12 → 4 → 1
+    kept = [72, 72, 38 + 2, 38 + 2, 25 + 1, 25 + 1, 14 + 1, 14 + 1]
     assert int((types == V_).sum()) == 72
     first = int(torch.nonzero(types[0] == V_)[0])
     candidates = int((types[0, first:] == T_).sum())
@@ -269,8 +282,9 @@ def test_flop_counter_agrees_with_analytic_count(demo, images):
     # counted: each pruning layer's capture, every text row's Q projection and its scores
     capture = sum(2 * n_text * q_dim * (d + n_text + kept[layer]) for layer in LAYERS)
     assert analytic == sum(closed_form_layer(c, n_text + k, n_text + k) for k in kept) + capture
-    # not counted (the method's own arithmetic): the raters' relevance
-    relevance = sum(2 * kept[layer] * candidates * d for layer in LAYERS)
+    # not counted (the method's own arithmetic): the raters' relevance over every visual
+    # token, at each stage; the clustering's distances are no matmul
+    relevance = sum(2 * 72 * candidates * d for _ in LAYERS)
     assert measured == analytic + relevance
 
 
@@ -289,3 +303,178 @@ def test_depth_checks():
     assert SparseVLM().for_layers(32).layers == (2, 6, 15)
     SparseVLM(LAYERS, budget=32).validate(8)
     assert "sparsevlm(layers=(2, 6, 15)" in SparseVLM().for_layers(32).describe()
+
+
+# ---- the authors' code -----------------------------------------------------------------------
+
+
+def authors_cluster_and_merge(x: torch.Tensor, cluster_num: int) -> torch.Tensor:
+    """Transcribed from Gumpest/SparseVLMs at 26a5f48, llava/model/language_model/utils.py
+    (`cluster_and_merge`, with `index_points` inlined): x [B, N, C]."""
+    b, n, c = x.shape
+    x1 = x[:, :, None, :]
+    x2 = x[:, None, :, :]
+    distance = (x1 - x2).norm(dim=-1, p=2)
+    dist_matrix = distance / (c ** 0.5)
+    dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest ** 2).mean(dim=-1)).exp()
+    density = density + torch.rand(density.shape, device=density.device, dtype=density.dtype) * 1e-6
+    mask = density[:, None, :] > density[:, :, None]
+    mask = mask.type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, _ = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    score = dist * density
+    _, index_down = torch.topk(score, k=cluster_num, dim=-1)
+    batch_indices = torch.arange(b, dtype=torch.long)[:, None].repeat(1, cluster_num)
+    dist_matrix = dist_matrix[batch_indices, index_down, :]
+    idx_cluster = dist_matrix.argmin(dim=1)
+    idx_batch = torch.arange(b)[:, None].expand(b, cluster_num)
+    idx_tmp = torch.arange(cluster_num)[None, :].expand(b, cluster_num)
+    idx_cluster[idx_batch.reshape(-1), index_down.reshape(-1)] = idx_tmp.reshape(-1)
+    token_weight = x.new_ones(b, n, 1)
+    idx = idx_cluster + torch.arange(b)[:, None] * cluster_num
+    all_weight = token_weight.new_zeros(b * cluster_num, 1)
+    all_weight.index_add_(dim=0, index=idx.reshape(b * n), source=token_weight.reshape(b * n, 1))
+    all_weight = all_weight + 1e-6
+    norm_weight = token_weight / all_weight[idx]
+    x_merged = x.new_zeros(b * cluster_num, c)
+    source = x * norm_weight
+    x_merged.index_add_(dim=0, index=idx.reshape(b * n), source=source.reshape(b * n, c).type(x.dtype))
+    return x_merged.reshape(b, cluster_num, c)
+
+
+def authors_sparsevlm(model, embeds: torch.Tensor, types: torch.Tensor, pruning_loc: list[int],
+                      sparse_token_list: list[int], new_tokens: int):
+    """Transcribed from Gumpest/SparseVLMs at 26a5f48 (v1.0):
+    modelling_sparse_llama.py `LlamaDynamicvitModel.forward` (rater selection, pruning after
+    the pruning layers, recycling, `position_ids[:, :n]`), score.py `attn_postprocess_topk`,
+    and the attention's v1.0 decode position (`past_key_value.get_usable_length` of each
+    layer). One sequence (embeds [T, D], one image), then greedy decode steps. The global
+    generator is seeded with 0 before each `cluster_and_merge` (shortv's noise). Returns
+    (kept image columns per stage, recycled tokens per stage, last logits, greedy tokens)."""
+    num_layers = model.num_layers
+    hidden_states = embeds.double()
+    v_token_start = int(torch.nonzero(types == V_)[0])
+    image_shape = int((types == V_).sum())
+    text_token_start = v_token_start + image_shape
+    v_token_num = image_shape
+    v_t = hidden_states[v_token_start:text_token_start, :]
+    t_t = hidden_states[text_token_start:, :]
+    m_v_t = (v_t @ t_t.transpose(0, 1)).softmax(1).mean(0)
+    t_token_idx = torch.where(m_v_t > m_v_t.mean())[0]
+    position_ids = torch.arange(hidden_states.shape[0])
+    origin = list(range(hidden_states.shape[0]))
+    caches: list = [None] * num_layers
+    kept, recycled = [], []
+    for layer_idx in range(num_layers):
+        out, caches[layer_idx] = authors_layer(model, layer_idx, hidden_states, position_ids)
+        if layer_idx in pruning_loc:
+            every_row = torch.arange(hidden_states.shape[0])
+            attn = authors_scores(model, layer_idx, hidden_states, position_ids, every_row).mean(0)
+            cur_text_token_idx = t_token_idx + text_token_start
+            relation_vis_text = attn[cur_text_token_idx, v_token_start:v_token_start + v_token_num].mean(0)
+            count = min(sparse_token_list[pruning_loc.index(layer_idx)], v_token_num - 1)
+            mask = torch.zeros_like(relation_vis_text, dtype=torch.bool)
+            mask[torch.topk(relation_vis_text, count).indices] = True
+            policy = torch.ones(hidden_states.shape[0], dtype=torch.bool)
+            policy[v_token_start:text_token_start] = mask
+            total_sparse_token_idx = torch.where(~policy)[0]
+            select_token_idx = torch.where(policy)[0]
+            select_vis_token_num = int(mask.sum())
+            kept.append(sorted(origin[i] for i in select_token_idx.tolist()
+                               if v_token_start <= i < text_token_start and origin[i] >= 0))
+            if total_sparse_token_idx.shape[0] > 0:
+                total_sparse_token = out[total_sparse_token_idx]
+                merge_token_stage1 = relation_vis_text[torch.where(~mask)[0]]
+                merge_token_num_stage1 = int(merge_token_stage1.shape[0] * 0.3) + 1
+                merge_token_stage2_idx = merge_token_stage1.topk(merge_token_num_stage1)[1]
+                merge_token_stage2 = total_sparse_token[merge_token_stage2_idx]
+                cluster_num = int(merge_token_stage2.shape[0] / 10) + 1
+                torch.manual_seed(0)
+                merge_sparse_token = authors_cluster_and_merge(merge_token_stage2[None], cluster_num)[0]
+                recycled.append(merge_sparse_token)
+                select_token = out[select_token_idx]
+                split = v_token_start + select_vis_token_num
+                out = torch.cat((select_token[:split], merge_sparse_token, select_token[split:]))
+                origin = [origin[i] for i in select_token_idx.tolist()]
+                origin = origin[:split] + [-1] * cluster_num + origin[split:]
+                position_ids = position_ids[:select_token_idx.shape[0] + cluster_num]
+                v_token_num = select_vis_token_num + cluster_num
+            text_token_start = v_token_start + v_token_num
+        hidden_states = out
+    logits = reference_head(model, hidden_states[-1])
+    tokens = [int(logits.argmax())]
+    while len(tokens) < new_tokens:
+        h = model.module.decoder.embed_tokens.weight.double()[tokens[-1]][None]
+        for layer_idx in range(num_layers):
+            position = torch.tensor([caches[layer_idx][0].shape[1]])  # get_usable_length(layer)
+            h, caches[layer_idx] = authors_layer(model, layer_idx, h, position, caches[layer_idx])
+        step_logits = reference_head(model, h[-1])
+        top = step_logits.topk(2).values
+        assert top[0] - top[1] > 1e-6, "near tie: choose other test data"
+        tokens.append(int(step_logits.argmax()))
+    return kept, recycled, logits, tokens
+
+
+class MergeRecorder:
+    """Records what `SparseVLM.merge` returns while active."""
+
+    def __init__(self) -> None:
+        self.merged: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> MergeRecorder:
+        original = SparseVLM.merge
+        recorder = self
+
+        def merge(method, view, keep):
+            got = original(method, view, keep)
+            if got is not None:
+                recorder.merged.append(got)
+            return got
+
+        self._patch = mock.patch.object(SparseVLM, "merge", merge)
+        self._patch.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.stop()
+
+
+@pytest.mark.parametrize("budget", [192, 64])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("which", ["demo", "gqa"])
+def test_kept_recycled_logits_and_generation_equal_the_authors_code(request, demo, which, seed, budget):
+    """One image, a batch of one, the default pruning layers: the tokens kept at each stage,
+    the recycled vectors, the prefill's logits and the greedy tokens of cached generation
+    equal the authors' v1.0 code (raters once, recycling, renumbered positions)."""
+    model = demo if which == "demo" else request.getfixturevalue("gqa_wide_model")
+    image = random_rgb(40 + 17 * seed, 30, seed=seed)
+    enc = model.encode("<image>\nWhat is shown in this picture, in a few words?", [image])
+    prepared, types = prepared_and_types(model, [enc])
+    method = SparseVLM(budget=budget).for_layers(model.num_layers)
+    n = int((types == V_).sum())
+    counts = [round(n * s / 576) for s in method.counts()]  # the code's list, for this image's n
+    kept, recycled, logits, tokens = authors_sparsevlm(model, prepared.embeds[0], types[0],
+                                                       list(method.layers), counts, new_tokens=4)
+    model.set_method(method)
+    with KeepRecorder(SparseVLM) as keeps, MergeRecorder() as merges:
+        ours = model.logits(enc)[-1]
+    assert [row[0] for _, row in keeps.kept] == kept
+    assert len(merges.merged) == len(recycled)
+    for (tokens_, real), expected in zip(merges.merged, recycled, strict=True):
+        assert int(real.sum()) == expected.shape[0]
+        torch.testing.assert_close(tokens_[0][real[0]], expected, atol=1e-9, rtol=1e-9)
+    assert max(r.shape[0] for r in recycled) >= 1
+    torch.testing.assert_close(ours, logits, atol=1e-6, rtol=1e-6)
+    assert cached_tokens(model, [enc], 4)[0] == tokens
+    model.set_method(SparseVLM(budget=budget, recycle=False, positions="original"))
+    assert not torch.allclose(model.logits(enc)[-1], logits, atol=1e-4)  # v1.0's details matter
+
+
+@pytest.mark.parametrize("n,clusters", [(83, 9), (25, 3), (7, 1)])
+def test_cluster_and_merge_equals_the_authors_function(n, clusters):
+    """On random tokens with the same noise (the global generator seeded as shortv seeds its own)."""
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    torch.manual_seed(0)
+    expected = authors_cluster_and_merge(x[None], clusters)[0]
+    torch.testing.assert_close(cluster_and_merge(x, clusters), expected, atol=1e-12, rtol=1e-12)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
@@ -67,22 +67,47 @@ class LayerView:
     decoder's final RMSNorm. From the last layer that captured (since the previous drop):
     scores [B, Q, T] (attention of the query rows at query_positions [B, Q] over this pass's
     tokens; rows where query_real is False are filler, all zero) and keys
-    [B, T, kv_heads, head_dim] (after RoPE). `embeddings` [B, T, D]: the same tokens'
-    inputs to the first layer (what SparseVLM rates with)."""
+    [B, T, kv_heads, head_dim] (after RoPE).
+
+    The pass's own input, before any drop: `inputs` [B, T0, D] (every token's input to the
+    first layer: what SparseVLM rates with) and `input_types` [B, T0]; `origin` [B, T] is
+    the column there of each token at hand (-1 for a token a method inserted)."""
 
     layer: int
     types: Tensor
     hidden: Tensor
     norm: Callable[[Tensor], Tensor]
-    embeddings: Tensor | None = None
     scores: Tensor | None = None
     query_positions: Tensor | None = None
     query_real: Tensor | None = None
     keys: Tensor | None = None
+    inputs: Tensor | None = None
+    input_types: Tensor | None = None
+    origin: Tensor | None = None
+    # A method's own notes between its `keep` and `merge` on this view (what both read).
+    memo: dict[str, Tensor] = field(default_factory=dict)
 
     def visual(self) -> Tensor:
         """[B, T] True at visual tokens."""
         return self.types == int(TokenType.VISUAL)
+
+    def first_types(self) -> Tensor:
+        """[B, T0] the token types of the pass's input (the tokens at hand if not given)."""
+        return self.types if self.input_types is None else self.input_types
+
+    def origins(self) -> Tensor:
+        """[B, T] each token's column in `first_types()` (its own position if not given)."""
+        if self.origin is not None:
+            return self.origin
+        b, t = self.types.shape
+        return torch.arange(t, device=self.types.device).expand(b, t)
+
+    def sequence_indices(self) -> Tensor:
+        """[B, T] each token's index in its own sequence, padding not counted: the position
+        a batch of one gives it (what the authors' single-sequence code indexes by)."""
+        first = self.first_types()
+        index = (first != int(TokenType.PAD)).long().cumsum(dim=1) - 1
+        return index.gather(1, self.origins().clamp(min=0))
 
     def require_scores(self, who: str) -> Tensor:
         if self.scores is None:
@@ -97,12 +122,16 @@ class ImageView:
     features [C, N, width]: the patch tokens LLaVA reads (no class token); cls_attention
     [C, heads, N]: the class token's attention over the patches in the layer that produced
     them; keys [C, heads, N, head_dim]: that layer's keys of the patches; cls_features
-    [C, width]: the class token's hidden state there (VisionZip keeps it)."""
+    [C, width]: the class token's hidden state there (VisionZip keeps it). tile_grid
+    (rows, cols): given when the model merges an anyres image's tiles into one feature map
+    (LLaVA-NeXT's spatial_unpad): crop 0 is the base image, crops 1.. the rows × cols tiles
+    in raster order; None otherwise."""
 
     features: Tensor
     cls_attention: Tensor
     keys: Tensor
     cls_features: Tensor | None = None
+    tile_grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +167,18 @@ class Method:
     def keep(self, view: LayerView) -> Tensor:
         """Which tokens [B, T] survive the drop before `view.layer`."""
         return torch.ones_like(view.types, dtype=torch.bool)
+
+    def merge(self, view: LayerView, keep: Tensor) -> tuple[Tensor, Tensor] | None:
+        """New visual tokens made from the dropped ones (`keep` [B, T] from `keep`), placed
+        after each sequence's last kept visual token: (hidden [B, M, D], real [B, M], False
+        for filler), or None (the default: a drop only drops). SparseVLM recycles so."""
+        return None
+
+    @property
+    def compacts_positions(self) -> bool:
+        """Whether a drop renumbers the surviving tokens' RoPE positions contiguously (as
+        PDrop's and SparseVLM's code do) instead of keeping their original ones."""
+        return False
 
     @property
     def reduces_images(self) -> bool:
@@ -223,6 +264,16 @@ def check_int(value: object, what: str, *, minimum: int = 1, allowed: str = "") 
     names `what` and what is allowed (`allowed`, default "an integer >= minimum")."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{what}={value!r} is not allowed; use {allowed or f'an integer >= {minimum}'}")
+
+
+POSITIONS = ("compact", "original")
+
+
+def check_positions(value: object, who: str) -> None:
+    """Raise ConfigError unless `value` names a position rule of a dropping method."""
+    if value not in POSITIONS:
+        raise ConfigError(f"{who} positions={value!r} is not allowed; use 'compact' (renumber the kept "
+                          "tokens, as the authors' code does) or 'original' (keep their positions)")
 
 
 def check_increasing_layers(layers: object, what: str, *, minimum: int) -> tuple[int, ...]:

@@ -42,9 +42,15 @@ and fewer text tokens than text pivots shorten it further. A budget below pivot_
 
 Where ours is defined beyond the code (which handles one image of a batch of one):
 
-- Pivot order: the code loops over a Python `set` of the pivot indices (CPython's hash
-  order of ints, effectively arbitrary); ours takes the image pivots by decreasing key
-  norm, then the text pivots likewise (the order of the list the code builds the set from).
+- Pivot order (`pivot_order`): the code loops over a Python `set` built from the list
+  [image pivots by decreasing key norm, text pivots likewise] of the pivots' sequence
+  indices (positions in a batch of one). An int hashes to itself, so that order is
+  deterministic: CPython's slot order for those ints, usually but not always increasing
+  index. The default, "set", loops in exactly that order (built the same way, from each
+  pivot's index in its own sequence, padding not counted). "norm" loops over the list
+  itself (image pivots, then text pivots, each by decreasing key norm), shortv's earlier
+  order; a later round only picks among what earlier rounds left, so the order changes
+  which tokens are kept.
 - Ties (key norms, similarities): stable, the earlier position first (the code's `topk`
   leaves them unspecified).
 - Batches and several images: per sequence, over all its visual tokens (every image of
@@ -80,6 +86,7 @@ class DART(Method):
     pivot_image: int = 4
     pivot_text: int = 4
     reduction_ratio: float = 0.778
+    pivot_order: str = "set"
     name = "dart"
     hooks = frozenset({Hook.TOKENS})
 
@@ -100,6 +107,9 @@ class DART(Method):
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
             raise ConfigError(f"DART reduction_ratio={r!r} is not allowed; use a fraction in [0, 1) "
                               "(0 keeps every token)")
+        if self.pivot_order not in PIVOT_ORDERS:
+            raise ConfigError(f"DART pivot_order={self.pivot_order!r} is not allowed; use one of "
+                              f"{', '.join(PIVOT_ORDERS)} ('set': the authors' loop order)")
 
     def drops_at(self, layer: int) -> bool:
         return layer == self.k
@@ -114,12 +124,14 @@ class DART(Method):
         normed = view.norm(view.hidden).float()
         visual = view.visual()
         text = view.types == int(TokenType.TEXT)
+        indices = view.sequence_indices()
         kept = ~visual
         for b in range(visual.shape[0]):
-            kept[b] |= self._retained(norms[b], normed[b], visual[b], text[b])
+            kept[b] |= self._retained(norms[b], normed[b], visual[b], text[b], indices[b])
         return kept
 
-    def _retained(self, norms: Tensor, normed: Tensor, visual: Tensor, text: Tensor) -> Tensor:
+    def _retained(self, norms: Tensor, normed: Tensor, visual: Tensor, text: Tensor,
+                  indices: Tensor) -> Tensor:
         """[T] the visual tokens one sequence retains."""
         n_visual = int(visual.sum())
         budget = dart_budget(n_visual, self.budget, self.reduction_ratio)
@@ -133,11 +145,13 @@ class DART(Method):
         after = text & (positions > last_visual)
         # text after the images first (by norm), then the other text tokens (by norm)
         text_order = torch.cat((_ranked(norms, after), _ranked(norms, text & ~after)))
-        pivots = torch.cat((image_pivots, text_order[: self.pivot_text]))
+        pivots = torch.cat((image_pivots, text_order[: self.pivot_text])).tolist()
+        if self.pivot_order == "set":
+            pivots = set_order(pivots, indices.tolist())
         chosen[image_pivots] = True
         pivot_count = self.pivot_image + self.pivot_text
         topk = budget // pivot_count
-        for pivot in pivots.tolist():
+        for pivot in pivots:
             left = visual & ~chosen
             if topk == 0 or not bool(left.any()):
                 break
@@ -153,7 +167,20 @@ class DART(Method):
 
     def describe(self) -> str:
         budget = f"reduction_ratio={self.reduction_ratio}" if self.budget is None else f"budget={self.budget}"
-        return f"dart(k={self.k}, {budget}, pivots={self.pivot_image}+{self.pivot_text})"
+        order = "" if self.pivot_order == "set" else f", pivot_order={self.pivot_order}"
+        return f"dart(k={self.k}, {budget}, pivots={self.pivot_image}+{self.pivot_text}{order})"
+
+
+PIVOT_ORDERS = ("set", "norm")
+
+
+def set_order(pivots: list[int], indices: list[int]) -> list[int]:
+    """`pivots` (positions at hand, listed image pivots first) in the order DART's code
+    loops over them: that of a Python set built from their sequence indices (`indices`
+    [T], a batch of one's positions) in list order."""
+    listed = [indices[p] for p in pivots]  # built from a list, as the code does
+    at = dict(zip(listed, pivots, strict=True))
+    return [at[i] for i in set(listed)]
 
 
 def dart_budget(n_visual: int, budget: int | None, reduction_ratio: float) -> int:

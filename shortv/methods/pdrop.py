@@ -31,15 +31,17 @@ token_reduction/pyramiddrop.py) and how this module relates to it:
   (`self.layers[rank_layer].self_attn`, its input_layernorm, q/k projections and RoPE on
   the hidden states entering that layer, before the drop); so does ours
   (`Capture(before_drop=True)` at the stage layers).
-- **Positions** (differs): after each drop the code renumbers the survivors' RoPE positions
-  compactly (`position_ids[i, :cur_len] = arange(cur_len)`) and shifts the decode positions
-  of later layers by the number dropped; shortv keeps every token's RoPE position
-  (docs/design.md §9), so ours does not renumber.
+- **Positions** (`positions`): after each drop the code renumbers the survivors' RoPE
+  positions (`position_ids[i, :cur_len] = arange(cur_len)`), so the next stage ranks and
+  runs on renumbered tokens, and in decoding it shifts each later stage's position down by
+  the number dropped. The default, "compact", does the same (`Method.compacts_positions`:
+  the survivors are numbered contiguously ending at the last token's own position, which
+  gives the same attention, since RoPE attention depends on position differences only).
+  "original" keeps every token's RoPE position (docs/design.md §9), shortv's earlier rule.
+  On M-RoPE models (Qwen) positions are 3-D and are never renumbered.
 - **Counts**: the code keeps `int(n · ratio[s])` of the *original* n image tokens at stage
-  s. The interface shows a stage only its current tokens, so stage s keeps
-  `int(c · λ)` of the c visual tokens it sees; for λ = 1/m (the default 0.5) this is
-  exactly the code's count (floor(floor(x)/m) = floor(x/m)); otherwise it may keep up to
-  two tokens fewer in the later stages.
+  s, ratio[s] = λ^(s+1) for the published [0.5, 0.25, 0.125]; so does ours, n counting
+  the sequence's visual tokens before the first stage (at most the tokens it sees).
 - Batches and several images: the code assumes right padding and one image per sequence
   (its `image_tokens[i]` is indexed by the batch row, `image_token_posi` is the first
   image only). Ours chooses per sequence over *all* visual tokens of that sequence (any
@@ -75,6 +77,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..token_types import TokenType
 from .base import (
     Capture,
     Hook,
@@ -84,6 +87,7 @@ from .base import (
     check_increasing_layers,
     check_int,
     check_layer_ids,
+    check_positions,
     depth_scaled,
     layer_ids,
 )
@@ -106,6 +110,7 @@ class PDrop(Method):
     lam: float = 0.5
     budget: int | None = None
     budget_of: int = 576
+    positions: str = "compact"
     name = "pdrop"
     hooks = frozenset({Hook.TOKENS})
 
@@ -118,6 +123,7 @@ class PDrop(Method):
             raise ConfigError(f"PDrop lam={lam!r} is not allowed; use a fraction in (0, 1] (1 keeps every "
                               "token)")
         check_int(self.budget_of, "PDrop budget_of", allowed="a positive visual-token count")
+        check_positions(self.positions, "PDrop")
         if self.budget is not None:
             check_int(self.budget, "PDrop budget", allowed="a positive average visual-token count")
 
@@ -143,10 +149,17 @@ class PDrop(Method):
         # As the code: stage layer l ranks with its own attention on its input, then drops.
         return Capture(queries=Queries.LAST, before_drop=True) if self.drops_at(layer) else None
 
+    @property
+    def compacts_positions(self) -> bool:
+        return self.positions == "compact"
+
     def keep(self, view: LayerView) -> Tensor:
         scores = view.require_scores("PDrop")[:, 0]
         visual = view.visual()
-        return ~visual | top_visual(scores, visual, pdrop_kept(visual.sum(dim=1), self.lam))
+        stage = self.stages.index(view.layer)
+        first = (view.first_types() == int(TokenType.VISUAL)).sum(dim=1)
+        n_keep = torch.minimum(pdrop_kept(first, self.lam ** (stage + 1)), visual.sum(dim=1))
+        return ~visual | top_visual(scores, visual, n_keep)
 
     def validate(self, num_layers: int) -> None:
         ids = self.stages
@@ -164,6 +177,7 @@ class PDrop(Method):
     def describe(self) -> str:
         layers = "L/4, L/2, 3L/4" if self.layers is None else tuple(self.layers)
         extra = "" if self.budget is None else f", budget={self.budget} of {self.budget_of}"
+        extra += "" if self.positions == "compact" else f", positions={self.positions}"
         return f"pdrop(layers={layers}, lam={self.lam:g}{extra})"
 
 
@@ -178,10 +192,10 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return layers
 
 
-def pdrop_kept(n_visual: Tensor, lam: float) -> Tensor:
-    """Visual tokens a PDrop stage keeps of the n_visual it sees: int(n · λ), in double
-    precision like the code's Python `int(n * ratio)`."""
-    return torch.floor(n_visual.double() * lam).long()
+def pdrop_kept(n_visual: Tensor, ratio: float) -> Tensor:
+    """Visual tokens a PDrop stage keeps of an image of n_visual: int(n · ratio) (ratio =
+    λ^(s+1) at stage s), in double precision like the code's Python `int(n * ratio)`."""
+    return torch.floor(n_visual.double() * ratio).long()
 
 
 def stage_weights(layers: list[int] | tuple[int, ...], num_layers: int) -> list[float]:

@@ -190,7 +190,8 @@ def _build_one(name: str, spec: MethodSpec, params: dict[str, str]) -> Method:
 
 
 def _coerce(where: str, text: str, kind: Any) -> Any:
-    """A parameter's text as its field's type: int, float, bool, tuple of ints, or None."""
+    """A parameter's text as its field's type: int, float, bool, str, tuple of ints, or None
+    (a str field checks its own values when the method is built)."""
     options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
     if type(None) in options and text.lower() in ("none", ""):
         return None
@@ -201,6 +202,8 @@ def _coerce(where: str, text: str, kind: Any) -> Any:
                     return text.lower() in ("true", "1", "yes")
             elif option in (int, float):
                 return option(text)
+            elif option is str:
+                return text
             elif typing.get_origin(option) is tuple:
                 return tuple(int(p) if typing.get_args(option)[0] is int else float(p)
                              for p in text.split(",") if p.strip())

@@ -60,14 +60,16 @@ class Subset:
     all_real: bool
 
     @classmethod
-    def of(cls, chosen: Tensor) -> Subset:
-        """The positions where `chosen` [B, T] is True."""
+    def of(cls, chosen: Tensor, order: Tensor | None = None) -> Subset:
+        """The positions where `chosen` [B, T] is True, in position order, or by increasing
+        `order` [B, T] (distinct non-negative keys) when given."""
         b, t = chosen.shape
         counts = chosen.sum(dim=1)
         n = int(counts.max()) if b else 0
         # Chosen positions last (a stable sort keeps their order), then the last n of each
         # row: a row with fewer starts with some unchosen positions, its fillers.
-        index = torch.sort(chosen.to(torch.int8), dim=1, stable=True).indices[:, t - n:]
+        key = chosen.to(torch.int8) if order is None else torch.where(chosen, order, -1)
+        index = torch.sort(key, dim=1, stable=True).indices[:, t - n:]
         real = torch.arange(n, device=chosen.device).expand(b, n) >= (n - counts)[:, None]
         return cls(index, real, bool(real.all()))
 
@@ -470,10 +472,13 @@ class _Pass:
         self.last_only_at = last_only_at  # the layer that computes the last position only
         self.inputs = inputs
         self.x = x
-        self.embeds = x  # the tokens' inputs to the first layer run, gathered at each drop
+        self.first, self.first_types = x, seg.types  # the pass's input, for `LayerView`
+        self.origin: Tensor | None = None  # [B, T] each token's column in `inputs` (after a drop)
         self.seg = seg
         self.captured: Captured | None = None
-        self.drops: list[tuple[Tensor, Subset]] = []
+        # Each drop: the tokens before it, the kept ones among them, and how many of them
+        # are the previous tokens (a merge appends new ones, which are not put back).
+        self.drops: list[tuple[Tensor, Subset, int]] = []
 
     def cache_of(self, layer: int) -> LayerCache | SlotLayer | None:
         return self.cache.layers[layer] if self.cache is not None else None
@@ -488,17 +493,38 @@ class _Pass:
 
     def drop(self, step: LayerStep) -> None:
         seg = self.seg
-        kept = Subset.of(self.method.keep(self._view(step.layer)))
-        self.drops.append((self.x, kept))
-        self.embeds, self.x = kept.take(self.embeds), kept.take(self.x)
+        view = self._view(step.layer)
+        keep = self.method.keep(view)
+        x, types, positions, origin = self.x, seg.types, seg.positions, view.origins()
+        merged = self.method.merge(view, keep)
+        if merged is None:
+            kept = Subset.of(keep)
+        else:
+            # New tokens after each sequence's last kept visual token: appended to the block,
+            # then ordered there.
+            tokens, real = merged
+            order = _merge_order(keep, seg.types, real)
+            x = torch.cat((x, tokens.to(x.dtype)), dim=1)
+            keep = torch.cat((keep, real), dim=1)
+            types = torch.cat((types, torch.full_like(real, int(TokenType.VISUAL), dtype=types.dtype)), dim=1)
+            positions = torch.cat((positions, _merged_positions(positions, order, real)), dim=1)
+            origin = torch.cat((origin, torch.full_like(real, -1, dtype=origin.dtype)), dim=1)
+            kept = Subset.of(keep, order)
+        self.drops.append((x, kept, self.x.shape[1]))
+        self.x, self.origin = kept.take(x), kept.take(origin)
+        if self.method.compacts_positions and positions.dim() == 2:
+            new_positions = _compact_positions(kept, seg.positions)
+        else:
+            new_positions = kept.take(positions)
         # The layers from here on hold other cache contents: a new segment.
-        self.seg = self.decoder.segment(_kept_types(kept, seg.types), kept.take(seg.positions),
-                                        self.x.dtype, self.cache_of(step.layer))
+        self.seg = self.decoder.segment(_kept_types(kept, types), new_positions, self.x.dtype,
+                                        self.cache_of(step.layer))
         self.captured = None
 
     def _view(self, layer: int) -> LayerView:
         """What `Method.keep` sees before `layer`: the tokens at hand and the latest capture."""
-        view = LayerView(layer, self.seg.types, self.x, self.decoder.norm, embeddings=self.embeds)
+        view = LayerView(layer, self.seg.types, self.x, self.decoder.norm, inputs=self.first,
+                         input_types=self.first_types, origin=self.origin)
         if self.captured is not None:
             got = self.captured
             view.scores, view.keys = got.scores, got.keys
@@ -527,9 +553,47 @@ class _Pass:
         """The last hidden states, every token: dropped tokens keep the state they had when
         they were dropped."""
         x = self.x
-        for full, kept in reversed(self.drops):
-            x = kept.put_back(full, x)
+        for full, kept, before in reversed(self.drops):
+            x = kept.put_back(full, x)[:, :before]
         return x
+
+
+def _compact_positions(kept: Subset, positions: Tensor) -> Tensor:
+    """RoPE positions [B, N] after a drop that renumbers: each sequence's kept tokens
+    numbered contiguously, its last token keeping its position (fillers: 0).
+
+    PDrop's and SparseVLM's code number the survivors 0..n-1 and shift later decode
+    positions down by as many; attention depends on position differences only, so ending
+    at the last token's own position gives the same attention, and decode steps go on at
+    the sequence's own positions."""
+    real = kept.real.long()
+    last = positions[:, -1:]  # padding is on the left: the last column is a real token
+    numbered = last - real.sum(dim=1, keepdim=True) + real.cumsum(dim=1)
+    return torch.where(kept.real, numbered, torch.zeros_like(numbered))
+
+
+def _merge_order(keep: Tensor, types: Tensor, real: Tensor) -> Tensor:
+    """Keys ordering [B, T + M]: the T tokens in place, the M merged ones right after each
+    sequence's last kept visual token (its last visual token if none is kept)."""
+    b, t = keep.shape
+    m = real.shape[1]
+    columns = torch.arange(t, device=keep.device).expand(b, t)
+    visual = types == int(TokenType.VISUAL)
+    kept_visual = visual & keep
+    anchor_of = torch.where(kept_visual.any(dim=1, keepdim=True), kept_visual, visual)
+    anchor = torch.where(anchor_of, columns, -1).amax(dim=1, keepdim=True).clamp(min=0)
+    step = m + 1
+    merged = anchor * step + 1 + torch.arange(m, device=keep.device)
+    return torch.cat((columns * step, merged), dim=1)
+
+
+def _merged_positions(positions: Tensor, order: Tensor, real: Tensor) -> Tensor:
+    """Placeholder RoPE positions of merged tokens before they are placed ([B, M, ...]):
+    the position of the token they follow (what stays when positions are not renumbered)."""
+    m = real.shape[1]
+    t = positions.shape[1]
+    anchor = (order[:, t:] // (m + 1)).clamp(max=t - 1)
+    return _take(positions, anchor)
 
 
 def _kept_types(kept: Subset, types: Tensor) -> Tensor:

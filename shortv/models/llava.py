@@ -82,8 +82,10 @@ class LlavaModel(VisionLanguageModule):
                                 sizes: Sequence[tuple[int, int]], method: Method) -> list[Tensor]:
         """Visual tokens per image after the method's `reduce_image` (VisionZip), which
         sees each image's crops at the select layer with that layer's class-token
-        attention and keys. The reduced tokens of an image's crops are concatenated in
-        crop order (there is no grid left to unpad). An image whose every patch the
+        attention and keys, and returns the image's tokens in their final order: for an
+        anyres image whose tiles the model merges (spatial_unpad) it is told the tile grid
+        (`ImageView.tile_grid`); nothing is unpadded and no row-end token is added (the
+        reduced tokens no longer fill the feature map). An image whose every patch the
         method keeps (`Method.keeps_image`: a full budget) is vanilla's tokens."""
         if self.config.vision_select_feature != "patch" or len(self.config.vision_hidden_indices) != 1:
             raise InputError(f"{method.describe()} needs a tower read at one layer without the "
@@ -101,9 +103,30 @@ class LlavaModel(VisionLanguageModule):
             if method.keeps_image(patches.shape[0] * patches.shape[1]):
                 out.append(self._merge_crops(self.projector(patches), size))
                 continue
-            reduced = method.reduce_image(ImageView(patches, a, k, cls_features=h[:, 0]))
-            out.append(self.projector(reduced).flatten(0, 1))
+            view = ImageView(patches, a, k, cls_features=h[:, 0],
+                             tile_grid=self._merged_tile_grid(patches.shape[0], size))
+            out.append(self.projector(method.reduce_image(view)).flatten(0, 1))
         return out
+
+    def _merged_tile_grid(self, crops: int, size: tuple[int, int]) -> tuple[int, int] | None:
+        """(rows, cols) of an anyres image's tiles where `_merge_crops` would merge them into
+        one unpadded feature map (spatial_unpad, a base image and tiles); None elsewhere."""
+        c = self.config
+        if c.image_aspect_ratio != "anyres" or c.patch_merge_type != "spatial_unpad" or crops == 1:
+            return None
+        return self._tile_grid(crops - 1, size)
+
+    def _tile_grid(self, tiles: int, size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of the anyres grid of an image of `size`; InputError unless its
+        `tiles` fill it."""
+        c = self.config
+        cols, rows = grid_shape(size, c.image_grid_pinpoints, c.vision.image_size)
+        if tiles != rows * cols:
+            raise InputError(
+                f"image of size {size} was cut into {tiles} tiles but the grid needs "
+                f"{rows}x{cols}; preprocess it with this model's encode()"
+            )
+        return rows, cols
 
     def _merge_crops(self, feats: Tensor, size: tuple[int, int]) -> Tensor:
         """One image's crop features [C, P, D] as a token sequence, the original's way."""
@@ -115,13 +138,8 @@ class LlavaModel(VisionLanguageModule):
         if feats.shape[0] == 1:
             return torch.cat((feats[0], self.image_newline[None])) if unpad else feats[0]
         side = c.vision.patches_per_side
-        cols, rows = grid_shape(size, c.image_grid_pinpoints, c.vision.image_size)
         base, tiles = feats[0], feats[1:]
-        if tiles.shape[0] != rows * cols:
-            raise InputError(
-                f"image of size {size} was cut into {tiles.shape[0]} tiles but the grid needs "
-                f"{rows}x{cols}; preprocess it with this model's encode()"
-            )
+        rows, cols = self._tile_grid(tiles.shape[0], size)
         grid = tiles.view(rows, cols, side, side, -1)
         if not unpad:
             return torch.cat((base, grid.permute(0, 2, 1, 3, 4).flatten(0, 3)))
