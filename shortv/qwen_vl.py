@@ -5,11 +5,12 @@ model offers is `shortv.session.VisionLanguageModel`'s."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .conversation import Template
 from .errors import ConfigError
-from .methods import Method
+from .methods import DART, Compose, Method
 from .models.qwen_vl import QwenVLModel
 from .qwen_image import QwenImageProcessor
 from .session import NO_TOKENIZER, VisionLanguageModel
@@ -56,10 +57,21 @@ class QwenVL(VisionLanguageModel):
             raise ConfigError(f"{method.describe()} reduces the vision tower's tokens, which shortv "
                               "defines for LLaVA's CLIP tower only; use it with a LLaVA model, or "
                               "a method that works in the decoder (fastv, pdrop, dart, sparsevlm, ...)")
-        return super().check_method(method)
+        return with_qwen_rules(super().check_method(method))
 
     def set_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
         """Resize images to an area within [min_pixels, max_pixels] (Qwen's `min_pixels` /
         `max_pixels`; None keeps the checkpoint's bound)."""
         self.processor = QwenImageProcessor.for_config(self.config, min_pixels=min_pixels,
                                                        max_pixels=max_pixels)
+
+
+def with_qwen_rules(method: Method) -> Method:
+    """`method` (fitted) with the rules its authors' Qwen2-VL code follows where they differ
+    from their LLaVA code and the user left them unset: DART's per-pivot count from the
+    ratio alone (`budget_rule="floor"`)."""
+    if isinstance(method, Compose):
+        return Compose(tuple(with_qwen_rules(part) for part in method.parts))
+    if isinstance(method, DART) and method.budget_rule is None:
+        return replace(method, budget_rule="floor")
+    return method

@@ -30,7 +30,7 @@ from shortv.generate import GenerationOptions, generate
 from shortv.tokenizer import IMAGE_TOKEN
 
 from .qwen_checkpoints import VARIANTS, build_model, save_original, save_transformers
-from .reference import random_rgb
+from .reference import KeepRecorder, random_rgb
 
 LAYOUTS = ("transformers", "original")
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -446,3 +446,84 @@ def test_prefill_benchmark_runs_an_mrope_decoder():
     runs = time_methods(decoder, [shortv.Vanilla(), FastV(k=2, r=0.5)], layout(8, 20, torch.device("cpu")),
                         repeats=2, warmup=0)
     assert [len(r) for r in runs] == [2, 2] and all(ms > 0 for r in runs for ms in r)
+
+
+# ---- DART against its authors' Qwen2-VL code ------------------------------------------------
+
+
+def authors_qwen_dart_retained(last_layer_state: torch.Tensor, k_states: torch.Tensor, start: int,
+                               length: int, reduction_ratio: float, pivot_image_token: int = 4,
+                               pivot_text_token: int = 4):
+    """Transcribed from ZichenWen1/DART (copy xqy1111111/DART at d6a5af6),
+    Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py, `DART.get_retained_image_token`: one
+    sequence. last_layer_state [1, T, D]: layer K's input through the final norm; k_states
+    [1, heads, T, head_dim]: layer K - 1's M-RoPE-rotated keys repeated to the query heads."""
+    token_topk = int(length * (1 - reduction_ratio) / (pivot_image_token + pivot_text_token))
+    any_states = k_states.permute(0, 2, 1, 3).reshape(k_states.shape[0], k_states.shape[2], -1)
+    k_image = any_states[0][start:start + length, :]
+    k_query = any_states[0][start + length:, :]
+    image_indices = (torch.norm(k_image, p=1, dim=-1).topk(pivot_image_token).indices + start).tolist()
+    query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text_token).indices
+                     + start + length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(start, start + length)) - set(image_indices)
+    valid_indices_list = list(valid_indices)
+    for item in list(indices_set):
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_real_indices = [valid_indices_list[i] for i in cos_sim.topk(token_topk).indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = list(valid_indices)
+    indices_set.difference_update(query_indices)
+    return sorted(indices_set)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.778])
+@pytest.mark.parametrize("case", ["wide-resized", "square"])
+def test_dart_keeps_what_the_authors_qwen_code_keeps(pair, case: str, ratio: float):
+    """DART(k=2) by default on Qwen: the visual tokens kept are those of the authors'
+    Qwen2-VL function on transformers' own layer-1 keys (M-RoPE, from get_rope_index) and
+    layer-2 input, and the logits are transformers' layers 2.. run on the kept tokens at
+    their original 3-D positions (as the code: `position_ids[:, :, keep_indexs]`)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, repeat_kv
+
+    hf, ours = pair
+    model = ours["transformers"]
+    encoded = model.encode(PROMPT, images_of(case))
+    inputs = hf_inputs(model, encoded)
+    lm = hf.model.language_model
+    c = lm.config
+    k = 2
+    with torch.no_grad():
+        out = hf(**inputs, output_hidden_states=True)
+        positions, _ = hf.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                               inputs["image_grid_thw"])
+        attention = lm.layers[k - 1].self_attn
+        h = lm.layers[k - 1].input_layernorm(out.hidden_states[k - 1])
+        keys = attention.k_proj(h).view(1, h.shape[1], c.num_key_value_heads, -1).transpose(1, 2)
+        cos, sin = lm.rotary_emb(h, positions)
+        _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+        keys = repeat_kv(keys, c.num_attention_heads // c.num_key_value_heads)
+        image = torch.nonzero(inputs["mm_token_type_ids"][0]).flatten()
+        start, length = int(image[0]), image.numel()
+        expected = authors_qwen_dart_retained(lm.norm(out.hidden_states[k]), keys, start, length, ratio)
+        keep = (inputs["mm_token_type_ids"][0] == 0).clone()
+        keep[expected] = True
+        hidden = out.hidden_states[k][:, keep]
+        cos_sin = lm.rotary_emb(hidden, positions[:, :, keep])
+        for layer in lm.layers[k:]:
+            hidden = layer(hidden, position_embeddings=cos_sin)
+        logits = hf.lm_head(lm.norm(hidden))[0]
+    model.set_method(DART(k=k, reduction_ratio=ratio))
+    try:
+        assert "budget_rule=floor" in model.method.describe()  # the Qwen code's count, by default
+        types = model.token_types(encoded)
+        with KeepRecorder(DART) as recorder, torch.no_grad():
+            got = model.logits(encoded)
+    finally:
+        model.set_method(shortv.Vanilla())
+    assert int(torch.nonzero(types == int(TokenType.VISUAL))[0]) == start  # the same columns
+    assert recorder.kept[0][1][0] == expected
+    hf_text = inputs["mm_token_type_ids"][0] == 0
+    torch.testing.assert_close(got[types == int(TokenType.TEXT)], logits[hf_text[keep]], **TOL)

@@ -31,8 +31,17 @@ llmc/compression/token_reduction/dart.py), which this module follows:
 visual tokens (at most all of them), i.e. 196 / 132 / 68 for the field's 192 / 128 / 64 and
 644 / 324 / 164 for NeXT's 640 / 320 / 160, as DART's own code keeps when its paper reports
 192 / 128 / 64 (we follow the code). Without a budget, `reduction_ratio` (the code's 0.778)
-sets it to round(n · (1 − reduction_ratio)) for a sequence of n visual tokens: 128 for 576,
-the code's LLaVA-1.5 default max_num_trunction.
+sets the count by `budget_rule`, which a model fills in when the method is attached
+(`check_method`):
+
+- "round" (LLaVA; also when unset): max_num_trunction = round(n · (1 − reduction_ratio))
+  for a sequence of n visual tokens, 128 for 576, the LLaVA eval scripts' setting;
+- "floor" (Qwen2-VL / Qwen2.5-VL): TOKEN_TOPK = int(n · (1 − reduction_ratio) / 8), the
+  authors' Qwen2-VL code (`Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py`, which ignores
+  max_num_trunction). The two differ where n · (1 − ratio) lies just below a multiple of
+  8: for 576 tokens (127.87) "round" adds 16 per pivot (132 kept), "floor" 15 (124); for
+  72, 2 against 1. Everything else in the Qwen2-VL code (pivots, their set order, the
+  original M-RoPE positions of the kept tokens) is the LLaVA code's.
 
 Full budget (differs): a budget >= a sequence's visual tokens (or reduction_ratio 0) keeps
 every one of them, the vanilla model. The code's count, pivot_image + 8 · (budget // 8),
@@ -87,6 +96,7 @@ class DART(Method):
     pivot_text: int = 4
     reduction_ratio: float = 0.778
     pivot_order: str = "set"
+    budget_rule: str | None = None
     name = "dart"
     hooks = frozenset({Hook.TOKENS})
 
@@ -107,6 +117,10 @@ class DART(Method):
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
             raise ConfigError(f"DART reduction_ratio={r!r} is not allowed; use a fraction in [0, 1) "
                               "(0 keeps every token)")
+        if self.budget_rule is not None and self.budget_rule not in BUDGET_RULES:
+            raise ConfigError(f"DART budget_rule={self.budget_rule!r} is not allowed; use one of "
+                              f"{', '.join(BUDGET_RULES)} ('round': LLaVA's eval scripts, 'floor': "
+                              "the Qwen2-VL code)")
         if self.pivot_order not in PIVOT_ORDERS:
             raise ConfigError(f"DART pivot_order={self.pivot_order!r} is not allowed; use one of "
                               f"{', '.join(PIVOT_ORDERS)} ('set': the authors' loop order)")
@@ -134,8 +148,8 @@ class DART(Method):
                   indices: Tensor) -> Tensor:
         """[T] the visual tokens one sequence retains."""
         n_visual = int(visual.sum())
-        budget = dart_budget(n_visual, self.budget, self.reduction_ratio)
-        if budget >= n_visual:
+        topk = self.per_pivot(n_visual)
+        if topk is None:
             return visual.clone()  # full budget: every visual token (the rule for every method)
         chosen = torch.zeros_like(visual)
         t = visual.shape[0]
@@ -149,8 +163,6 @@ class DART(Method):
         if self.pivot_order == "set":
             pivots = set_order(pivots, indices.tolist())
         chosen[image_pivots] = True
-        pivot_count = self.pivot_image + self.pivot_text
-        topk = budget // pivot_count
         for pivot in pivots:
             left = visual & ~chosen
             if topk == 0 or not bool(left.any()):
@@ -165,13 +177,22 @@ class DART(Method):
             raise ConfigError(f"DART k={self.k} is out of range; use 1 <= k < {num_layers} (the model's "
                               "layers)")
 
+    def per_pivot(self, n_visual: int) -> int | None:
+        """Visual tokens each pivot round adds for a sequence of n_visual (the code's
+        TOKEN_TOPK), or None when the budget keeps every visual token."""
+        return dart_per_pivot(n_visual, self.budget, self.reduction_ratio,
+                              self.pivot_image + self.pivot_text, self.budget_rule)
+
     def describe(self) -> str:
         budget = f"reduction_ratio={self.reduction_ratio}" if self.budget is None else f"budget={self.budget}"
+        rule = "" if self.budget is not None or self.budget_rule in (None, "round") else \
+            f", budget_rule={self.budget_rule}"
         order = "" if self.pivot_order == "set" else f", pivot_order={self.pivot_order}"
-        return f"dart(k={self.k}, {budget}, pivots={self.pivot_image}+{self.pivot_text}{order})"
+        return f"dart(k={self.k}, {budget}{rule}, pivots={self.pivot_image}+{self.pivot_text}{order})"
 
 
 PIVOT_ORDERS = ("set", "norm")
+BUDGET_RULES = ("round", "floor")
 
 
 def set_order(pivots: list[int], indices: list[int]) -> list[int]:
@@ -183,19 +204,28 @@ def set_order(pivots: list[int], indices: list[int]) -> list[int]:
     return [at[i] for i in set(listed)]
 
 
-def dart_budget(n_visual: int, budget: int | None, reduction_ratio: float) -> int:
-    """The code's max_num_trunction for a sequence of n_visual visual tokens."""
-    return budget if budget is not None else round(n_visual * (1.0 - reduction_ratio))
+def dart_per_pivot(n_visual: int, budget: int | None, reduction_ratio: float, pivots: int,
+                   rule: str | None = None) -> int | None:
+    """TOKEN_TOPK, the visual tokens each pivot adds, for a sequence of n_visual visual
+    tokens; None when every visual token is kept. With a `budget` (the code's
+    max_num_trunction): budget // pivots. Without: rule "round" (or None), the LLaVA eval
+    scripts' max_num_trunction = round(n · (1 − ratio)), // pivots; rule "floor", the
+    code's formula without one (the Qwen2-VL code's only one): int(n · (1 − ratio) / pivots)."""
+    if budget is not None:
+        return None if budget >= n_visual else budget // pivots
+    if rule == "floor":
+        return None if reduction_ratio == 0 else int(n_visual * (1.0 - reduction_ratio) / pivots)
+    tokens = round(n_visual * (1.0 - reduction_ratio))
+    return None if tokens >= n_visual else tokens // pivots
 
 
 def dart_kept(n_visual: int, n_text: int, budget: int | None = None, pivot_image: int = 4,
-              pivot_text: int = 4, reduction_ratio: float = 0.778) -> int:
+              pivot_text: int = 4, reduction_ratio: float = 0.778, rule: str | None = None) -> int:
     """Visual tokens DART retains of a sequence with n_visual visual and n_text text tokens."""
-    tokens = dart_budget(n_visual, budget, reduction_ratio)
-    if tokens >= n_visual:
+    topk = dart_per_pivot(n_visual, budget, reduction_ratio, pivot_image + pivot_text, rule)
+    if topk is None:
         return n_visual
     pivots = min(pivot_image, n_visual) + min(pivot_text, n_text)
-    topk = tokens // (pivot_image + pivot_text)
     return min(n_visual, min(pivot_image, n_visual) + pivots * topk)
 
 
