@@ -26,9 +26,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import shortv
 from shortv import DART, VTW, FastV, PDrop, ShortV, SparseVLM, TokenType, VisionZip, compose
 from shortv.errors import CheckpointError, ConfigError, InputError
+from shortv.flops import flops_report
 from shortv.generate import GenerationOptions, generate
 from shortv.tokenizer import IMAGE_TOKEN
 
+from .cli_runner import run_main
 from .qwen_checkpoints import VARIANTS, build_model, save_original, save_transformers
 from .reference import KeepRecorder, random_rgb
 
@@ -527,3 +529,21 @@ def test_dart_keeps_what_the_authors_qwen_code_keeps(pair, case: str, ratio: flo
     assert recorder.kept[0][1][0] == expected
     hf_text = inputs["mm_token_type_ids"][0] == 0
     torch.testing.assert_close(got[types == int(TokenType.TEXT)], logits[hf_text[keep]], **TOL)
+
+
+def test_flops_cli_counts_dart_as_a_loaded_qwen_model_runs_it(pair, capsys):
+    """`shortv flops` on a Qwen checkpoint fits DART's count as `QwenVL.check_method` does,
+    so the analytic figure is the one `model.flops` gives for what the model runs."""
+    _, ours = pair
+    model = ours["transformers"]
+    directory = model.checkpoint_dir
+    code, out, err = run_main(["flops", str(directory), "--method", "dart", "--n-visual", "72", "--json"],
+                              capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert "budget_rule=floor" in report["method"]
+    fitted = model.check_method(DART())
+    assert report["tflops"] == flops_report(model.config.text, fitted, 64, 72)["tflops"]
+    round_rule = flops_report(model.config.text, DART(budget_rule="round").for_layers(model.num_layers),
+                              64, 72)["tflops"]
+    assert report["tflops"] < round_rule  # 72 visual tokens: 1 per pivot against 2

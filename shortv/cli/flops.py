@@ -6,6 +6,8 @@ import argparse
 
 from ..errors import ConfigError
 from ..methods import ShortV
+from ..models.qwen_config import QwenVLConfig
+from ..qwen_vl import with_qwen_rules
 from .options import (
     add_method,
     int_at_least,
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         note = (f"no ranking needed: any {len(stand_in.layers)} frozen layers cost the same "
                 f"(to run ShortV, compute a ranking with `shortv lc {args.model}`)")
     method = method_for(args, layers, card, model_name=card.name if card is not None else args.model)
+    if isinstance(config, QwenVLConfig):
+        method = with_qwen_rules(method)  # as a loaded Qwen model fits it (`QwenVL.check_method`)
     n_visual = default_n_visual(config) if args.n_visual is None else args.n_visual
     report = flops_report(config.text, method, args.n_text, n_visual)
     report["model"] = args.model
