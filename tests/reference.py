@@ -775,3 +775,34 @@ class KeepRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self._patch.stop()
+
+
+def authors_dart_retained(last_layer_state: torch.Tensor, any_states: torch.Tensor, start: int, length: int,
+                          token_topk: int, pivot_image_token: int = 4,
+                          pivot_text_token: int = 4) -> list[int]:
+    """Transcribed from ZichenWen1/DART (copy xqy1111111/DART at d6a5af6),
+    `get_retained_image_token`, whose body is the same in the LLaVA code
+    (llava/model/language_model/modeling_llama_self.py) and the Qwen2-VL code
+    (Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py) but for how TOKEN_TOPK is computed,
+    which the caller does by its code's formula. One sequence of a batch of one:
+    last_layer_state [1, T, D] is layer K's input through the final norm; any_states
+    [1, heads, T, head_dim] layer K - 1's rotated keys repeated to the query heads. Returns
+    the retained image indices, sorted."""
+    any_states = any_states.permute(0, 2, 1, 3).reshape(any_states.shape[0], any_states.shape[2], -1)
+    k_image = any_states[0][start:start + length, :]
+    k_query = any_states[0][start + length:, :]
+    image_indices = (torch.norm(k_image, p=1, dim=-1).topk(pivot_image_token).indices + start).tolist()
+    query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text_token).indices
+                     + start + length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(start, start + length)) - set(image_indices)
+    valid_indices_list = list(valid_indices)
+    for item in list(indices_set):
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_real_indices = [valid_indices_list[i] for i in cos_sim.topk(token_topk).indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = list(valid_indices)
+    indices_set.difference_update(query_indices)
+    return sorted(indices_set)

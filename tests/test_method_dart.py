@@ -32,6 +32,7 @@ from .reference import (
     _rms,
     _rope,
     assert_rows_close,
+    authors_dart_retained,
     batch_prompts,
     cached_tokens,
     closed_form_layer,
@@ -273,35 +274,6 @@ def test_bf16_smoke(images):
 # ---- the authors' code -----------------------------------------------------------------------
 
 
-def authors_retained(last_layer_state: torch.Tensor, any_states: torch.Tensor, start: int, length: int,
-                     max_num_trunction: int, pivot_image_token: int = 4, pivot_text_token: int = 4):
-    """Transcribed from ZichenWen1/DART (copy xqy1111111/DART at d6a5af6,
-    llava/model/language_model/modeling_llama_self.py, `get_retained_image_token`, LLaVA-1.5
-    branch): one sequence of a batch of one. last_layer_state [1, T, D]: layer K's input
-    through the final norm; any_states [1, heads, T, head_dim]: layer K - 1's rotated keys
-    repeated to the query heads. Returns the retained image indices, in the code's order."""
-    token_topk = math.ceil(max_num_trunction // (pivot_image_token + pivot_text_token))
-    any_states = any_states.permute(0, 2, 1, 3).reshape(any_states.shape[0], any_states.shape[2], -1)
-    k_image = any_states[0][start:start + length, :]
-    k_query = any_states[0][start + length:, :]
-    image_indices = (torch.norm(k_image, p=1, dim=-1).topk(pivot_image_token).indices + start).tolist()
-    query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text_token).indices
-                     + start + length).tolist()
-    indices_set = set(image_indices + query_indices)
-    valid_indices = set(range(start, start + length)) - set(image_indices)
-    valid_indices_list = list(valid_indices)
-    for item in list(indices_set):
-        valid_vectors = last_layer_state[0][valid_indices_list, :]
-        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
-        top_k_indices = cos_sim.topk(token_topk).indices
-        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
-        indices_set.update(top_k_real_indices)
-        valid_indices.difference_update(top_k_real_indices)
-        valid_indices_list = list(valid_indices)
-    indices_set.difference_update(query_indices)
-    return torch.tensor(list(indices_set))
-
-
 @pytest.mark.parametrize("budget", [16, 24])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("which", ["demo", "gqa"])
@@ -321,7 +293,9 @@ def test_kept_tokens_equal_the_authors_code(request, demo, which, seed, budget):
     c = model.config.text
     any_states = keys.view(1, -1, c.heads, c.head_dim).transpose(1, 2)
     normed = _rms(inputs[2], model.module.decoder.norm.weight, c.rms_norm_eps)
-    expected = authors_retained(normed, any_states, start, length, budget)
+    # the LLaVA code's TOKEN_TOPK, with the eval scripts' max_num_trunction = budget
+    expected = torch.tensor(authors_dart_retained(normed, any_states, start, length,
+                                                  token_topk=math.ceil(budget // 8)))
     ours, seen = observe(model, prepared, method)
     kept = seen["positions"][0][seen["types"][0] == V_]
     assert sorted(kept.tolist()) == sorted(expected.tolist())

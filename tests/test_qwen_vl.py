@@ -32,7 +32,7 @@ from shortv.tokenizer import IMAGE_TOKEN
 
 from .cli_runner import run_main
 from .qwen_checkpoints import VARIANTS, build_model, save_original, save_transformers
-from .reference import KeepRecorder, random_rgb
+from .reference import KeepRecorder, authors_dart_retained, random_rgb
 
 LAYOUTS = ("transformers", "original")
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -453,34 +453,6 @@ def test_prefill_benchmark_runs_an_mrope_decoder():
 # ---- DART against its authors' Qwen2-VL code ------------------------------------------------
 
 
-def authors_qwen_dart_retained(last_layer_state: torch.Tensor, k_states: torch.Tensor, start: int,
-                               length: int, reduction_ratio: float, pivot_image_token: int = 4,
-                               pivot_text_token: int = 4):
-    """Transcribed from ZichenWen1/DART (copy xqy1111111/DART at d6a5af6),
-    Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py, `DART.get_retained_image_token`: one
-    sequence. last_layer_state [1, T, D]: layer K's input through the final norm; k_states
-    [1, heads, T, head_dim]: layer K - 1's M-RoPE-rotated keys repeated to the query heads."""
-    token_topk = int(length * (1 - reduction_ratio) / (pivot_image_token + pivot_text_token))
-    any_states = k_states.permute(0, 2, 1, 3).reshape(k_states.shape[0], k_states.shape[2], -1)
-    k_image = any_states[0][start:start + length, :]
-    k_query = any_states[0][start + length:, :]
-    image_indices = (torch.norm(k_image, p=1, dim=-1).topk(pivot_image_token).indices + start).tolist()
-    query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text_token).indices
-                     + start + length).tolist()
-    indices_set = set(image_indices + query_indices)
-    valid_indices = set(range(start, start + length)) - set(image_indices)
-    valid_indices_list = list(valid_indices)
-    for item in list(indices_set):
-        valid_vectors = last_layer_state[0][valid_indices_list, :]
-        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
-        top_k_real_indices = [valid_indices_list[i] for i in cos_sim.topk(token_topk).indices]
-        indices_set.update(top_k_real_indices)
-        valid_indices.difference_update(top_k_real_indices)
-        valid_indices_list = list(valid_indices)
-    indices_set.difference_update(query_indices)
-    return sorted(indices_set)
-
-
 @pytest.mark.parametrize("ratio", [0.5, 0.778])
 @pytest.mark.parametrize("case", ["wide-resized", "square"])
 def test_dart_keeps_what_the_authors_qwen_code_keeps(pair, case: str, ratio: float):
@@ -509,7 +481,9 @@ def test_dart_keeps_what_the_authors_qwen_code_keeps(pair, case: str, ratio: flo
         keys = repeat_kv(keys, c.num_attention_heads // c.num_key_value_heads)
         image = torch.nonzero(inputs["mm_token_type_ids"][0]).flatten()
         start, length = int(image[0]), image.numel()
-        expected = authors_qwen_dart_retained(lm.norm(out.hidden_states[k]), keys, start, length, ratio)
+        # the Qwen2-VL code's TOKEN_TOPK: int(image_token_length * (1 - reduction_ratio) / 8)
+        expected = authors_dart_retained(lm.norm(out.hidden_states[k]), keys, start, length,
+                                         token_topk=int(length * (1 - ratio) / 8))
         keep = (inputs["mm_token_type_ids"][0] == 0).clone()
         keep[expected] = True
         hidden = out.hidden_states[k][:, keep]

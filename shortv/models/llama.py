@@ -473,7 +473,7 @@ class _Pass:
         self.inputs = inputs
         self.x = x
         self.first, self.first_types = x, seg.types  # the pass's input, for `LayerView`
-        self.origin: Tensor | None = None  # [B, T] each token's column in `inputs` (after a drop)
+        self.origin: Tensor | None = None  # [B, T] each token's column in `first` (after a drop)
         self.seg = seg
         self.captured: Captured | None = None
         # Each drop: the tokens before it, the kept ones among them, and how many of them
