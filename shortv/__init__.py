@@ -16,6 +16,7 @@ from .methods import DART, VTW, Compose, FastV, Method, PDrop, ShortV, SparseVLM
 from .models.batch import Encoded
 from .models.config import LlavaConfig, TextConfig, VisionConfig
 from .models.qwen_config import QwenVisionConfig, QwenVLConfig
+from .models.taps import ActivationCache, HookPoint
 from .qwen_vl import QwenVL
 from .session import VisionLanguageModel
 from .token_types import TokenType
@@ -27,6 +28,7 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "IMAGE_TOKEN",
     "VTW",
+    "ActivationCache",
     "CheckpointError",
     "Compose",
     "ConfigError",
@@ -34,6 +36,7 @@ __all__ = [
     "FastV",
     "GenerationOptions",
     "GenerationResult",
+    "HookPoint",
     "InputError",
     "LCReport",
     "LLaVA",

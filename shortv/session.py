@@ -18,7 +18,7 @@ says how its images are preprocessed.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -27,13 +27,14 @@ from PIL import Image
 from torch import Tensor
 
 from .conversation import Template, Turn, get_template, place_images
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .generate import GenerationOptions, GenerationResult, generate, stream
 from .image import ImageSource, load_image
 from .methods import VANILLA, Method, ShortV
 from .models.assembly import VisionLanguageModule
 from .models.batch import DecodeState, Encoded, Prepared
 from .models.feature_cache import FeatureCache
+from .models.taps import ActivationCache, HookFn, HookPoint, Taps
 from .tokenizer import Tokenizer
 
 # One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
@@ -154,6 +155,60 @@ class VisionLanguageModel:
         """Decoder output [B, T, D] for a prepared batch under `method` (the current one
         by default)."""
         return self.module.hidden_states(prepared, self.method if method is None else method)
+
+    # ---- layer internals: hook points in sequence coordinates (`models.taps`) ---------------
+
+    @torch.inference_mode()
+    def run_with_hooks(self, inputs: Encoded | Sequence[Encoded],
+                       hooks: Mapping[tuple[str, int], HookFn]) -> Tensor:
+        """Logits under the current method with `hooks` {(point, layer): fn} at the decoder
+        layers' hook points (resid_pre, attn_out, resid_mid, mlp_out, resid_post; see
+        docs/internals.md). fn(x, types) gets x [B, T, D] over the positions of the
+        prepared batch and the token types [B, T]; a tensor it returns replaces x. One
+        input: logits [T, vocab]; a list: [B, T, vocab], left-padded."""
+        batch, one = _as_batch(inputs, "run_with_hooks")
+        taps = Taps(hooks=self._hook_keys(hooks))
+        logits = self.module.decoder.head(self.module.hidden_states(self.prepare(batch), self.method, taps))
+        return logits[0] if one else logits
+
+    @torch.inference_mode()
+    def run_with_cache(self, inputs: Encoded | Sequence[Encoded], *,
+                       names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                       hooks: Mapping[tuple[str, int], HookFn] | None = None,
+                       device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[Tensor, ActivationCache]:
+        """(logits, cache): `run_with_hooks` (with `hooks`, if any) that also keeps the
+        tensors of the hook points `names` (all by default) at `layers` (all by default),
+        on `device` in `dtype` when given (e.g. "cpu", torch.float16). Only what is asked
+        is kept. Logits as `run_with_hooks`; the cache always has a batch dimension."""
+        batch, one = _as_batch(inputs, "run_with_cache")
+        points = [_hook_point(name) for name in (names if names is not None else list(HookPoint))]
+        ids = range(self.num_layers) if layers is None else [self._layer_id(layer) for layer in layers]
+        taps = Taps(hooks=self._hook_keys(hooks or {}), keep=frozenset((p, i) for p in points for i in ids),
+                    device=device, dtype=dtype)
+        prepared = self.prepare(batch)
+        logits = self.module.decoder.head(self.module.hidden_states(prepared, self.method, taps))
+        cache = ActivationCache({k: v[0] for k, v in taps.kept.items()},
+                                {k: v[1] for k, v in taps.kept.items()},
+                                prepared.types.cpu() if device is None else prepared.types.to(device),
+                                prepared.positions)
+        return (logits[0] if one else logits), cache
+
+    def _hook_keys(self, hooks: Mapping[tuple[str, int], HookFn]) -> dict[tuple[HookPoint, int], HookFn]:
+        out = {}
+        for key, fn in hooks.items():
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise ConfigError(f"hook key {key!r} is not (point, layer), e.g. ('resid_post', 3)")
+            if not callable(fn):
+                raise ConfigError(f"hook {key!r} is not callable: give fn(x, types) -> tensor or None")
+            out[_hook_point(key[0]), self._layer_id(key[1])] = fn
+        return out
+
+    def _layer_id(self, layer: object) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ConfigError(f"layer {layer!r} is not a decoder layer; this model has layers "
+                              f"0..{self.num_layers - 1}")
+        return layer
 
     @torch.inference_mode()
     def logits(self, encoded: Encoded) -> Tensor:
@@ -360,3 +415,23 @@ def to_pil(image: ImageLike) -> Image.Image:
         return load_image(image)
     raise InputError("an image must be a PIL image, a file path, an http(s) URL or the bytes "
                      f"of an image file, got {type(image).__name__}")
+
+
+def _hook_point(name: object) -> HookPoint:
+    try:
+        return HookPoint(name)
+    except ValueError:
+        raise ConfigError(f"unknown hook point {name!r}; use one of "
+                          f"{', '.join(p.value for p in HookPoint)}") from None
+
+
+def _as_batch(inputs: Encoded | Sequence[Encoded], what: str) -> tuple[list[Encoded], bool]:
+    """`inputs` as a batch, and whether it was one input."""
+    if isinstance(inputs, Encoded):
+        return [inputs], True
+    batch = list(inputs)
+    if not batch:
+        raise InputError(f"{what} needs at least one input")
+    for item in batch:
+        _require_encoded(item, what)
+    return batch, False

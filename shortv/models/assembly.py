@@ -28,6 +28,7 @@ from .config import TextConfig
 from .feature_cache import FeatureCache, image_key
 from .kv_cache import CachePlan, KVCache, SlotCache
 from .protocols import LanguageModel
+from .taps import Taps
 
 # torch.compile modes that record CUDA graphs, which need the static KV cache.
 CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
@@ -172,9 +173,10 @@ class VisionLanguageModule(nn.Module):
 
     # ---- forward passes ---------------------------------------------------------------------
 
-    def hidden_states(self, prepared: Prepared, method: Method) -> Tensor:
-        """Decoder output [B, T, D] for a prepared batch under `method`."""
-        return self.decoder(prepared.embeds, prepared.types, prepared.positions, method=method)
+    def hidden_states(self, prepared: Prepared, method: Method, taps: Taps | None = None) -> Tensor:
+        """Decoder output [B, T, D] for a prepared batch under `method` (with `taps` at the
+        layers' hook points, `models.taps`)."""
+        return self.decoder(prepared.embeds, prepared.types, prepared.positions, method=method, taps=taps)
 
     def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int, method: Method,
                 cache: FeatureCache | None = None, into: DecodeState | None = None,

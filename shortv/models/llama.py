@@ -25,6 +25,7 @@ from ..token_types import TYPE_DTYPE, TokenType
 from .config import TextConfig
 from .kv_cache import KVCache, LayerCache, SlotLayer, SlotView
 from .rotary import apply_rope, rope_tables
+from .taps import HookPoint, LayerTap, Taps
 
 # The token types of a decode step. (Tensors are compared with the types' int values
 # throughout: torch.compile's tracer folds a tensor compared with an IntEnum member into a
@@ -301,14 +302,18 @@ class DecoderLayer(nn.Module):
         rows: Rows,
         cache: LayerCache | SlotLayer | None = None,
         capture: Capture | None = None,
+        tap: LayerTap | None = None,
     ) -> tuple[Tensor, Captured | None]:
         """One layer. Keys and values come from every token; queries, the output projection
         and the MLP only from `rows`; other positions pass through unchanged. With a
-        `capture`, also what it asks for (computed for the asked query rows only)."""
+        `capture`, also what it asks for (computed for the asked query rows only); with a
+        `tap`, its hooks fire at the layer's hook points (`models.taps`)."""
         subset = rows.subset
         no_rows = subset is not None and subset.size == 0
         if no_rows and cache is None:
-            return x, None
+            return (x if tap is None else _unchanged(tap, x)), None
+        if tap is not None:
+            x = tap.full(HookPoint.RESID_PRE, x)
         h = self.attn_norm(x)
         k_new, v = self.attn.keys_values(h, seg.cos, seg.sin)
         k = k_new
@@ -319,13 +324,22 @@ class DecoderLayer(nn.Module):
         if no_rows:
             # Nothing to update (a prefill chunk of frozen visual tokens alone), but their
             # keys and values are cached for the tokens that follow.
-            return x, None
+            return (x if tap is None else _unchanged(tap, x, after_pre=True)), None
         x_rows, h_rows = (x, h) if subset is None else (subset.take(x), subset.take(h))
         q = self.attn.queries(h_rows, rows.cos, rows.sin)
-        out = x_rows + self.attn.attend(q, k, v, rows)
-        out = out + self.mlp(self.mlp_norm(out))
+        update = self.attn.attend(q, k, v, rows)
+        if tap is not None:
+            update = tap.rows(HookPoint.ATTN_OUT, update, subset, torch.zeros_like(x))
+        out = x_rows + update
+        if tap is not None:
+            out = tap.rows(HookPoint.RESID_MID, out, subset, x)
+        update = self.mlp(self.mlp_norm(out))
+        if tap is not None:
+            update = tap.rows(HookPoint.MLP_OUT, update, subset, torch.zeros_like(x))
+        out = out + update
         captured = self._capture(capture, h, k_new, k, seg) if capture is not None else None
-        return (out if subset is None else subset.put_back(x, out)), captured
+        out = out if subset is None else subset.put_back(x, out)
+        return (out if tap is None else tap.full(HookPoint.RESID_POST, out)), captured
 
     def observe(self, x: Tensor, seg: Segment, capture: Capture, cache: LayerCache | None) -> Captured:
         """What `capture` asks of this layer on input x, without running the layer (and
@@ -382,16 +396,19 @@ class Decoder(nn.Module):
         method: Method = VANILLA,
         layers: Iterable[int] | None = None,
         last_only: bool = False,
+        taps: Taps | None = None,
     ) -> Tensor:
         """Run hidden states x [B, T, D] through `layers` (all by default, in order).
 
         types/positions [B, T] describe the tokens; `method` decides, per layer, which
         token types are frozen and where tokens are dropped; with `last_only` the last
-        layer computes the last position only (all that next-token logits need). Returns
+        layer computes the last position only (all that next-token logits need); `taps`
+        fire hooks and keep tensors at the layers' hook points (`models.taps`). Returns
         the last hidden states [B, T, D]; tokens dropped by FastV/VTW keep the state they
         had when dropped.
         """
-        return self._run(x, types, positions, cache=cache, method=method, layers=layers, last_only=last_only)
+        return self._run(x, types, positions, cache=cache, method=method, layers=layers, last_only=last_only,
+                         taps=taps)
 
     def forward_with_inputs(
         self, x: Tensor, types: Tensor, positions: Tensor, *, last_only: bool = False
@@ -424,6 +441,7 @@ class Decoder(nn.Module):
         last_only: bool = False,
         inputs: list[Tensor] | None = None,
         kinds: frozenset[TokenType] | None = None,
+        taps: Taps | None = None,
     ) -> Tensor:
         """`forward`'s pass; also appends each layer's input to `inputs` when given, and
         takes the token types present as `kinds` when the caller knows them (see
@@ -441,7 +459,9 @@ class Decoder(nn.Module):
             steps = self._plan
         past = cache.layers[ids[0]] if cache is not None else None
         seg = self.segment(types, positions, x.dtype, past, kinds)
-        run = _Pass(self, method, x, seg, cache, ids[-1] if last_only else None, inputs)
+        if taps is not None:
+            taps.types = types
+        run = _Pass(self, method, x, seg, cache, ids[-1] if last_only else None, inputs, taps)
         walk_plan(steps if layers is None else [steps[i] for i in ids], run)
         return run.output()
 
@@ -467,8 +487,9 @@ class _Pass:
 
     def __init__(self, decoder: Decoder, method: Method, x: Tensor, seg: Segment,
                  cache: KVCache | SlotView | None, last_only_at: int | None,
-                 inputs: list[Tensor] | None) -> None:
+                 inputs: list[Tensor] | None, taps: Taps | None = None) -> None:
         self.decoder, self.method, self.cache = decoder, method, cache
+        self.taps = taps
         self.last_only_at = last_only_at  # the layer that computes the last position only
         self.inputs = inputs
         self.x = x
@@ -545,8 +566,9 @@ class _Pass:
         rows = self.decoder._rows(self.seg, step.frozen, step.layer == self.last_only_at)
         if self.inputs is not None:
             self.inputs.append(self.x)
+        tap = None if self.taps is None else self.taps.at(step.layer, self.origin, self.seg.types)
         self.x, got = self.decoder.layers[step.layer](self.x, self.seg, rows, self.cache_of(step.layer),
-                                                      capture)
+                                                      capture, tap)
         self.captured = got if got is not None else self.captured
 
     def output(self) -> Tensor:
@@ -556,6 +578,18 @@ class _Pass:
         for full, kept, before in reversed(self.drops):
             x = kept.put_back(full, x)[:, :before]
         return x
+
+
+def _unchanged(tap: LayerTap, x: Tensor, *, after_pre: bool = False) -> Tensor:
+    """A layer that updates no row: its hook points see x (resid_pre unless fired already,
+    resid_mid and resid_post) and zero updates."""
+    if not after_pre:
+        x = tap.full(HookPoint.RESID_PRE, x)
+    zeros = torch.zeros_like(x)
+    tap.full(HookPoint.ATTN_OUT, zeros)
+    x = tap.full(HookPoint.RESID_MID, x)
+    tap.full(HookPoint.MLP_OUT, zeros)
+    return tap.full(HookPoint.RESID_POST, x)
 
 
 def _compact_positions(kept: Subset, positions: Tensor) -> Tensor:

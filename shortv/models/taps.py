@@ -1,0 +1,178 @@
+"""Hook points inside the decoder layers, in the coordinates of the prepared sequence.
+
+A pass through the decoder holds, at each layer, the tokens a method left (FastV, PDrop ...
+drop some; SparseVLM inserts merged ones) and computes only some rows (ShortV freezes the
+visual ones). A user's hook sees none of that: at each hook point it gets a tensor
+[B, T, D] over the positions of the pass's input (the prepared batch, padding included),
+the positions a user indexes with the token types. Rows a frozen layer skips carry zeros in
+`attn_out` / `mlp_out` and an unchanged residual; positions a method dropped (and padding)
+are absent: zero in what a hook gets, False in `present`, and whatever a hook writes there
+is ignored. Tokens a method inserted have no position and are not shown.
+
+The points, per decoder layer (`HookPoint`):
+
+    resid_pre   the layer's input
+    attn_out    the attention block's update (after the output projection)
+    resid_mid   resid_pre + attn_out
+    mlp_out     the MLP block's update
+    resid_post  resid_mid + mlp_out, the layer's output
+
+A hook is `fn(x, types) -> Tensor | None`; a returned tensor replaces x (its absent
+positions ignored). Taps cost nothing when no hook is set: the layer then runs its usual
+path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+from torch import Tensor
+
+from ..token_types import TokenType
+
+HookFn = Callable[[Tensor, Tensor], Tensor | None]
+
+
+class HookPoint(StrEnum):
+    """The hook points of a decoder layer (module docstring)."""
+
+    RESID_PRE = "resid_pre"
+    ATTN_OUT = "attn_out"
+    RESID_MID = "resid_mid"
+    MLP_OUT = "mlp_out"
+    RESID_POST = "resid_post"
+
+
+@dataclass
+class Taps:
+    """The hooks of one pass, {(point, layer): fn}, the points whose tensors it keeps
+    (`keep`, into `kept` as (tensor [B, T0, D], present [B, T0]), on `device` in `dtype`
+    when given) and, set by the pass, the token types [B, T0] of its input (the sequence
+    coordinates hooks see)."""
+
+    hooks: Mapping[tuple[HookPoint, int], HookFn] = field(default_factory=dict)
+    keep: frozenset[tuple[HookPoint, int]] = frozenset()
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+    types: Tensor | None = None
+    kept: dict[tuple[HookPoint, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _layers: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._layers = frozenset(layer for _, layer in (*self.hooks, *self.keep))
+
+    def at(self, layer: int, columns: Tensor | None, types: Tensor) -> LayerTap | None:
+        """The tap of `layer` for tokens at hand of `types` [B, N] whose columns in the
+        pass's input are `columns` [B, N] (None: the input itself); None when nothing is
+        asked of the layer."""
+        if layer not in self._layers:
+            return None
+        assert self.types is not None
+        if columns is None:
+            columns = torch.arange(types.shape[1], device=types.device).expand_as(types)
+        valid = (columns >= 0) & (types != int(TokenType.PAD))
+        return LayerTap(self, layer, columns, valid)
+
+
+@dataclass
+class LayerTap:
+    """One layer's hooks and the map from its tokens [B, N] to sequence positions [B, T0]."""
+
+    taps: Taps
+    layer: int
+    columns: Tensor
+    valid: Tensor  # [B, N]: a token with a sequence position (not padding, filler, inserted)
+
+    def full(self, point: HookPoint, x: Tensor) -> Tensor:
+        """Fire `point` on x [B, N, D] (every token at hand); x, or what the hook wrote.
+        A kept point keeps what the layer goes on with (after the hook)."""
+        key = (point, self.layer)
+        fn = self.taps.hooks.get(key)
+        if fn is None and key not in self.taps.keep:
+            return x
+        assert self.taps.types is not None
+        seq = self._to_sequence(x)
+        if fn is not None:
+            new = fn(seq, self.taps.types)
+            if new is not None:
+                x = self._from_sequence(new, x)
+                seq = self._to_sequence(x)
+        if key in self.taps.keep:
+            stored = seq.detach().to(device=self.taps.device, dtype=self.taps.dtype)
+            self.taps.kept[key] = (stored, self.present().to(stored.device))
+        return x
+
+    def rows(self, point: HookPoint, y: Tensor, subset, base: Tensor) -> Tensor:
+        """Fire `point` on y, the rows [B, R, D] a layer computed (`subset`, a
+        `llama.Subset`, or None for every token), the other tokens taking `base` [B, N, D]."""
+        key = (point, self.layer)
+        if key not in self.taps.hooks and key not in self.taps.keep:
+            return y
+        whole = y if subset is None else subset.put_back(base, y)
+        whole = self.full(point, whole)
+        return whole if subset is None else subset.take(whole)
+
+    def _flat(self, t0: int) -> Tensor:
+        rows = torch.arange(self.columns.shape[0], device=self.columns.device)[:, None]
+        return (self.columns.clamp(min=0) + rows * t0)[self.valid]
+
+    def _to_sequence(self, x: Tensor) -> Tensor:
+        assert self.taps.types is not None
+        b, t0 = self.taps.types.shape
+        seq = x.new_zeros(b * t0, x.shape[-1])
+        seq.index_copy_(0, self._flat(t0), x[self.valid])
+        return seq.view(b, t0, -1)
+
+    def _from_sequence(self, seq: Tensor, x: Tensor) -> Tensor:
+        b, t0 = seq.shape[:2]
+        out = x.clone()
+        out[self.valid] = seq.reshape(b * t0, -1)[self._flat(t0)].to(x.dtype)
+        return out
+
+    def present(self) -> Tensor:
+        """[B, T0] the sequence positions this layer holds."""
+        assert self.taps.types is not None
+        b, t0 = self.taps.types.shape
+        mask = torch.zeros(b * t0, dtype=torch.bool, device=self.columns.device)
+        mask[self._flat(t0)] = True
+        return mask.view(b, t0)
+
+
+@dataclass
+class ActivationCache:
+    """What `run_with_cache` kept: `cache[name, layer]` is a tensor [B, T, D] over the
+    positions of the prepared batch (left-padded; B = 1 for one input), `present[name,
+    layer]` [B, T] says which positions the layer held (False: padding, or dropped by the
+    method), `types` [B, T] the token types and `positions` the RoPE positions."""
+
+    tensors: dict[tuple[HookPoint, int], Tensor]
+    present: dict[tuple[HookPoint, int], Tensor]
+    types: Tensor
+    positions: Tensor
+
+    def __getitem__(self, key: tuple[str, int]) -> Tensor:
+        return self.tensors[_key(key)]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return _key(key) in self.tensors  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+
+    def keys(self) -> list[tuple[HookPoint, int]]:
+        return list(self.tensors)
+
+    def of_type(self, key: tuple[str, int], token_type: TokenType) -> Tensor:
+        """The rows [n, D] of `cache[key]` at the positions of `token_type` the layer held,
+        every sequence's in order."""
+        k = _key(key)
+        rows = self.present[k] & (self.types.to(self.present[k].device) == int(token_type))
+        return self.tensors[k][rows]
+
+
+def _key(key: tuple[str, int]) -> tuple[HookPoint, int]:
+    name, layer = key
+    return HookPoint(name), int(layer)
