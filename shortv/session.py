@@ -18,6 +18,7 @@ says how its images are preprocessed.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -178,11 +179,12 @@ class VisionLanguageModel:
                        device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> tuple[Tensor, ActivationCache]:
         """(logits, cache): `run_with_hooks` (with `hooks`, if any) that also keeps the
-        tensors of the hook points `names` (all by default) at `layers` (all by default),
+        tensors of the hook points `names` (by default all but attn_pattern, which is
+        computed only where asked) at `layers` (all by default),
         on `device` in `dtype` when given (e.g. "cpu", torch.float16). Only what is asked
         is kept. Logits as `run_with_hooks`; the cache always has a batch dimension."""
         batch, one = _as_batch(inputs, "run_with_cache")
-        points = [_hook_point(name) for name in (names if names is not None else list(HookPoint))]
+        points = [_hook_point(name) for name in (names if names is not None else STREAM_POINTS)]
         ids = range(self.num_layers) if layers is None else [self._layer_id(layer) for layer in layers]
         taps = Taps(hooks=self._hook_keys(hooks or {}), keep=frozenset((p, i) for p in points for i in ids),
                     device=device, dtype=dtype)
@@ -330,6 +332,7 @@ class VisionLanguageModel:
         history: Sequence[Turn] = (),
         options: GenerationOptions | None = None,
         stream: bool = False,
+        hooks: Mapping[tuple[str, int], HookFn] | None = None,
         **sampling: Any,
     ) -> str | Iterator[str]:
         """Answer one prompt (optionally after `history` of (user, reply) turns): a string,
@@ -337,13 +340,15 @@ class VisionLanguageModel:
 
         Generation settings come from `options` and/or keyword arguments with the same
         names (`max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`; see
-        `shortv.GenerationOptions`); greedy by default.
+        `shortv.GenerationOptions`); greedy by default. `hooks`: as `run_with_hooks`,
+        firing at the prefill and at every decode step (on the new token, [B, 1, ...]).
         """
         settings = GenerationOptions.of(options, **sampling)
         encoded = self.encode(prompt, images, history=history)
+        runner = self._with_hooks(hooks)
         if stream:
-            return _stream(self, encoded, settings)
-        return generate(self, [encoded], settings)[0].text
+            return _stream(runner, encoded, settings)
+        return generate(runner, [encoded], settings)[0].text
 
     def generate(
         self,
@@ -352,12 +357,13 @@ class VisionLanguageModel:
         *,
         options: GenerationOptions | None = None,
         template: bool = True,
+        hooks: Mapping[tuple[str, int], HookFn] | None = None,
         **sampling: Any,
     ) -> list[GenerationResult]:
         """Answer a batch of prompts, each with its own images (left-padded internally).
 
         Each result has the answer `text`, its `token_ids`, the `finish_reason` ("eos",
-        "stop", "length") and `prompt_tokens`. Settings as in `chat`.
+        "stop", "length") and `prompt_tokens`. Settings and `hooks` as in `chat`.
         """
         settings = GenerationOptions.of(options, **sampling)
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
@@ -366,10 +372,46 @@ class VisionLanguageModel:
         if isinstance(images, (str, os.PathLike, Image.Image)) or len(images) != len(prompts):
             raise InputError(f"{len(prompts)} prompts need a list of {len(prompts)} image lists")
         batch = [self.encode(p, im, template=template) for p, im in zip(prompts, images, strict=True)]
-        return generate(self, batch, settings)
+        return generate(self._with_hooks(hooks), batch, settings)
+
+    def _with_hooks(self, hooks: Mapping[tuple[str, int], HookFn] | None) -> Any:
+        """This model, or a view of it whose prefill and decode steps fire `hooks`."""
+        if not hooks:
+            return self
+        taps = Taps(hooks=self._hook_keys(hooks))
+        if any(point == HookPoint.ATTN_PATTERN for point, _ in taps.hooks):
+            raise ConfigError("attn_pattern hooks run in run_with_hooks / run_with_cache (one forward "
+                              "pass), not during generation")
+        if self.module.compiled:
+            warnings.warn("generation with hooks runs the decode step eager, not the compiled one",
+                          stacklevel=3)
+        return _Hooked(self, taps)
 
 
 _stream = stream  # `chat`'s keyword argument of that name hides the function
+
+
+class _Hooked:
+    """A model whose prefill and decode steps fire hooks (`GenerativeModel`, for `generate`)."""
+
+    def __init__(self, model: VisionLanguageModel, taps: Taps) -> None:
+        self.model, self.taps = model, taps
+        self.template = model.template
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def require_tokenizer(self) -> Tokenizer:
+        return self.model.require_tokenizer()
+
+    def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int) -> tuple[Tensor, DecodeState]:
+        model = self.model
+        return model.module.prefill(batch, max_new_tokens=max_new_tokens, method=model.method,
+                                    cache=model.feature_cache, taps=self.taps)
+
+    def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        return self.model.module.step(state, tokens, self.model.method, self.taps)
 
 
 # What counts as one image rather than a list (bytes and memoryview are sequences of ints).
@@ -415,6 +457,10 @@ def to_pil(image: ImageLike) -> Image.Image:
         return load_image(image)
     raise InputError("an image must be a PIL image, a file path, an http(s) URL or the bytes "
                      f"of an image file, got {type(image).__name__}")
+
+
+# run_with_cache's default points: the residual stream and its updates (not attn_pattern).
+STREAM_POINTS = [p for p in HookPoint if p != HookPoint.ATTN_PATTERN]
 
 
 def _hook_point(name: object) -> HookPoint:

@@ -17,6 +17,7 @@ from .reference import (
     V_,
     batch_prompts,
     fastv_dropped,
+    grown,
     hf_input_ids,
     hf_tokens_per_image,
     prepared_and_types,
@@ -177,4 +178,113 @@ def test_bad_inputs_and_names(demo):
         demo.run_with_cache([])
     with pytest.raises(ConfigError, match="unknown hook point"):
         demo.run_with_cache(demo.encode("Hi"), names=["attn_pattern_typo"])
-    assert sorted(POINTS) == sorted(["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"])
+    assert sorted(POINTS) == sorted(["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post",
+                                     "attn_pattern"])
+    _, cache = demo.run_with_cache(demo.encode("Hi"), layers=[0])
+    assert sorted(name for name, _ in cache.keys()) == sorted(POINTS[:-1])  # no pattern unless asked
+
+
+def test_attention_pattern_equals_transformers_eager_attentions(hf_pair, images):
+    """attn_pattern[i] is transformers' eager `output_attentions[i]` (per head, every query
+    row over every key), and asking for it leaves the logits as they are."""
+    hf, model = hf_pair
+    enc = model.encode("Describe this picture.", [images[1]])
+    logits, cache = model.run_with_cache(enc, names=["attn_pattern"])
+    ids = hf_input_ids(enc.input_ids, hf.config.image_token_id, hf_tokens_per_image(hf.config))
+    hf.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = hf(input_ids=ids, pixel_values=enc.images[0][None] if enc.images[0].dim() == 3
+                     else enc.images[0], output_attentions=True)
+    finally:
+        hf.set_attn_implementation("sdpa")
+    for i in range(model.num_layers):
+        torch.testing.assert_close(cache["attn_pattern", i][0], out.attentions[i][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, model.logits(enc), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_pattern_under_fastv_and_changed_by_a_hook(demo, images):
+    """From layer k on the dropped positions are absent as keys and as rows; each present
+    row sums to 1 over the present keys. A hook that returns another pattern is used."""
+    k = 2
+    batch = batch_prompts(demo, images)
+    demo.set_method(FastV(k=k, r=0.5))
+    logits, cache = demo.run_with_cache(batch, names=["attn_pattern"], layers=[k])
+    pattern, present = cache["attn_pattern", k], cache.present["attn_pattern", k]
+    sums = pattern.sum(dim=-1)  # [B, H, T]
+    torch.testing.assert_close(sums[present[:, None, :].expand_as(sums)],
+                               torch.ones_like(sums[present[:, None, :].expand_as(sums)]))
+    assert bool((pattern[~present[:, None, :, None].expand_as(pattern)] == 0).all())
+    assert bool((pattern.transpose(-1, -2)[~present[:, None, :, None].expand_as(pattern)] == 0).all())
+    same = demo.run_with_hooks(batch, {("attn_pattern", k): lambda p, types: p})
+    torch.testing.assert_close(same, logits, atol=1e-9, rtol=0)
+
+    def to_first_key(p, types):  # every row attends to its sequence's first real token only
+        first = (types != P_).long().argmax(dim=1)
+        out = torch.zeros_like(p)
+        for b in range(p.shape[0]):
+            out[b, :, :, first[b]] = 1.0
+        return out
+
+    assert not torch.allclose(demo.run_with_hooks(batch, {("attn_pattern", k): to_first_key}), logits,
+                              atol=1e-4)
+
+
+def steering(layer: int, scale: float, width: int):
+    vector = torch.linspace(-1.0, 1.0, width, dtype=torch.float64) * scale
+
+    def add(x, types):
+        return x + (types != P_)[..., None] * vector.to(x.dtype)
+    return {("resid_post", layer): add}
+
+
+def recomputed_with_hooks(model, enc, hooks, n: int) -> list[int]:
+    """Greedy tokens by recomputing the whole grown sequence with the hooks at every step."""
+    out: list[int] = []
+    for _ in range(n):
+        logits = model.run_with_hooks(grown(enc, out), hooks)[-1]
+        top = logits.topk(2).values
+        assert top[0] - top[1] > 1e-6, "near tie: choose other test data"
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize("method", [Vanilla(), ShortV((2, 5))], ids=["vanilla", "shortv"])
+def test_generation_with_hooks_equals_recomputation(demo, images, method):
+    """Hooks fire at the prefill and at every decode step with the KV cache: the greedy
+    tokens are those of recomputing the whole sequence with the same hooks each step, for
+    a padded batch and alone, and they differ from the unhooked answer."""
+    demo.set_method(method)
+    hooks = {**steering(3, 2.0, demo.config.text.hidden_size),
+             ("mlp_out", 1): lambda x, types: x.masked_fill((types == V_)[..., None], 0.0)}
+    prompts = ["What is this?", "Describe both pictures."]
+    pictures = [[images[0]], images[1:3]]
+    got = demo.generate(prompts, pictures, max_new_tokens=5, hooks=hooks)
+    plain = demo.generate(prompts, pictures, max_new_tokens=5)
+    for prompt, pics, result in zip(prompts, pictures, got, strict=True):
+        enc = demo.encode(prompt, pics)
+        expected = recomputed_with_hooks(demo, enc, hooks, 5)
+        if result.finish_reason == "eos":  # the answer ends at EOS, which it leaves out
+            expected = expected[: expected.index(demo.require_tokenizer().eos_id)]
+        assert result.token_ids == expected
+    assert [r.token_ids for r in got] != [r.token_ids for r in plain]
+    alone = demo.chat(prompts[0], pictures[0], max_new_tokens=5, hooks=hooks)
+    assert alone == got[0].text
+    assert "".join(demo.chat(prompts[0], pictures[0], max_new_tokens=5, hooks=hooks, stream=True)) == alone
+
+
+def test_generation_with_hooks_on_a_compiled_model_says_it_runs_eager(demo, images):
+    def never(*args, **kwargs):
+        raise AssertionError("the compiled step ran with hooks")
+
+    demo.module._compiled_step = never
+    try:
+        with pytest.warns(UserWarning, match="runs the decode step eager"):
+            text = demo.chat("What is this?", [images[0]], max_new_tokens=3,
+                             hooks=steering(2, 1.0, demo.config.text.hidden_size))
+    finally:
+        demo.module._compiled_step = None
+    assert text == demo.chat("What is this?", [images[0]], max_new_tokens=3,
+                             hooks=steering(2, 1.0, demo.config.text.hidden_size))
+    with pytest.raises(ConfigError, match="attn_pattern"):
+        demo.chat("What is this?", [images[0]], hooks={("attn_pattern", 1): lambda p, t: p})

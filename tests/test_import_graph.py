@@ -44,7 +44,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "shortv"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("entry points", ("shortv.__main__", "shortv.cli.*")),
     ("public API", ("shortv",)),
-    ("workflows", ("shortv.eval.*", "shortv.serve.*", "shortv.lc", "shortv.bench",
+    ("workflows", ("shortv.eval.*", "shortv.serve.*", "shortv.analysis.*", "shortv.lc", "shortv.bench",
                    "shortv.parallel", "shortv.questions", "shortv.paths")),
     ("session", ("shortv.session", "shortv.llava", "shortv.qwen_vl", "shortv.qwen_family",
                  "shortv.loading", "shortv.checkpoint", "shortv.store", "shortv.hub",

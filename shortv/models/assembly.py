@@ -180,15 +180,16 @@ class VisionLanguageModule(nn.Module):
 
     def prefill(self, batch: Sequence[Encoded], *, max_new_tokens: int, method: Method,
                 cache: FeatureCache | None = None, into: DecodeState | None = None,
-                slots: Sequence[int] | None = None) -> tuple[Tensor, DecodeState]:
+                slots: Sequence[int] | None = None, taps: Taps | None = None) -> tuple[Tensor, DecodeState]:
         """Run the prompts (left-padded) under `method`; next-token logits [B, vocab] and
         the state that `step` continues: a new one with a slot per prompt, sized for
         `max_new_tokens` more, or `into` with prompt i in slot `slots[i]`. When no new
         token fits the context, the decoder is not run (budget 0, logits empty). `cache`:
-        the vision-feature cache, as in `prepare`."""
+        the vision-feature cache, as in `prepare`; `taps`: hooks at the decoder layers' hook
+        points (`models.taps`; every layer then computes every position)."""
         # In one piece: the generator's first (and only) result is the prefill's.
         done = next(self.prefill_chunks(batch, max_new_tokens=max_new_tokens, method=method, cache=cache,
-                                        into=into, slots=slots))
+                                        into=into, slots=slots, taps=taps))
         assert done is not None
         return done
 
@@ -196,7 +197,7 @@ class VisionLanguageModule(nn.Module):
     def prefill_chunks(self, batch: Sequence[Encoded], *, max_new_tokens: int, method: Method,
                        cache: FeatureCache | None = None, chunk: int | None = None,
                        into: DecodeState | None = None, slots: Sequence[int] | None = None,
-                       ) -> Iterator[tuple[Tensor, DecodeState] | None]:
+                       taps: Taps | None = None) -> Iterator[tuple[Tensor, DecodeState] | None]:
         """`prefill` in pieces of at most `chunk` positions (None: all at once): the images
         go through the tower first, then each piece through the decoder, appending to the
         prefill's KV cache; yields None after every piece but the last, then what `prefill`
@@ -234,12 +235,12 @@ class VisionLanguageModule(nn.Module):
             yield prepared.embeds.new_empty(b, 0), state
             return
         kv = KVCache(self.num_layers, capacity=t)
-        piece = t if chunk is None or Hook.TOKENS in method.hooks else chunk
+        piece = t if chunk is None or Hook.TOKENS in method.hooks or taps is not None else chunk
         for start in range(0, t, piece):
             end = min(t, start + piece)
             hidden = self.decoder(prepared.embeds[:, start:end], prepared.types[:, start:end],
                                   prepared.positions[:, start:end], cache=kv, method=method,
-                                  last_only=end == t)
+                                  last_only=end == t and taps is None, taps=taps)
             if end < t:
                 yield None
         state.cache.write(slots, kv)
@@ -259,19 +260,28 @@ class VisionLanguageModule(nn.Module):
         return DecodeState(SlotCache(plan, self.device, lazy=lazy), positions, [0] * slots, 0)
 
     @torch.inference_mode()
-    def step(self, state: DecodeState, tokens: Tensor, method: Method) -> Tensor:
+    def step(self, state: DecodeState, tokens: Tensor, method: Method, taps: Taps | None = None) -> Tensor:
         """Feed one new token to each of the slots [0, B) of `state` (tokens [B]) under
         `method`; next-token logits [B, vocab] (a free slot's row is meaningless). Runs the
-        compiled decode step once `compile_step` made one."""
+        compiled decode step once `compile_step` made one, except with `taps` (hooks at the
+        layers' hook points, `models.taps`), which run eager."""
         rows = tokens.shape[0]
         if self._static_decode:
             state.cache.mark_static()
         view = state.cache.view(rows, static=self._static_decode)
-        decode = self._compiled_step or self.decoder.step
-        logits = decode(tokens, state.positions[:rows], view, method)
+        if taps is not None:
+            logits = self.decoder.step(tokens, state.positions[:rows], view, method, taps)
+        else:
+            decode = self._compiled_step or self.decoder.step
+            logits = decode(tokens, state.positions[:rows], view, method)
         state.cache.advance(rows)
         state.positions[:rows] += 1
         return logits
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile_step` compiled the decode step."""
+        return self._compiled_step is not None
 
     def compile_step(self, *, static: bool | None = None, **options: Any) -> None:
         """Compile the decode step (`Decoder.step`) with torch.compile, as one graph

@@ -258,6 +258,26 @@ class Attention(nn.Module):
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
+    def pattern(self, q: Tensor, k: Tensor, rows: Rows) -> Tensor:
+        """Per-head attention probabilities [B, H, Q, S] of queries q [B, H, Q, D] over keys
+        k [B, H_kv, S, D] under the rows' mask (softmax in fp32, in q's dtype): what `attend`
+        computes inside SDPA, for a hook to read or change (`mix` then applies it)."""
+        k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if rows.mask is not None:
+            logits = logits.masked_fill(~rows.mask, float("-inf"))
+        elif rows.causal:
+            q_len, s_len = logits.shape[-2:]
+            causal = torch.ones(q_len, s_len, dtype=torch.bool, device=q.device).tril(s_len - q_len)
+            logits = logits.masked_fill(~causal, float("-inf"))
+        return logits.softmax(dim=-1).to(q.dtype)
+
+    def mix(self, probs: Tensor, v: Tensor) -> Tensor:
+        """The attention update from probabilities [B, H, Q, S] and values [B, H_kv, S, D]."""
+        out = probs @ v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
     def query_scores(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
         """Attention probabilities of queries q [B, H, Q, D] over keys k [B, H_kv, S, D]
         under mask [B, 1, Q, S], mean over heads, in fp32: [B, Q, S]."""
@@ -327,7 +347,12 @@ class DecoderLayer(nn.Module):
             return (x if tap is None else _unchanged(tap, x, after_pre=True)), None
         x_rows, h_rows = (x, h) if subset is None else (subset.take(x), subset.take(h))
         q = self.attn.queries(h_rows, rows.cos, rows.sin)
-        update = self.attn.attend(q, k, v, rows)
+        if tap is not None and tap.asks(HookPoint.ATTN_PATTERN):
+            # Asked for: this layer's attention explicitly, so a hook can read or change it.
+            probs = tap.pattern(self.attn.pattern(q, k, rows), subset, k.shape[2] - x.shape[1])
+            update = self.attn.mix(probs, v)
+        else:
+            update = self.attn.attend(q, k, v, rows)
         if tap is not None:
             update = tap.rows(HookPoint.ATTN_OUT, update, subset, torch.zeros_like(x))
         out = x_rows + update
@@ -419,14 +444,16 @@ class Decoder(nn.Module):
         out = self._run(x, types, positions, last_only=last_only, inputs=inputs)
         return out, inputs
 
-    def step(self, tokens: Tensor, positions: Tensor, cache: SlotView, method: Method) -> Tensor:
+    def step(self, tokens: Tensor, positions: Tensor, cache: SlotView, method: Method,
+             taps: Taps | None = None) -> Tensor:
         """One decode step: feed one new text token per sequence (tokens [B], at RoPE
         positions [B, 1]) after what `cache` holds (slots [0, B) of a `SlotCache`);
-        next-token logits [B, vocab]."""
+        next-token logits [B, vocab]. `taps`: hooks at the layers' hook points, which see
+        the new tokens ([B, 1, ...])."""
         x = self.embed_tokens(tokens[:, None])
         types = torch.full(positions.shape[:2], int(TokenType.TEXT), dtype=TYPE_DTYPE,
                            device=positions.device)
-        hidden = self._run(x, types, positions, cache=cache, method=method, kinds=TEXT_ONLY)
+        hidden = self._run(x, types, positions, cache=cache, method=method, kinds=TEXT_ONLY, taps=taps)
         return self.head(hidden[:, -1])
 
     def _run(

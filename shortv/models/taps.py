@@ -16,6 +16,11 @@ The points, per decoder layer (`HookPoint`):
     resid_mid   resid_pre + attn_out
     mlp_out     the MLP block's update
     resid_post  resid_mid + mlp_out, the layer's output
+    attn_pattern  per-head attention probabilities [B, H, T, T] (query rows, key columns)
+
+`attn_pattern` is computed only at the layers asked (the others stay on SDPA's fused
+kernels); a hook may change it, and the layer then attends with what it returned. Rows a
+layer does not compute (frozen) and absent positions are zero.
 
 A hook is `fn(x, types) -> Tensor | None`; a returned tensor replaces x (its absent
 positions ignored). Taps cost nothing when no hook is set: the layer then runs its usual
@@ -44,6 +49,7 @@ class HookPoint(StrEnum):
     RESID_MID = "resid_mid"
     MLP_OUT = "mlp_out"
     RESID_POST = "resid_post"
+    ATTN_PATTERN = "attn_pattern"
 
 
 @dataclass
@@ -114,6 +120,46 @@ class LayerTap:
         whole = y if subset is None else subset.put_back(base, y)
         whole = self.full(point, whole)
         return whole if subset is None else subset.take(whole)
+
+    def asks(self, point: HookPoint) -> bool:
+        """Whether a hook or the cache wants `point` at this layer."""
+        key = (point, self.layer)
+        return key in self.taps.hooks or key in self.taps.keep
+
+    def pattern(self, probs: Tensor, subset, past: int) -> Tensor:
+        """Fire attn_pattern on probs [B, H, R, S] (query rows `subset` of the tokens at
+        hand, None for all; keys: `past` cached positions, then the tokens at hand)."""
+        if past:
+            raise NotImplementedError("attn_pattern is reported at a prefill without cached "
+                                      "positions (run_with_cache / run_with_hooks)")
+        assert self.taps.types is not None
+        b, t0 = self.taps.types.shape
+        n = self.columns.shape[1]
+        rows = (torch.arange(n, device=probs.device).expand(b, n) if subset is None else subset.index)
+        row_valid = self.valid.gather(1, rows) & (True if subset is None else subset.real)
+        row_cols, key_cols = self.columns.gather(1, rows), self.columns
+        key = (HookPoint.ATTN_PATTERN, self.layer)
+        seq = probs.new_zeros(b, probs.shape[1], t0, t0)
+        for i in range(b):
+            r, c = row_cols[i][row_valid[i]], key_cols[i][self.valid[i]]
+            seq[i][:, r[:, None], c[None, :]] = probs[i][:, row_valid[i]][:, :, self.valid[i]]
+        fn = self.taps.hooks.get(key)
+        if fn is not None:
+            new = fn(seq, self.taps.types)
+            if new is not None:
+                probs = probs.clone()
+                for i in range(b):
+                    r, c = row_cols[i][row_valid[i]], key_cols[i][self.valid[i]]
+                    block = new[i][:, r[:, None], c[None, :]].to(probs.dtype)
+                    rows_i = probs[i][:, row_valid[i]]
+                    rows_i[:, :, self.valid[i]] = block
+                    probs[i][:, row_valid[i]] = rows_i
+                seq = new
+        if key in self.taps.keep:
+            stored = seq.detach().to(device=self.taps.device, dtype=self.taps.dtype)
+            present = self.present().to(stored.device)
+            self.taps.kept[key] = (stored, present)
+        return probs
 
     def _flat(self, t0: int) -> Tensor:
         rows = torch.arange(self.columns.shape[0], device=self.columns.device)[:, None]

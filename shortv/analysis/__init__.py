@@ -1,0 +1,12 @@
+"""Tools for studying what the decoder layers do, built on the layers' hook points
+(`model.run_with_hooks` / `run_with_cache`, `shortv.models.taps`):
+
+- interventions to pass as hooks: `zero_ablate`, `mean_ablate`, `patch`, `steer`
+  (each selects rows by token type and/or sequence positions);
+- `logit_lens`: each layer's residual stream read through the final norm and LM head.
+"""
+
+from .interventions import mean_ablate, patch, steer, zero_ablate
+from .lens import LogitLens, logit_lens
+
+__all__ = ["LogitLens", "logit_lens", "mean_ablate", "patch", "steer", "zero_ablate"]
