@@ -125,6 +125,12 @@ def hf_visual_count(hf, size: tuple[int, int]) -> int:
 def hf_logits(hf, encoded: shortv.Encoded, counts: list[int]) -> torch.Tensor:
     """transformers' logits [T, V]: each -200 expanded into its image's token count,
     pixel_values [images, max crops, 3, S, S] zero-padded, image_sizes (height, width)."""
+    return hf_forward(hf, encoded, counts).logits[0]
+
+
+def hf_forward(hf, encoded: shortv.Encoded, counts: list[int], **options):
+    """transformers' output for `encoded` as `hf_logits` feeds it (`options`: e.g.
+    output_hidden_states=True)."""
     token = hf.config.image_token_id
     ids: list[int] = []
     it = iter(counts)
@@ -138,7 +144,7 @@ def hf_logits(hf, encoded: shortv.Encoded, counts: list[int]) -> torch.Tensor:
         kwargs = dict(pixel_values=pixels,
                       image_sizes=torch.tensor([[h, w] for w, h in encoded.image_sizes]))
     with torch.no_grad():
-        return hf(input_ids=torch.tensor([ids]), **kwargs).logits[0]
+        return hf(input_ids=torch.tensor([ids]), **kwargs, **options)
 
 
 # ---- state dicts ----------------------------------------------------------------------------

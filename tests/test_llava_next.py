@@ -37,7 +37,7 @@ from shortv.token_types import TokenType
 from . import checkpoints
 from . import reference as ref
 from .data import image
-from .reference import hf_logits, hf_num_crops, hf_visual_count
+from .reference import hf_forward, hf_logits, hf_num_crops, hf_visual_count
 
 PIXELS = dict(atol=1e-6, rtol=0)
 FEATURES = dict(atol=1e-5, rtol=1e-5)
@@ -420,3 +420,22 @@ def test_cls_patch_with_spatial_merge_is_a_clear_error(tmp_path: Path, original_
     with pytest.raises(shortv.ShortVError):
         model = shortv.load(directory, device="cpu", dtype=torch.float32)
         model.prepare([model.encode("<image>", [image((60, 25))], template=False)])
+
+
+def test_hook_points_equal_transformers_hidden_states(ours_transformers: shortv.LLaVA, hf_next):
+    """The hook points on LLaVA-NeXT (anyres tiles, unpadding, row-end tokens): resid_pre[i]
+    is transformers' hidden_states[i], resid_post[i] its hidden_states[i + 1] (the last
+    after the final norm there), for a wide image."""
+    size = SIZES["wide"]
+    prompt = "USER: <image>\nWhat is there? ASSISTANT:"
+    encoded = ours_transformers.encode(prompt, [image(size)], template=False)
+    logits, cache = ours_transformers.run_with_cache(encoded, names=["resid_pre", "resid_post"])
+    out = hf_forward(hf_next, encoded, [hf_visual_count(hf_next, size)], output_hidden_states=True)
+    n = ours_transformers.num_layers
+    for i in range(n):
+        torch.testing.assert_close(cache["resid_pre", i][0], out.hidden_states[i][0], **FEATURES)
+        post = cache["resid_post", i][0]
+        if i == n - 1:
+            post = ours_transformers.module.decoder.norm(post)
+        torch.testing.assert_close(post, out.hidden_states[i + 1][0], **FEATURES)
+    torch.testing.assert_close(logits, out.logits[0], **LOGITS)

@@ -521,3 +521,22 @@ def test_flops_cli_counts_dart_as_a_loaded_qwen_model_runs_it(pair, capsys):
     round_rule = flops_report(model.config.text, DART(budget_rule="round").for_layers(model.num_layers),
                               64, 72)["tflops"]
     assert report["tflops"] < round_rule  # 72 visual tokens: 1 per pivot against 2
+
+
+def test_hook_points_equal_transformers_hidden_states(pair):
+    """The hook points on Qwen (M-RoPE): resid_pre[i] is transformers' hidden_states[i],
+    resid_post[i] its hidden_states[i + 1] (the last one after the final norm there)."""
+    hf, ours = pair
+    model = ours["transformers"]
+    encoded = model.encode(PROMPT, images_of("two-sizes"))
+    logits, cache = model.run_with_cache(encoded, names=["resid_pre", "resid_post"])
+    with torch.no_grad():
+        out = hf(**hf_inputs(model, encoded), output_hidden_states=True)
+    lm = hf.model.language_model
+    for i in range(model.num_layers):
+        torch.testing.assert_close(cache["resid_pre", i][0], out.hidden_states[i][0], **TOL)
+        post = cache["resid_post", i][0]
+        if i == model.num_layers - 1:
+            post = lm.norm(post)
+        torch.testing.assert_close(post, out.hidden_states[i + 1][0], **TOL)
+    torch.testing.assert_close(logits, out.logits[0], **TOL)

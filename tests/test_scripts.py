@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,11 @@ def test_model_flops_counts_the_encoded_input(original_v15: Path):
     assert frozen["tflops"] * 1e12 == sequence_flops(model.config.text, model.method, types)
     assert frozen["tflops"] < report["tflops"]
     assert sequence_flops(model.config.text, VANILLA, types) == report["tflops"] * 1e12
+
+
+def test_bench_hooks_runs_every_case_on_the_demo():
+    done = run("scripts/bench_hooks.py", "--repeats", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["rows"][0]["case"] == "logits" and len(report["rows"]) == 5
+    assert all(row["ms"] > 0 for row in report["rows"])

@@ -77,10 +77,12 @@ class Taps:
         if layer not in self._layers:
             return None
         assert self.types is not None
+        valid = types != int(TokenType.PAD)
         if columns is None:
             columns = torch.arange(types.shape[1], device=types.device).expand_as(types)
-        valid = (columns >= 0) & (types != int(TokenType.PAD))
-        return LayerTap(self, layer, columns, valid)
+            # The pass's own tokens, none of them padding: already in sequence coordinates.
+            return LayerTap(self, layer, columns, valid, identity=bool(valid.all()))
+        return LayerTap(self, layer, columns, valid & (columns >= 0))
 
 
 @dataclass
@@ -91,6 +93,8 @@ class LayerTap:
     layer: int
     columns: Tensor
     valid: Tensor  # [B, N]: a token with a sequence position (not padding, filler, inserted)
+    identity: bool = False  # the tokens at hand are the sequence positions, in order
+    _present: Tensor | None = None
 
     def full(self, point: HookPoint, x: Tensor) -> Tensor:
         """Fire `point` on x [B, N, D] (every token at hand); x, or what the hook wrote.
@@ -108,6 +112,8 @@ class LayerTap:
                 seq = self._to_sequence(x)
         if key in self.taps.keep:
             stored = seq.detach().to(device=self.taps.device, dtype=self.taps.dtype)
+            if stored is x and self.taps.hooks:
+                stored = stored.clone()  # the layer's own tensor, which a hook might change in place
             self.taps.kept[key] = (stored, self.present().to(stored.device))
         return x
 
@@ -166,6 +172,8 @@ class LayerTap:
         return (self.columns.clamp(min=0) + rows * t0)[self.valid]
 
     def _to_sequence(self, x: Tensor) -> Tensor:
+        if self.identity:
+            return x
         assert self.taps.types is not None
         b, t0 = self.taps.types.shape
         seq = x.new_zeros(b * t0, x.shape[-1])
@@ -173,6 +181,8 @@ class LayerTap:
         return seq.view(b, t0, -1)
 
     def _from_sequence(self, seq: Tensor, x: Tensor) -> Tensor:
+        if self.identity:
+            return seq.to(x.dtype)
         b, t0 = seq.shape[:2]
         out = x.clone()
         out[self.valid] = seq.reshape(b * t0, -1)[self._flat(t0)].to(x.dtype)
@@ -180,11 +190,16 @@ class LayerTap:
 
     def present(self) -> Tensor:
         """[B, T0] the sequence positions this layer holds."""
-        assert self.taps.types is not None
-        b, t0 = self.taps.types.shape
-        mask = torch.zeros(b * t0, dtype=torch.bool, device=self.columns.device)
-        mask[self._flat(t0)] = True
-        return mask.view(b, t0)
+        if self._present is None:
+            assert self.taps.types is not None
+            if self.identity:
+                self._present = self.valid
+            else:
+                b, t0 = self.taps.types.shape
+                mask = torch.zeros(b * t0, dtype=torch.bool, device=self.columns.device)
+                mask[self._flat(t0)] = True
+                self._present = mask.view(b, t0)
+        return self._present
 
 
 @dataclass
