@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import InputError
-from .models.anyres import select_best_resolution
+from .models.anyres import select_best_resolution, unpad_slices
 from .models.config import LlavaConfig
 from .version import __version__
 
@@ -296,3 +296,72 @@ class ImageProcessor:
 
     def _clip(self, image: Image.Image) -> Tensor:
         return clip_preprocess(image, self.size, self.mean, self.std)
+
+
+# ---- where each visual token comes from ------------------------------------------------------
+
+
+def llava_token_boxes(size: tuple[int, int], *, image_size: int, patch: int, aspect_ratio: str,
+                      merge: str, grid_pinpoints: Sequence[tuple[int, int]] = ()) -> Tensor:
+    """The box (x0, y0, x1, y1), in the original image's pixels, that each of an image's
+    visual tokens sees, in the order LLaVA lays them out: [n, 4], NaN for a token that
+    is no image region (LLaVA-NeXT's row-end token). Boxes are clipped to the image (one
+    entirely in padding is empty)."""
+    w, h = size
+    side = image_size // patch
+    if aspect_ratio == "anyres":
+        return _anyres_boxes(size, image_size, side, merge, grid_pinpoints)
+    if aspect_ratio == "pad":
+        # expand_to_square pastes the image at ((s - w) // 2, (s - h) // 2) of an s × s canvas.
+        s = max(w, h)
+        boxes = _grid_boxes(side, side, s / side, s / side)
+        boxes -= torch.tensor([(s - w) // 2, (s - h) // 2] * 2, dtype=boxes.dtype)
+    else:
+        # clip_preprocess: shortest side to image_size, then a centre crop.
+        scale_w, scale_h = ((image_size, int(image_size * h / w)) if w <= h
+                            else (int(image_size * w / h), image_size))
+        left, top = (scale_w - image_size) // 2, (scale_h - image_size) // 2
+        boxes = _grid_boxes(side, side, patch, patch) + torch.tensor([left, top] * 2, dtype=torch.float64)
+        boxes *= torch.tensor([w / scale_w, h / scale_h] * 2, dtype=torch.float64)
+    return _clipped(boxes, w, h)
+
+
+def _anyres_boxes(size: tuple[int, int], image_size: int, side: int, merge: str,
+                  grid_pinpoints: Sequence[tuple[int, int]]) -> Tensor:
+    """LLaVA-NeXT: the base crop (the image resized to a square), then the tiles' feature
+    map over `resize_and_pad`'s canvas, unpadded, each row closed by a row-end token."""
+    w, h = size
+    base = _grid_boxes(side, side, w / side, h / side)
+    tw, th = select_best_resolution(size, grid_pinpoints)
+    cols, rows = tw // image_size, th // image_size
+    # resize_and_pad's placement of the image on the tw × th canvas.
+    if tw / w < th / h:
+        new_w, new_h = tw, min(math.ceil(h * tw / w), th)
+    else:
+        new_w, new_h = min(math.ceil(w * th / h), tw), th
+    cell = image_size / side
+    fmap = _grid_boxes(rows * side, cols * side, cell, cell)
+    fmap -= torch.tensor([(tw - new_w) // 2, (th - new_h) // 2] * 2, dtype=fmap.dtype)
+    fmap *= torch.tensor([w / new_w, h / new_h] * 2, dtype=fmap.dtype)
+    fmap = fmap.view(rows * side, cols * side, 4)
+    if merge == "flat":  # crop by crop: each tile's patches row by row
+        tiles = fmap.view(rows, side, cols, side, 4).permute(0, 2, 1, 3, 4).reshape(-1, 4)
+        return _clipped(torch.cat((base, tiles)), w, h)
+    if merge != "spatial_unpad":  # "spatial": the whole feature map row by row
+        return _clipped(torch.cat((base, fmap.reshape(-1, 4))), w, h)
+    row_slice, col_slice = unpad_slices(size, rows * side, cols * side)
+    kept = fmap[row_slice, col_slice]
+    newline = torch.full((kept.shape[0], 1, 4), math.nan, dtype=kept.dtype)
+    return _clipped(torch.cat((base, torch.cat((kept, newline), dim=1).reshape(-1, 4))), w, h)
+
+
+def _grid_boxes(rows: int, cols: int, cell_w: float, cell_h: float) -> Tensor:
+    """[rows · cols, 4] the cells of a grid, row by row, in float64."""
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                          indexing="ij")
+    return torch.stack((c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h), dim=-1).reshape(-1, 4)
+
+
+def _clipped(boxes: Tensor, w: int, h: int) -> Tensor:
+    limit = torch.tensor([w, h, w, h], dtype=boxes.dtype)
+    return torch.minimum(boxes.clamp(min=0), limit)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor
+
 from .conversation import Template, cli_template_name
-from .image import ImageProcessor
+from .image import ImageProcessor, llava_token_boxes
+from .models.batch import Encoded
 from .models.llava import LlavaModel
 from .session import NO_TOKENIZER, VisionLanguageModel
 from .tokenizer import Tokenizer
@@ -38,3 +41,11 @@ class LLaVA(VisionLanguageModel):
         super().__init__(module, processor=ImageProcessor.for_config(module.config), tokenizer=tokenizer,
                          template=template, name=name, checkpoint_dir=checkpoint_dir,
                          missing_tokenizer=missing_tokenizer)
+
+    def visual_boxes(self, encoded: Encoded) -> list[Tensor]:
+        """As `VisionLanguageModel.visual_boxes`: LLaVA's pad / square / anyres geometry."""
+        c = self.module.config
+        return [llava_token_boxes(size, image_size=c.vision.image_size, patch=c.vision.patch_size,
+                                  aspect_ratio=c.image_aspect_ratio, merge=c.patch_merge_type,
+                                  grid_pinpoints=c.image_grid_pinpoints)
+                for size in encoded.image_sizes]

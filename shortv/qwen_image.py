@@ -145,3 +145,16 @@ def rgb_on_white(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return to_rgb(image)
+
+
+def qwen_token_boxes(size: tuple[int, int], target: tuple[int, int], factor: int) -> Tensor:
+    """The box (x0, y0, x1, y1), in the original image's pixels, that each visual token of
+    an image of `size` sees: the image is resized to `target` (width, height; multiples of
+    `factor`, the merged patch side) and each token is one factor × factor cell, row by row."""
+    w, h = size
+    tw, th = target
+    rows, cols = th // factor, tw // factor
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                          indexing="ij")
+    boxes = torch.stack((c, r, c + 1, r + 1), dim=-1).reshape(-1, 4) * factor
+    return boxes * torch.tensor([w / tw, h / th] * 2, dtype=torch.float64)

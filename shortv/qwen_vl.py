@@ -8,11 +8,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from torch import Tensor
+
 from .conversation import Template
 from .errors import ConfigError
 from .methods import DART, Compose, Method
+from .models.batch import Encoded
 from .models.qwen_vl import QwenVLModel
-from .qwen_image import QwenImageProcessor
+from .qwen_image import QwenImageProcessor, qwen_token_boxes
 from .session import NO_TOKENIZER, VisionLanguageModel
 from .tokenizer import Tokenizer
 
@@ -58,6 +61,12 @@ class QwenVL(VisionLanguageModel):
                               "defines for LLaVA's CLIP tower only; use it with a LLaVA model, or "
                               "a method that works in the decoder (fastv, pdrop, dart, sparsevlm, ...)")
         return with_qwen_rules(super().check_method(method))
+
+    def visual_boxes(self, encoded: Encoded) -> list[Tensor]:
+        """As `VisionLanguageModel.visual_boxes`: the resized image's merged-patch grid."""
+        factor = self.module.config.vision.factor
+        return [qwen_token_boxes(size, self.processor.target_size(*size), factor)
+                for size in encoded.image_sizes]
 
     def set_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
         """Resize images to an area within [min_pixels, max_pixels] (Qwen's `min_pixels` /

@@ -277,6 +277,12 @@ class VisionLanguageModel:
         full = self.token_types(encoded, reduce_images=False) if self.method.reduces_images else types
         return input_flops(self.config.text, self.method, types, vanilla_types=full)
 
+    def visual_boxes(self, encoded: Encoded) -> list[Tensor]:
+        """Per image of `encoded`, the box (x0, y0, x1, y1) in its original pixels that each
+        of its visual tokens sees, in the sequence's order: [n, 4] float64, NaN for a
+        token that is no image region. The family says (`LLaVA`, `QwenVL`)."""
+        raise InputError(f"{type(self).__name__} does not map its visual tokens to pixels")
+
     # ---- text side ----------------------------------------------------------------------------
 
     def require_tokenizer(self) -> Tokenizer:

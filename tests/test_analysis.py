@@ -4,13 +4,18 @@ norm and head on the cached residual stream."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
 
 import shortv
 from shortv import ConfigError, FastV, ShortV, TokenType, Vanilla
-from shortv.analysis import logit_lens, mean_ablate, patch, steer, zero_ablate
+from shortv.analysis import heatmap, logit_lens, mean_ablate, patch, steer, token_map, zero_ablate
 
+from .cli_runner import assert_one_line_error, run_main
 from .reference import P_, V_, batch_prompts, random_rgb, reference_head
 
 
@@ -110,3 +115,128 @@ def test_logit_lens_under_fastv_marks_dropped_positions_absent(demo, images):
     for li, layer in enumerate(lens.layers):
         held = int(lens.present[li][visual].sum())
         assert held == (n_visual if layer < 2 else round(n_visual * 0.5))
+
+
+# ---- visual tokens on the picture --------------------------------------------------------------
+
+
+def painted(size: tuple[int, int], box) -> Image.Image:
+    """A black image of `size` with `box` (x0, y0, x1, y1) white."""
+    image = Image.new("RGB", size, (0, 0, 0))
+    x0, y0, x1, y1 = (round(float(v)) for v in box)
+    image.paste((255, 255, 255), (x0, y0, x1, y1))
+    return image
+
+
+def cell_brightness(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[rows · cols] the mean of a [3, H, W] tensor over each patch × patch cell, row by row."""
+    _, h, w = pixels.shape
+    return pixels.mean(0).view(h // patch, patch, w // patch, patch).mean(dim=(1, 3)).flatten()
+
+
+def test_pad_boxes_are_where_the_processor_puts_the_patches(demo):
+    """Oracle: the model's own preprocessing. Painting white the box a token is said to see,
+    on a black wide picture, makes that token's patch the brightest of the padded square."""
+    size = (90, 50)
+    boxes = demo.visual_boxes(demo.encode("hi", Image.new("RGB", size)))[0]
+    patch = demo.module.config.vision.patch_size
+    assert boxes.shape[0] == 36
+    inside = [k for k in range(36) if float((boxes[k, 2] - boxes[k, 0]) * (boxes[k, 3] - boxes[k, 1])) > 0]
+    assert 0 < len(inside) < 36  # the top and bottom rows are padding
+    for k in inside:
+        brightness = cell_brightness(demo.processor(painted(size, boxes[k])), patch)
+        assert int(brightness.argmax()) == k, k
+
+
+def test_anyres_boxes_are_where_the_processor_puts_the_patches(hf_llava_next):
+    """LLaVA-NeXT (spatial_unpad): a base token's box lights its patch of the base crop; a
+    tile token's box lights its patch of its tile, the feature map's unpadded rows and
+    columns read row by row, each row closed by a row-end token (no box)."""
+    from shortv.models.anyres import grid_shape, unpad_slices
+
+    model = shortv.load(hf_llava_next, device="cpu", dtype=torch.float32)
+    c = model.module.config
+    size = (60, 25)  # wide
+    boxes = model.visual_boxes(model.encode("hi", Image.new("RGB", size)))[0]
+    types = model.token_types(model.encode("<image>", Image.new("RGB", size), template=False))
+    assert boxes.shape[0] == int((types == V_).sum())
+    side, patch = c.vision.patches_per_side, c.vision.patch_size
+    for k in range(side * side):  # the base crop
+        crops = model.processor(painted(size, boxes[k]))
+        assert int(cell_brightness(crops[0], patch).argmax()) == k
+    cols, rows = grid_shape(size, c.image_grid_pinpoints, c.vision.image_size)
+    row_slice, col_slice = unpad_slices(size, rows * side, cols * side)
+    kept_columns = [*range(cols * side)[col_slice], None]  # None: the row-end token
+    cells = [(r, col) for r in range(rows * side)[row_slice] for col in kept_columns]
+    assert len(cells) == boxes.shape[0] - side * side
+    for j, (r, col) in enumerate(cells):
+        box = boxes[side * side + j]
+        if col is None:
+            assert bool(box.isnan().all())  # the row-end token
+            continue
+        if float((box[2] - box[0]) * (box[3] - box[1])) < 4:
+            continue  # a sliver of the picture
+        crops = model.processor(painted(size, box))
+        tile = 1 + (r // side) * cols + col // side
+        brightness = torch.stack([cell_brightness(crop, patch) for crop in crops[1:]])
+        assert int(brightness.flatten().argmax()) == (tile - 1) * side * side + (r % side) * side + col % side
+
+
+def test_heatmap_lights_the_box_of_a_scored_token(demo):
+    size = (90, 50)
+    enc = demo.encode("hi", Image.new("RGB", size))
+    boxes = demo.visual_boxes(enc)[0]
+    k = 20
+    scores = torch.zeros(36)
+    scores[k] = 1.0
+    heat = token_map(demo, enc, scores)[0]
+    x0, y0, x1, y1 = (round(float(v)) for v in boxes[k])
+    lit = torch.nonzero(heat == 1.0)
+    ys, xs = lit[:, 0], lit[:, 1]
+    assert (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) == (x0, y0, x1, y1)
+    picture = heatmap(demo, enc, scores, Image.new("RGB", size, (0, 0, 255)))[0]
+    assert picture.size == size
+    assert picture.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) != picture.getpixel((2, 25))
+    with pytest.raises(shortv.InputError, match="35 scores for 36"):
+        token_map(demo, enc, torch.zeros(35))
+    demo.set_method(shortv.VisionZip(budget=9))
+    with pytest.raises(shortv.InputError, match="changes the images"):
+        heatmap(demo, enc, scores)
+
+
+# ---- shortv inspect ----------------------------------------------------------------------------
+
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "weights" / "llava-tiny-demo" / "example.png")
+
+
+def test_inspect_draws_attention_and_kept_tokens_and_prints_the_lens(tmp_path, capsys):
+    out = tmp_path / "map.png"
+    code, stdout, err = run_main(["inspect", "llava-tiny-demo", "--image", EXAMPLE, "--prompt", "What is it?",
+                                  "--attention", "3:1", "--out", str(out), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["layer"] == 3 and report["head"] == 1 and 0 < report["image_attention"] <= 1
+    assert Image.open(out).size == Image.open(EXAMPLE).size
+    code, stdout, err = run_main(["inspect", "llava-tiny-demo", "--image", EXAMPLE, "--prompt", "What is it?",
+                                  "--kept", "fastv k=2 r=0.75", "--out", str(out), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["kept"] == 9 and json.loads(stdout)["visual"] == 36
+    code, stdout, err = run_main(["inspect", "llava-tiny-demo", "--image", EXAMPLE, "--prompt", "What is it?",
+                                  "--logit-lens", "--top-k", "2", "--json"], capsys)
+    assert code == 0, err
+    assert len(json.loads(stdout)["layers"]) == 8
+
+
+@pytest.mark.parametrize("argv", [
+    ["--attention", "3"],  # no --out
+    ["--attention", "3:x", "--out", "m.png"],
+    ["--attention", "99", "--out", "m.png"],
+    ["--kept", "visionzip budget=9", "--out", "m.png"],
+    ["--kept", "bogus", "--out", "m.png"],
+    ["--logit-lens", "--top-k", "0"],
+])
+def test_inspect_bad_arguments_are_one_line(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["inspect", "llava-tiny-demo", "--image", EXAMPLE, "--prompt", "x"]
+    code, _, err = run_main([*base, *argv], capsys)
+    assert_one_line_error(code, err)

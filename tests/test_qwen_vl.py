@@ -540,3 +540,24 @@ def test_hook_points_equal_transformers_hidden_states(pair):
             post = lm.norm(post)
         torch.testing.assert_close(post, out.hidden_states[i + 1][0], **TOL)
     torch.testing.assert_close(logits, out.logits[0], **TOL)
+
+
+def test_visual_boxes_are_where_the_processor_puts_the_merged_patches(pair):
+    """Qwen: painting white the box a visual token is said to see, on a black wide picture,
+    makes that token's 28 x 28 cell of the resized image the brightest (the processor's
+    own resize and normalisation, before its patch reordering)."""
+    _, ours = pair
+    model = ours["transformers"]
+    size = (333, 97)
+    enc = model.encode(PROMPT, [Image.new("RGB", size)])
+    boxes = model.visual_boxes(enc)[0]
+    assert boxes.shape[0] == int((model.token_types(enc) == int(TokenType.VISUAL)).sum())
+    factor = model.module.config.vision.factor
+    target = model.processor.target_size(*size)
+    for k in range(0, boxes.shape[0], 3):
+        image = Image.new("RGB", size, (0, 0, 0))
+        image.paste((255, 255, 255), tuple(round(float(v)) for v in boxes[k]))
+        pixels = model.processor.normalise(image.resize(target, resample=Image.Resampling.BICUBIC))
+        _, h, w = pixels.shape
+        cells = pixels.mean(0).view(h // factor, factor, w // factor, factor).mean(dim=(1, 3)).flatten()
+        assert int(cells.argmax()) == k

@@ -1,4 +1,4 @@
-"""The `shortv` command line: chat, zoo, download, eval, flops, bench, lc, serve.
+"""The `shortv` command line: chat, zoo, download, eval, flops, bench, lc, serve, inspect.
 
 Every command that reports numbers takes --json and then prints one JSON object on
 stdout. Errors print one line on stderr and exit with status 2 (under torchrun, on the
@@ -17,16 +17,16 @@ from collections.abc import Sequence
 from ..errors import ShortVError
 from ..parallel import RankError
 from ..version import __version__
-from . import bench, chat, eval, flops, lc, serve, zoo
+from . import bench, chat, eval, flops, inspect, lc, serve, zoo
 from .options import EXIT_USAGE, Parser
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="shortv", description="LLaVA with ShortV: chat, zoo, download, eval, "
-                                               "flops, bench, lc, serve.")
+                                               "flops, bench, lc, serve, inspect.")
     parser.add_argument("--version", action="version", version=f"shortv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (chat, zoo, eval, flops, bench, lc, serve):
+    for command in (chat, zoo, eval, flops, bench, lc, serve, inspect):
         command.add_parser(sub)
     for command_parser in sub.choices.values():
         command_parser.set_defaults(command_parser=command_parser)
