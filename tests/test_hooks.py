@@ -288,3 +288,25 @@ def test_generation_with_hooks_on_a_compiled_model_says_it_runs_eager(demo, imag
                              hooks=steering(2, 1.0, demo.config.text.hidden_size))
     with pytest.raises(ConfigError, match="attn_pattern"):
         demo.chat("What is this?", [images[0]], hooks={("attn_pattern", 1): lambda p, t: p})
+
+
+def test_a_composition_freezes_the_kept_and_hides_the_dropped(demo, images):
+    """ShortV + FastV: from layer k the dropped visual positions are absent; in a frozen
+    layer the kept visual rows have zero updates; VTW hides every visual position."""
+    k, frozen = 2, (5, 6)
+    batch = batch_prompts(demo, images)
+    prepared, types = prepared_and_types(demo, batch)
+    dropped = fastv_dropped(demo, prepared, types, k, 0.5)
+    demo.set_method(shortv.compose(ShortV(frozen), FastV(k=k, r=0.5)))
+    _, cache = demo.run_with_cache(batch, names=["attn_out", "mlp_out"])
+    kept_visual = (types == V_) & ~dropped
+    for i in range(demo.num_layers):
+        present = cache.present["attn_out", i]
+        assert torch.equal(present, (types != P_) & (~dropped if i >= k else True))
+        if i in frozen:
+            assert bool((cache["attn_out", i][kept_visual] == 0).all())
+            assert bool((cache["mlp_out", i][kept_visual] == 0).all())
+    demo.set_method(shortv.VTW(k=3))
+    _, cache = demo.run_with_cache(batch, names=["resid_post"], layers=[2, 3])
+    assert bool((cache.present["resid_post", 2] & (types == V_)).any())
+    assert not bool((cache.present["resid_post", 3] & (types == V_)).any())

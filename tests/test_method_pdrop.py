@@ -383,5 +383,13 @@ def test_kept_tokens_logits_and_generation_equal_the_authors_code(request, demo,
     assert [row[0] for _, row in recorder.kept] == [sorted(k) for k in kept]
     assert torch.allclose(ours, logits, atol=1e-6, rtol=1e-6)
     assert cached_tokens(model, [enc], 4)[0] == tokens
+    # The hook points stay in sequence coordinates: from each stage layer on, the visual
+    # positions present are the ones the authors' code keeps (positions renumbered or not).
+    _, cache = model.run_with_cache(enc, names=["resid_pre"])
+    visual = types[0] == V_
+    for i in range(model.num_layers):
+        stage = max((s for s, layer in enumerate(layers) if layer <= i), default=None)
+        expected = visual.nonzero().flatten().tolist() if stage is None else sorted(kept[stage])
+        assert (cache.present["resid_pre", i][0] & visual).nonzero().flatten().tolist() == expected, i
     model.set_method(PDrop(layers=layers, lam=lam, positions="original"))
     assert not torch.allclose(model.logits(enc)[-1], logits, atol=1e-4)  # the renumbering matters

@@ -467,6 +467,14 @@ def test_kept_recycled_logits_and_generation_equal_the_authors_code(request, dem
     assert max(r.shape[0] for r in recycled) >= 1
     torch.testing.assert_close(ours, logits, atol=1e-6, rtol=1e-6)
     assert cached_tokens(model, [enc], 4)[0] == tokens
+    # The hook points show the kept visual positions from the layer after each pruning
+    # layer on; recycled tokens have no position and are not shown.
+    _, cache = model.run_with_cache(enc, names=["resid_post"])
+    visual = types[0] == V_
+    for i in range(model.num_layers):
+        stage = max((s for s, layer in enumerate(method.layers) if layer < i), default=None)
+        expected = visual.nonzero().flatten().tolist() if stage is None else kept[stage]
+        assert (cache.present["resid_post", i][0] & visual).nonzero().flatten().tolist() == expected, i
     model.set_method(SparseVLM(budget=budget, recycle=False, positions="original"))
     assert not torch.allclose(model.logits(enc)[-1], logits, atol=1e-4)  # v1.0's details matter
 
