@@ -36,6 +36,7 @@ from .models.assembly import VisionLanguageModule
 from .models.batch import DecodeState, Encoded, Prepared
 from .models.feature_cache import FeatureCache
 from .models.taps import ActivationCache, HookFn, HookPoint, Taps
+from .token_types import TokenType
 from .tokenizer import Tokenizer
 
 # One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
@@ -179,22 +180,39 @@ class VisionLanguageModel:
                        device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> tuple[Tensor, ActivationCache]:
         """(logits, cache): `run_with_hooks` (with `hooks`, if any) that also keeps the
-        tensors of the hook points `names` (by default all but attn_pattern, which is
-        computed only where asked) at `layers` (all by default),
-        on `device` in `dtype` when given (e.g. "cpu", torch.float16). Only what is asked
-        is kept. Logits as `run_with_hooks`; the cache always has a batch dimension."""
+        tensors of the hook points `names` (by default the five residual points; also
+        attn_pattern, and the read-only vision.resid_post, at every tower layer, and
+        projector_out, at layer 0) at the decoder `layers` (all by default), on `device`
+        in `dtype` when given (e.g. "cpu", torch.float16). Only what is asked is computed
+        and kept. Logits as `run_with_hooks`; the cache always has a batch dimension."""
         batch, one = _as_batch(inputs, "run_with_cache")
         points = [_hook_point(name) for name in (names if names is not None else STREAM_POINTS)]
         ids = range(self.num_layers) if layers is None else [self._layer_id(layer) for layer in layers]
-        taps = Taps(hooks=self._hook_keys(hooks or {}), keep=frozenset((p, i) for p in points for i in ids),
-                    device=device, dtype=dtype)
+        decoder_points = [p for p in points if p not in READ_ONLY_POINTS]
+        taps = Taps(hooks=self._hook_keys(hooks or {}),
+                    keep=frozenset((p, i) for p in decoder_points for i in ids), device=device, dtype=dtype)
         prepared = self.prepare(batch)
         logits = self.module.decoder.head(self.module.hidden_states(prepared, self.method, taps))
-        cache = ActivationCache({k: v[0] for k, v in taps.kept.items()},
-                                {k: v[1] for k, v in taps.kept.items()},
+        kept = dict(taps.kept)
+        visual = prepared.types == int(TokenType.VISUAL)
+        if HookPoint.PROJECTOR_OUT in points:
+            projected = prepared.embeds.masked_fill(~visual[..., None], 0).detach()
+            kept[HookPoint.PROJECTOR_OUT, 0] = (projected.to(device=device, dtype=dtype), visual)
+        if HookPoint.VISION_RESID_POST in points:
+            states = self.tower_states(batch)
+            for i, state in enumerate(states):
+                kept[HookPoint.VISION_RESID_POST, i] = (
+                    state.detach().to(device=device, dtype=dtype),
+                    torch.ones(state.shape[:2], dtype=torch.bool, device=state.device))
+        cache = ActivationCache({k: v[0] for k, v in kept.items()}, {k: v[1] for k, v in kept.items()},
                                 prepared.types.cpu() if device is None else prepared.types.to(device),
                                 prepared.positions)
         return (logits[0] if one else logits), cache
+
+    def tower_states(self, batch: Sequence[Encoded]) -> list[Tensor]:
+        """The output of every vision tower layer for the images of `batch` (the hook
+        point `vision.resid_post`); the family says how (`LLaVA`)."""
+        raise InputError(f"{type(self).__name__} does not report its vision tower's layers yet")
 
     def _hook_keys(self, hooks: Mapping[tuple[str, int], HookFn]) -> dict[tuple[HookPoint, int], HookFn]:
         out = {}
@@ -203,7 +221,11 @@ class VisionLanguageModel:
                 raise ConfigError(f"hook key {key!r} is not (point, layer), e.g. ('resid_post', 3)")
             if not callable(fn):
                 raise ConfigError(f"hook {key!r} is not callable: give fn(x, types) -> tensor or None")
-            out[_hook_point(key[0]), self._layer_id(key[1])] = fn
+            point = _hook_point(key[0])
+            if point in READ_ONLY_POINTS:
+                raise ConfigError(f"{point.value} is read-only: keep it with run_with_cache(names=[...]); "
+                                  "hooks change the decoder's points")
+            out[point, self._layer_id(key[1])] = fn
         return out
 
     def _layer_id(self, layer: object) -> int:
@@ -465,8 +487,10 @@ def to_pil(image: ImageLike) -> Image.Image:
                      f"of an image file, got {type(image).__name__}")
 
 
+# Points run_with_cache keeps and hooks cannot change (outside the decoder layers).
+READ_ONLY_POINTS = frozenset({HookPoint.VISION_RESID_POST, HookPoint.PROJECTOR_OUT})
 # run_with_cache's default points: the residual stream and its updates (not attn_pattern).
-STREAM_POINTS = [p for p in HookPoint if p != HookPoint.ATTN_PATTERN]
+STREAM_POINTS = [p for p in HookPoint if p != HookPoint.ATTN_PATTERN and p not in READ_ONLY_POINTS]
 
 
 def _hook_point(name: object) -> HookPoint:

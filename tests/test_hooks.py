@@ -178,10 +178,12 @@ def test_bad_inputs_and_names(demo):
         demo.run_with_cache([])
     with pytest.raises(ConfigError, match="unknown hook point"):
         demo.run_with_cache(demo.encode("Hi"), names=["attn_pattern_typo"])
-    assert sorted(POINTS) == sorted(["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post",
-                                     "attn_pattern"])
+    stream = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
+    assert sorted(POINTS) == sorted([*stream, "attn_pattern", "vision.resid_post", "projector_out"])
     _, cache = demo.run_with_cache(demo.encode("Hi"), layers=[0])
-    assert sorted(name for name, _ in cache.keys()) == sorted(POINTS[:-1])  # no pattern unless asked
+    assert sorted(name for name, _ in cache.keys()) == sorted(stream)  # the rest only when asked
+    with pytest.raises(InputError, match="needs an input with an image"):
+        demo.run_with_cache(demo.encode("Hi"), names=["vision.resid_post"])
 
 
 def test_attention_pattern_equals_transformers_eager_attentions(hf_pair, images):
@@ -310,3 +312,30 @@ def test_a_composition_freezes_the_kept_and_hides_the_dropped(demo, images):
     _, cache = demo.run_with_cache(batch, names=["resid_post"], layers=[2, 3])
     assert bool((cache.present["resid_post", 2] & (types == V_)).any())
     assert not bool((cache.present["resid_post", 3] & (types == V_)).any())
+
+
+def test_vision_tower_and_projector_points_equal_transformers(hf_pair, images):
+    """vision.resid_post[i] is transformers' vision tower hidden_states[i + 1] (the output
+    of layer i, class token first) and projector_out is what its language model receives at
+    the image positions; both are read-only."""
+    hf, model = hf_pair
+    enc = model.encode("Describe this picture.", [images[1]])
+    names = ["vision.resid_post", "projector_out", "resid_pre"]
+    _, cache = model.run_with_cache(enc, names=names, layers=[0])
+    ids = hf_input_ids(enc.input_ids, hf.config.image_token_id, hf_tokens_per_image(hf.config))
+    pixels = enc.images[0][None] if enc.images[0].dim() == 3 else enc.images[0]
+    with torch.no_grad():
+        tower = hf.model.vision_tower(pixels, output_hidden_states=True)
+        out = hf(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
+    depth = len(model.module.vision.layers)
+    assert sorted(i for name, i in cache.keys() if name == "vision.resid_post") == list(range(depth))
+    for i in range(depth):
+        torch.testing.assert_close(cache["vision.resid_post", i], tower.hidden_states[i + 1],
+                                   atol=1e-5, rtol=1e-5)
+    visual = cache.types[0] == V_
+    assert torch.equal(cache.present["projector_out", 0][0], visual)
+    torch.testing.assert_close(cache["projector_out", 0][0][visual], out.hidden_states[0][0][visual],
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache["projector_out", 0][0][visual], cache["resid_pre", 0][0][visual])
+    with pytest.raises(ConfigError, match="read-only"):
+        model.run_with_hooks(enc, {("projector_out", 0): lambda x, t: x})

@@ -78,6 +78,14 @@ class LlavaModel(VisionLanguageModule):
         features = self.projector(hidden).split(counts)
         return [self._merge_crops(f, size) for f, size in zip(features, sizes, strict=True)]
 
+    def tower_states(self, images: Sequence[Tensor]) -> list[Tensor]:
+        """The output of every vision tower layer, [crops, 1 + patches, width] each (all
+        crops of all images, in order; the class token first), for the hook point
+        `vision.resid_post`. The tower holds the layers up to the one LLaVA reads."""
+        pixels = torch.cat([im if im.dim() == 4 else im[None] for im in images]).to(self.device, self.dtype)
+        depth = len(self.vision.layers)
+        return list(self.vision(pixels, tuple(range(1, depth + 1))).hidden_states)
+
     def _reduced_image_features(self, pixels: Tensor, counts: list[int],
                                 sizes: Sequence[tuple[int, int]], method: Method) -> list[Tensor]:
         """Visual tokens per image after the method's `reduce_image` (VisionZip), which

@@ -22,6 +22,12 @@ The points, per decoder layer (`HookPoint`):
 kernels); a hook may change it, and the layer then attends with what it returned. Rows a
 layer does not compute (frozen) and absent positions are zero.
 
+Two more points are read-only (`run_with_cache` keeps them, hooks cannot change them):
+`vision.resid_post` at each vision tower layer (LLaVA's CLIP tower: [crops, 1 + patches,
+width], every crop of every image in order, the class token first) and `projector_out`
+(layer 0: the visual tokens the projector gives, [B, T, D] in sequence coordinates,
+present at the visual positions).
+
 A hook is `fn(x, types) -> Tensor | None`; a returned tensor replaces x (its absent
 positions ignored). Taps cost nothing when no hook is set: the layer then runs its usual
 path.
@@ -50,6 +56,10 @@ class HookPoint(StrEnum):
     MLP_OUT = "mlp_out"
     RESID_POST = "resid_post"
     ATTN_PATTERN = "attn_pattern"
+    # Read-only, kept by `run_with_cache`: the vision tower's layer outputs (per crop,
+    # [crops, tokens, width]) and the projector's visual tokens in sequence coordinates.
+    VISION_RESID_POST = "vision.resid_post"
+    PROJECTOR_OUT = "projector_out"
 
 
 @dataclass
