@@ -32,6 +32,7 @@ from . import parallel
 from .errors import ConfigError, InputError
 from .methods import VANILLA
 from .models.batch import Encoded, Prepared
+from .models.taps import HookPoint, Taps
 from .parallel import Ranks
 from .questions import (
     is_question_record,
@@ -290,7 +291,11 @@ def _chunk_lc(model: VisionLanguageModel, prepared: Prepared, kinds: list[TokenT
     decoder = model.module.decoder
     x, types, positions = prepared.embeds, prepared.types, prepared.positions
     b, n_layers, k = x.shape[0], len(decoder.layers), len(kinds)
-    out, inputs = decoder.forward_with_inputs(x, types, positions, last_only=True)
+    # Every layer's input, kept at the resid_pre hook point (in sequence coordinates:
+    # padding rows are zero there, which no real token attends to).
+    taps = Taps(keep=frozenset((HookPoint.RESID_PRE, i) for i in range(n_layers)))
+    out = decoder(x, types, positions, last_only=True, taps=taps)
+    inputs = [taps.kept[HookPoint.RESID_PRE, i][0] for i in range(n_layers)]
     p_logits = decoder.head(out[:, -1])
     evaluations = b * n_layers
     lc = torch.zeros(k, b, n_layers, dtype=torch.float64, device=x.device)

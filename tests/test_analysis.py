@@ -240,3 +240,22 @@ def test_inspect_bad_arguments_are_one_line(argv, tmp_path, capsys, monkeypatch)
     base = ["inspect", "llava-tiny-demo", "--image", EXAMPLE, "--prompt", "x"]
     code, _, err = run_main([*base, *argv], capsys)
     assert_one_line_error(code, err)
+
+
+def test_layer_contribution_is_the_zero_ablation_intervention(demo, images):
+    """LC of layer i for a token type is KL(Q ‖ P) where Q is the model with that type's
+    attn_out and mlp_out zeroed at layer i (`zero_ablate` hooks) and P the model: LC
+    restarts from the layer inputs it keeps at the resid_pre hook point, and gives the
+    same numbers."""
+    from shortv.lc import kl, layer_contribution
+
+    encs = [demo.encode("What is in this picture?", [images[0]]),
+            demo.encode("Describe the colours, please.", [images[1]])]
+    report = layer_contribution(demo, encs, batch_size=2, progress=False)
+    p = torch.stack([demo.logits(enc)[-1] for enc in encs])
+    for name, kind in (("visual", TokenType.VISUAL), ("text", TokenType.TEXT)):
+        for i in range(demo.num_layers):
+            hooks = {(point, i): zero_ablate(kind) for point in ("attn_out", "mlp_out")}
+            q = torch.stack([demo.run_with_hooks(enc, hooks)[-1] for enc in encs])
+            expected = float(kl(q, p).mean())
+            assert abs(getattr(report, name)[i] - expected) <= 1e-9 + 1e-7 * abs(expected), (name, i)

@@ -435,15 +435,6 @@ class Decoder(nn.Module):
         return self._run(x, types, positions, cache=cache, method=method, layers=layers, last_only=last_only,
                          taps=taps)
 
-    def forward_with_inputs(
-        self, x: Tensor, types: Tensor, positions: Tensor, *, last_only: bool = False
-    ) -> tuple[Tensor, list[Tensor]]:
-        """A vanilla pass that also returns every layer's input [B, T, D] (what Layer
-        Contribution restarts its counterfactuals from)."""
-        inputs: list[Tensor] = []
-        out = self._run(x, types, positions, last_only=last_only, inputs=inputs)
-        return out, inputs
-
     def step(self, tokens: Tensor, positions: Tensor, cache: SlotView, method: Method,
              taps: Taps | None = None) -> Tensor:
         """One decode step: feed one new text token per sequence (tokens [B], at RoPE
@@ -466,13 +457,11 @@ class Decoder(nn.Module):
         method: Method = VANILLA,
         layers: Iterable[int] | None = None,
         last_only: bool = False,
-        inputs: list[Tensor] | None = None,
         kinds: frozenset[TokenType] | None = None,
         taps: Taps | None = None,
     ) -> Tensor:
-        """`forward`'s pass; also appends each layer's input to `inputs` when given, and
-        takes the token types present as `kinds` when the caller knows them (see
-        `Segment.build`). The method's plan (`methods.layer_plan`) says what each layer
+        """`forward`'s pass; takes the token types present as `kinds` when the caller knows
+        them (see `Segment.build`). The method's plan (`methods.layer_plan`) says what each layer
         does; `walk_plan` runs it on a `_Pass` in the plan's order."""
         ids = list(range(len(self.layers)) if layers is None else layers)
         if not ids:
@@ -488,7 +477,7 @@ class Decoder(nn.Module):
         seg = self.segment(types, positions, x.dtype, past, kinds)
         if taps is not None:
             taps.types = types
-        run = _Pass(self, method, x, seg, cache, ids[-1] if last_only else None, inputs, taps)
+        run = _Pass(self, method, x, seg, cache, ids[-1] if last_only else None, taps)
         walk_plan(steps if layers is None else [steps[i] for i in ids], run)
         return run.output()
 
@@ -514,11 +503,10 @@ class _Pass:
 
     def __init__(self, decoder: Decoder, method: Method, x: Tensor, seg: Segment,
                  cache: KVCache | SlotView | None, last_only_at: int | None,
-                 inputs: list[Tensor] | None, taps: Taps | None = None) -> None:
+                 taps: Taps | None = None) -> None:
         self.decoder, self.method, self.cache = decoder, method, cache
         self.taps = taps
         self.last_only_at = last_only_at  # the layer that computes the last position only
-        self.inputs = inputs
         self.x = x
         self.first, self.first_types = x, seg.types  # the pass's input, for `LayerView`
         self.origin: Tensor | None = None  # [B, T] each token's column in `first` (after a drop)
@@ -591,8 +579,6 @@ class _Pass:
 
     def run_layer(self, step: LayerStep, capture: Capture | None) -> None:
         rows = self.decoder._rows(self.seg, step.frozen, step.layer == self.last_only_at)
-        if self.inputs is not None:
-            self.inputs.append(self.x)
         tap = None if self.taps is None else self.taps.at(step.layer, self.origin, self.seg.types)
         self.x, got = self.decoder.layers[step.layer](self.x, self.seg, rows, self.cache_of(step.layer),
                                                       capture, tap)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..methods import Method
 from .batch import Encoded, Prepared
 from .llama import KVCache
+from .taps import Taps
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,13 @@ class LanguageModel(Protocol):
 
     def __call__(self, x: Tensor, types: Tensor, positions: Tensor, *,
                  cache: KVCache | None = None, method: Method = ...,
-                 layers: Iterable[int] | None = None, last_only: bool = False) -> Tensor:
+                 layers: Iterable[int] | None = None, last_only: bool = False,
+                 taps: Taps | None = None) -> Tensor:
         """Hidden states x [B, T, D] with their token types and RoPE positions through
         `layers` (all by default) under `method` (vanilla by default), appending to
         `cache` when given; the last hidden states [B, T, D]. With `last_only` the last
-        layer computes the last position only."""
-        ...
-
-    def forward_with_inputs(self, x: Tensor, types: Tensor, positions: Tensor, *,
-                            last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """A vanilla pass that also returns every layer's input [B, T, D]."""
+        layer computes the last position only; `taps` fire hooks and keep tensors at the
+        layers' hook points (`models.taps`)."""
         ...
 
     def head(self, hidden: Tensor) -> Tensor:
