@@ -178,13 +178,16 @@ class VisionLanguageModel:
                        names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                        hooks: Mapping[tuple[str, int], HookFn] | None = None,
                        device: torch.device | str | None = None,
-                       dtype: torch.dtype | None = None) -> tuple[Tensor, ActivationCache]:
+                       dtype: torch.dtype | None = None,
+                       queries: Sequence[int] | None = None) -> tuple[Tensor, ActivationCache]:
         """(logits, cache): `run_with_hooks` (with `hooks`, if any) that also keeps the
         tensors of the hook points `names` (by default the five residual points; also
         attn_pattern, and the read-only vision.resid_post, at every tower layer, and
         projector_out, at layer 0) at the decoder `layers` (all by default), on `device`
-        in `dtype` when given (e.g. "cpu", torch.float16). Only what is asked is computed
-        and kept. Logits as `run_with_hooks`; the cache always has a batch dimension."""
+        in `dtype` when given (e.g. "cpu", torch.float16). `queries`: the sequence
+        positions (negative from the end) whose attn_pattern rows are kept, [B, H, Q, T]
+        (all rows by default). Only what is asked is computed and kept. Logits as
+        `run_with_hooks`; the cache always has a batch dimension."""
         batch, one = _as_batch(inputs, "run_with_cache")
         points = [_hook_point(name) for name in (names if names is not None else STREAM_POINTS)]
         ids = range(self.num_layers) if layers is None else [self._layer_id(layer) for layer in layers]
@@ -192,6 +195,8 @@ class VisionLanguageModel:
         taps = Taps(hooks=self._hook_keys(hooks or {}),
                     keep=frozenset((p, i) for p in decoder_points for i in ids), device=device, dtype=dtype)
         prepared = self.prepare(batch)
+        if queries is not None:
+            taps.queries = _query_rows(queries, prepared.types.shape[1])
         logits = self.module.decoder.head(self.module.hidden_states(prepared, self.method, taps))
         kept = dict(taps.kept)
         visual = prepared.types == int(TokenType.VISUAL)
@@ -491,6 +496,18 @@ def to_pil(image: ImageLike) -> Image.Image:
 READ_ONLY_POINTS = frozenset({HookPoint.VISION_RESID_POST, HookPoint.PROJECTOR_OUT})
 # run_with_cache's default points: the residual stream and its updates (not attn_pattern).
 STREAM_POINTS = [p for p in HookPoint if p != HookPoint.ATTN_PATTERN and p not in READ_ONLY_POINTS]
+
+
+def _query_rows(queries: Sequence[int], length: int) -> Tensor:
+    """`queries` (sequence positions, negative from the end) as indices into `length`."""
+    rows = []
+    for q in queries:
+        if isinstance(q, bool) or not isinstance(q, int) or not -length <= q < length:
+            raise ConfigError(f"query position {q!r} is not in the prepared input's {length} positions")
+        rows.append(q % length)
+    if not rows:
+        raise ConfigError("queries=[] names no position; give positions, or None for every row")
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _hook_point(name: object) -> HookPoint:

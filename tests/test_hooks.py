@@ -339,3 +339,17 @@ def test_vision_tower_and_projector_points_equal_transformers(hf_pair, images):
     assert torch.equal(cache["projector_out", 0][0][visual], cache["resid_pre", 0][0][visual])
     with pytest.raises(ConfigError, match="read-only"):
         model.run_with_hooks(enc, {("projector_out", 0): lambda x, t: x})
+
+
+def test_attention_pattern_of_chosen_queries(demo, images):
+    """queries= keeps the pattern rows of the chosen positions only: [B, H, Q, T], the
+    same rows as the whole pattern."""
+    batch = batch_prompts(demo, images)
+    _, whole = demo.run_with_cache(batch, names=["attn_pattern"], layers=[3])
+    _, some = demo.run_with_cache(batch, names=["attn_pattern"], layers=[3], queries=[-1, 5])
+    full = whole["attn_pattern", 3]
+    picked = some["attn_pattern", 3]
+    assert picked.shape == (*full.shape[:2], 2, full.shape[-1])
+    assert torch.equal(picked, full[:, :, [full.shape[2] - 1, 5]])
+    with pytest.raises(ConfigError, match="query position"):
+        demo.run_with_cache(batch, names=["attn_pattern"], layers=[3], queries=[10_000])

@@ -16,7 +16,8 @@ The points, per decoder layer (`HookPoint`):
     resid_mid   resid_pre + attn_out
     mlp_out     the MLP block's update
     resid_post  resid_mid + mlp_out, the layer's output
-    attn_pattern  per-head attention probabilities [B, H, T, T] (query rows, key columns)
+    attn_pattern  per-head attention probabilities [B, H, T, T] (query rows, key columns);
+                  `run_with_cache(queries=...)` keeps the rows of chosen positions, [B, H, Q, T]
 
 `attn_pattern` is computed only at the layers asked (the others stay on SDPA's fused
 kernels); a hook may change it, and the layer then attends with what it returned. Rows a
@@ -73,6 +74,7 @@ class Taps:
     keep: frozenset[tuple[HookPoint, int]] = frozenset()
     device: torch.device | str | None = None
     dtype: torch.dtype | None = None
+    queries: Tensor | None = None  # [Q] sequence positions whose attn_pattern rows are kept
     types: Tensor | None = None
     kept: dict[tuple[HookPoint, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
     _layers: frozenset[int] = field(init=False)
@@ -172,6 +174,8 @@ class LayerTap:
                     probs[i][:, row_valid[i]] = rows_i
                 seq = new
         if key in self.taps.keep:
+            if self.taps.queries is not None:
+                seq = seq[:, :, self.taps.queries.to(seq.device)]  # [B, H, Q, T0]
             stored = seq.detach().to(device=self.taps.device, dtype=self.taps.dtype)
             present = self.present().to(stored.device)
             self.taps.kept[key] = (stored, present)
