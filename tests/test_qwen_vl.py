@@ -561,3 +561,42 @@ def test_visual_boxes_are_where_the_processor_puts_the_merged_patches(pair):
         _, h, w = pixels.shape
         cells = pixels.mean(0).view(h // factor, factor, w // factor, factor).mean(dim=(1, 3)).flatten()
         assert int(cells.argmax()) == k
+
+
+def test_vision_tower_points_equal_transformers(pair):
+    """vision.resid_post[i] on Qwen is transformers' vision block i output (patches in the
+    processor's order; Qwen2.5-VL's window reordering undone), and projector_out is what
+    its language model receives at the image positions."""
+    hf, ours = pair
+    model = ours["transformers"]
+    encoded = model.encode(PROMPT, images_of("two-sizes"))
+    _, cache = model.run_with_cache(encoded, names=["vision.resid_post", "projector_out"])
+    inputs = hf_inputs(model, encoded)
+    outputs = {}
+    blocks = hf.model.visual.blocks
+    handles = [block.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+               for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            out = hf(**inputs, output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = None
+    visual_tower = hf.model.visual
+    if hasattr(visual_tower, "permute_input_for_window_attn"):  # Qwen2.5-VL: blocks in window order
+        from transformers.vision_utils import get_vision_window_index
+
+        window, _ = get_vision_window_index(inputs["image_grid_thw"],
+                                            spatial_merge_size=visual_tower.spatial_merge_size,
+                                            window_size=visual_tower.window_size,
+                                            patch_size=visual_tower.patch_size)
+        unit = visual_tower.spatial_merge_unit
+        rows = (window[:, None] * unit + torch.arange(unit)).flatten()
+        order = torch.empty_like(rows)
+        order[rows] = torch.arange(rows.numel())
+    for i in range(len(blocks)):
+        theirs = outputs[i] if order is None else outputs[i][order]
+        torch.testing.assert_close(cache["vision.resid_post", i][0], theirs, **TOL)
+    visual = cache.types[0] == int(TokenType.VISUAL)
+    torch.testing.assert_close(cache["projector_out", 0][0][visual], out.hidden_states[0][0][visual], **TOL)

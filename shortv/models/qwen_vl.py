@@ -53,6 +53,16 @@ class QwenVLModel(VisionLanguageModule):
         merge = self.config.vision.spatial_merge_size
         return list(tokens.split([merged_tokens(grid, merge) for grid in grids]))
 
+    def tower_states(self, images: Sequence[Tensor]) -> list[Tensor]:
+        """The output of every vision block, [patches, width] each (all images' patches in
+        the processor's order: merge groups of 2 x 2 patches, row by row), for the hook
+        point `vision.resid_post`."""
+        grids = [self._grid(im) for im in images]
+        patches = torch.cat([im.flatten(0, 3) for im in images]).to(self.device, self.dtype)
+        depth = self.config.vision.depth
+        _, states = self.vision(patches, grids, hidden_layers=range(1, depth + 1))
+        return [state[None] for state in states]
+
     def _grid(self, image: Tensor) -> tuple[int, int, int]:
         """(t, h, w) in patches of one preprocessed image."""
         v = self.config.vision

@@ -25,7 +25,8 @@ layer does not compute (frozen) and absent positions are zero.
 
 Two more points are read-only (`run_with_cache` keeps them, hooks cannot change them):
 `vision.resid_post` at each vision tower layer (LLaVA's CLIP tower: [crops, 1 + patches,
-width], every crop of every image in order, the class token first) and `projector_out`
+width], every crop of every image in order, the class token first; Qwen's ViT: [1,
+patches, width] in the processor's patch order) and `projector_out`
 (layer 0: the visual tokens the projector gives, [B, T, D] in sequence coordinates,
 present at the visual positions).
 
