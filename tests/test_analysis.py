@@ -259,3 +259,18 @@ def test_layer_contribution_is_the_zero_ablation_intervention(demo, images):
             q = torch.stack([demo.run_with_hooks(enc, hooks)[-1] for enc in encs])
             expected = float(kl(q, p).mean())
             assert abs(getattr(report, name)[i] - expected) <= 1e-9 + 1e-7 * abs(expected), (name, i)
+
+
+def test_square_boxes_are_where_the_processor_puts_the_patches():
+    """aspect "square" (shortest side resized, centre crop): painting a token's box makes
+    its patch the brightest; boxes in the cropped-off sides are empty."""
+    from shortv.image import ImageProcessor, llava_token_boxes
+
+    processor = ImageProcessor(size=84, aspect_ratio="square")
+    size = (120, 60)  # wide: the left and right are cropped off
+    boxes = llava_token_boxes(size, image_size=84, patch=14, aspect_ratio="square", merge="flat")
+    assert boxes.shape == (36, 4)
+    for k in range(36):
+        brightness = cell_brightness(processor(painted(size, boxes[k])), 14)
+        assert int(brightness.argmax()) == k, k
+    assert float(boxes[:, 0].min()) == 30.0 and float(boxes[:, 2].max()) == 90.0  # the centre 60 x 60
