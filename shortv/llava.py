@@ -4,13 +4,11 @@ else a loaded model offers is `shortv.session.VisionLanguageModel`'s."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
 
 from .conversation import Template, cli_template_name
-from .errors import InputError
 from .image import ImageProcessor, llava_token_boxes
 from .models.batch import Encoded
 from .models.llava import LlavaModel
@@ -51,10 +49,3 @@ class LLaVA(VisionLanguageModel):
                                   aspect_ratio=c.image_aspect_ratio, merge=c.patch_merge_type,
                                   grid_pinpoints=c.image_grid_pinpoints)
                 for size in encoded.image_sizes]
-
-    def tower_states(self, batch: Sequence[Encoded]) -> list[Tensor]:
-        """As `VisionLanguageModel.tower_states`: CLIP's layers, every crop of every image."""
-        images = [im for enc in batch for im in enc.images]
-        if not images:
-            raise InputError("vision.resid_post needs an input with an image")
-        return self.module.tower_states(images)

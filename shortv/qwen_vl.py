@@ -5,14 +5,13 @@ model offers is `shortv.session.VisionLanguageModel`'s."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from torch import Tensor
 
 from .conversation import Template
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 from .methods import DART, Compose, Method
 from .models.batch import Encoded
 from .models.qwen_vl import QwenVLModel
@@ -68,14 +67,6 @@ class QwenVL(VisionLanguageModel):
         factor = self.module.config.vision.factor
         return [qwen_token_boxes(size, self.processor.target_size(*size), factor)
                 for size in encoded.image_sizes]
-
-    def tower_states(self, batch: Sequence[Encoded]) -> list[Tensor]:
-        """As `VisionLanguageModel.tower_states`: every block of Qwen's ViT, [1, patches,
-        width] (every image's patches in the processor's order)."""
-        images = [im for enc in batch for im in enc.images]
-        if not images:
-            raise InputError("vision.resid_post needs an input with an image")
-        return self.module.tower_states(images)
 
     def set_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
         """Resize images to an area within [min_pixels, max_pixels] (Qwen's `min_pixels` /

@@ -36,7 +36,6 @@ from .models.assembly import VisionLanguageModule
 from .models.batch import DecodeState, Encoded, Prepared
 from .models.feature_cache import FeatureCache
 from .models.taps import ActivationCache, HookFn, HookPoint, Taps
-from .token_types import TokenType
 from .tokenizer import Tokenizer
 
 # One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
@@ -170,7 +169,8 @@ class VisionLanguageModel:
         input: logits [T, vocab]; a list: [B, T, vocab], left-padded."""
         batch, one = _as_batch(inputs, "run_with_hooks")
         taps = Taps(hooks=self._hook_keys(hooks))
-        logits = self.module.decoder.head(self.module.hidden_states(self.prepare(batch), self.method, taps))
+        prepared = self.module.prepare(batch, method=self.method, cache=self.feature_cache, taps=taps)
+        logits = self.module.decoder.head(self.module.hidden_states(prepared, self.method, taps))
         return logits[0] if one else logits
 
     @torch.inference_mode()
@@ -191,33 +191,23 @@ class VisionLanguageModel:
         batch, one = _as_batch(inputs, "run_with_cache")
         points = [_hook_point(name) for name in (names if names is not None else STREAM_POINTS)]
         ids = range(self.num_layers) if layers is None else [self._layer_id(layer) for layer in layers]
-        decoder_points = [p for p in points if p not in READ_ONLY_POINTS]
-        taps = Taps(hooks=self._hook_keys(hooks or {}),
-                    keep=frozenset((p, i) for p in decoder_points for i in ids), device=device, dtype=dtype)
-        prepared = self.prepare(batch)
+        keep = {(p, i) for p in points if p not in VISION_POINTS for i in ids}
+        if HookPoint.VISION_RESID_POST in points:
+            if not any(enc.images for enc in batch):
+                raise InputError("vision.resid_post needs an input with an image")
+            keep |= {(HookPoint.VISION_RESID_POST, i) for i in range(self.module.vision_depth)}
+        if HookPoint.PROJECTOR_OUT in points:
+            keep.add((HookPoint.PROJECTOR_OUT, 0))
+        taps = Taps(hooks=self._hook_keys(hooks or {}), keep=frozenset(keep), device=device, dtype=dtype)
+        prepared = self.module.prepare(batch, method=self.method, cache=self.feature_cache, taps=taps)
         if queries is not None:
             taps.queries = _query_rows(queries, prepared.types.shape[1])
         logits = self.module.decoder.head(self.module.hidden_states(prepared, self.method, taps))
-        kept = dict(taps.kept)
-        visual = prepared.types == int(TokenType.VISUAL)
-        if HookPoint.PROJECTOR_OUT in points:
-            projected = prepared.embeds.masked_fill(~visual[..., None], 0).detach()
-            kept[HookPoint.PROJECTOR_OUT, 0] = (projected.to(device=device, dtype=dtype), visual)
-        if HookPoint.VISION_RESID_POST in points:
-            states = self.tower_states(batch)
-            for i, state in enumerate(states):
-                kept[HookPoint.VISION_RESID_POST, i] = (
-                    state.detach().to(device=device, dtype=dtype),
-                    torch.ones(state.shape[:2], dtype=torch.bool, device=state.device))
+        kept = taps.kept
         cache = ActivationCache({k: v[0] for k, v in kept.items()}, {k: v[1] for k, v in kept.items()},
                                 prepared.types.cpu() if device is None else prepared.types.to(device),
                                 prepared.positions)
         return (logits[0] if one else logits), cache
-
-    def tower_states(self, batch: Sequence[Encoded]) -> list[Tensor]:
-        """The output of every vision tower layer for the images of `batch` (the hook
-        point `vision.resid_post`); the family says how (`LLaVA`)."""
-        raise InputError(f"{type(self).__name__} does not report its vision tower's layers yet")
 
     def _hook_keys(self, hooks: Mapping[tuple[str, int], HookFn]) -> dict[tuple[HookPoint, int], HookFn]:
         out = {}
@@ -227,11 +217,23 @@ class VisionLanguageModel:
             if not callable(fn):
                 raise ConfigError(f"hook {key!r} is not callable: give fn(x, types) -> tensor or None")
             point = _hook_point(key[0])
-            if point in READ_ONLY_POINTS:
-                raise ConfigError(f"{point.value} is read-only: keep it with run_with_cache(names=[...]); "
-                                  "hooks change the decoder's points")
-            out[point, self._layer_id(key[1])] = fn
+            out[point, self._point_layer(point, key[1])] = fn
         return out
+
+    def _point_layer(self, point: HookPoint, layer: object) -> int:
+        """`layer` checked for `point`: a decoder layer, a vision tower layer, or 0 for
+        projector_out."""
+        if point == HookPoint.PROJECTOR_OUT:
+            if layer != 0 or isinstance(layer, bool):
+                raise ConfigError(f"projector_out has one layer, 0; got {layer!r}")
+            return 0
+        if point == HookPoint.VISION_RESID_POST:
+            depth = self.module.vision_depth
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth:
+                raise ConfigError(f"vision layer {layer!r} is not in the vision tower's layers "
+                                  f"0..{depth - 1}")
+            return layer
+        return self._layer_id(layer)
 
     def _layer_id(self, layer: object) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -492,10 +494,10 @@ def to_pil(image: ImageLike) -> Image.Image:
                      f"of an image file, got {type(image).__name__}")
 
 
-# Points run_with_cache keeps and hooks cannot change (outside the decoder layers).
-READ_ONLY_POINTS = frozenset({HookPoint.VISION_RESID_POST, HookPoint.PROJECTOR_OUT})
+# The points outside the decoder layers (the vision tower's and the projector's).
+VISION_POINTS = frozenset({HookPoint.VISION_RESID_POST, HookPoint.PROJECTOR_OUT})
 # run_with_cache's default points: the residual stream and its updates (not attn_pattern).
-STREAM_POINTS = [p for p in HookPoint if p != HookPoint.ATTN_PATTERN and p not in READ_ONLY_POINTS]
+STREAM_POINTS = [p for p in HookPoint if p != HookPoint.ATTN_PATTERN and p not in VISION_POINTS]
 
 
 def _query_rows(queries: Sequence[int], length: int) -> Tensor:

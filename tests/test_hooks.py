@@ -337,8 +337,36 @@ def test_vision_tower_and_projector_points_equal_transformers(hf_pair, images):
     torch.testing.assert_close(cache["projector_out", 0][0][visual], out.hidden_states[0][0][visual],
                                atol=1e-5, rtol=1e-5)
     assert torch.equal(cache["projector_out", 0][0][visual], cache["resid_pre", 0][0][visual])
-    with pytest.raises(ConfigError, match="read-only"):
-        model.run_with_hooks(enc, {("projector_out", 0): lambda x, t: x})
+    with pytest.raises(ConfigError, match="projector_out has one layer"):
+        model.run_with_hooks(enc, {("projector_out", 1): lambda x, t: x})
+    with pytest.raises(ConfigError, match="vision tower's layers"):
+        model.run_with_hooks(enc, {("vision.resid_post", depth): lambda x, t: x})
+
+
+def test_vision_hooks_change_what_the_decoder_sees(demo):
+    """Patching the vision tower's last layer, or the projector's output, with another
+    image's gives that image's logits; zeroing the projector's output is zeroing the visual
+    rows of the first layer's input. The vision-feature cache does not hide the hooks."""
+    prompt = "What color is the shape?"
+    a = demo.encode(prompt, [random_rgb(60, 40, seed=3)])
+    b = demo.encode(prompt, [random_rgb(60, 40, seed=4)])
+    last = demo.module.vision_depth - 1
+    _, cache_b = demo.run_with_cache(b, names=["vision.resid_post", "projector_out"])
+    expected = demo.logits(b)
+    demo.cache_features(64)
+    try:
+        demo.logits(a)  # a's features now in the cache
+        tower = demo.run_with_hooks(
+            a, {("vision.resid_post", last): lambda x, t: cache_b["vision.resid_post", last]})
+        projector = demo.run_with_hooks(a, {("projector_out", 0): lambda x, t: cache_b["projector_out", 0]})
+    finally:
+        demo.cache_features(None)
+    torch.testing.assert_close(tower, expected, atol=1e-9, rtol=0)
+    torch.testing.assert_close(projector, expected, atol=1e-9, rtol=0)
+    zeroed = demo.run_with_hooks(a, {("projector_out", 0): lambda x, t: torch.zeros_like(x)})
+    visual_off = demo.run_with_hooks(
+        a, {("resid_pre", 0): lambda x, t: x.masked_fill((t == V_)[..., None], 0)})
+    torch.testing.assert_close(zeroed, visual_off, atol=1e-12, rtol=0)
 
 
 def test_attention_pattern_of_chosen_queries(demo, images):

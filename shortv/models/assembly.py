@@ -75,8 +75,14 @@ class VisionLanguageModule(nn.Module):
     # ---- what a family supplies -----------------------------------------------------------
 
     def image_features(self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *,
-                       method: Method = VANILLA) -> list[Tensor]:
-        """Visual tokens [N_i, D] per image (after `method`'s image reduction, if any)."""
+                       method: Method = VANILLA, taps: Taps | None = None) -> list[Tensor]:
+        """Visual tokens [N_i, D] per image (after `method`'s image reduction, if any),
+        `taps` firing at the vision tower's layers (`Taps.vision`)."""
+        raise NotImplementedError
+
+    @property
+    def vision_depth(self) -> int:
+        """How many vision tower layers run (the hook point vision.resid_post's layers)."""
         raise NotImplementedError
 
     def positions(self, runs: Sequence[Run], features: Sequence[Tensor]) -> Tensor:
@@ -87,15 +93,18 @@ class VisionLanguageModule(nn.Module):
     # ---- assembly --------------------------------------------------------------------------
 
     def prepare(self, batch: Sequence[Encoded], *, method: Method = VANILLA,
-                cache: FeatureCache | None = None) -> Prepared:
+                cache: FeatureCache | None = None, taps: Taps | None = None) -> Prepared:
         """Embeddings with visual tokens spliced in, token types and positions; sequences
         are left-padded to the longest (padding has type PAD). The images' visual tokens
         are `method`'s (reduced by it, if it reduces images); with a `cache`, images it
-        holds skip the tower, and the others still go through it in one call."""
+        holds skip the tower, and the others still go through it in one call. `taps`:
+        hooks at the vision tower's layers and on the projected visual tokens (the
+        cache is then bypassed)."""
         images = [im for e in batch for im in e.images]
         sizes = [s for e in batch for s in e.image_sizes]
-        if cache is None:
-            features = iter(self.image_features(images, sizes, method=method))
+        vision_taps = taps if taps is not None and taps.touches_images else None
+        if cache is None or vision_taps is not None:
+            features = iter(self.image_features(images, sizes, method=method, taps=vision_taps))
         else:
             features = iter(self.cached_image_features(images, sizes, method=method, cache=cache))
         embeds, types, positions = [], [], []
@@ -104,7 +113,10 @@ class VisionLanguageModule(nn.Module):
             embeds.append(x)
             types.append(t)
             positions.append(self.positions(runs, feats))
-        return self._left_pad(embeds, types, positions)
+        prepared = self._left_pad(embeds, types, positions)
+        if vision_taps is not None:
+            prepared.embeds = vision_taps.projector(prepared.embeds, prepared.types)
+        return prepared
 
     def cached_image_features(self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *,
                               method: Method, cache: FeatureCache) -> list[Tensor]:
@@ -214,7 +226,7 @@ class VisionLanguageModule(nn.Module):
             raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
         if (into is None) != (slots is None) or (slots is not None and len(slots) != len(batch)):
             raise ValueError("into and slots go together, with one slot per prompt")
-        prepared = self.prepare(batch, method=method, cache=cache)
+        prepared = self.prepare(batch, method=method, cache=cache, taps=taps)
         b, t = prepared.types.shape
         context = self.text_config.max_position_embeddings
         budget = max(0, min(max_new_tokens, context - max(prepared.lengths)))

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..ops import Linear
 from .config import VisionConfig
 from .protocols import TowerOutput
+from .taps import Taps
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -104,11 +105,12 @@ class CLIPVisionTower(nn.Module):
         self.layers = nn.ModuleList(VisionLayer(c) for _ in range(depth))
 
     def forward(self, pixels: Tensor, hidden_indices: tuple[int, ...], *,
-                class_attention: bool = False) -> TowerOutput:
+                class_attention: bool = False, taps: Taps | None = None) -> TowerOutput:
         """Hidden states [N, 1 + patches, width] at `hidden_indices` (0 = the embeddings
         after the pre-norm, i = the output of layer i) for images [N, 3, S, S]. With
         `class_attention`, also the class-token attention and keys of the layer that
-        outputs the last of them (none when that is the embeddings)."""
+        outputs the last of them (none when that is the embeddings). `taps` fire at each
+        layer's output (vision.resid_post of layer i - 1, 0-based)."""
         if max(hidden_indices) > len(self.layers):
             raise ValueError(f"hidden state {max(hidden_indices)} needs more than {len(self.layers)} layers")
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
@@ -121,6 +123,8 @@ class CLIPVisionTower(nn.Module):
             x, got = layer(x, class_attention and i == hidden_indices[-1])
             if got is not None:
                 reported = got
+            if taps is not None:
+                x = taps.vision(i - 1, x)
             states[i] = x
         hidden = [states[i] for i in hidden_indices]
         return TowerOutput(hidden) if reported is None else TowerOutput(hidden, *reported)

@@ -24,6 +24,7 @@ from .clip import CLIPVisionTower
 from .config import LlavaConfig, projector_depth
 from .llama import Decoder
 from .protocols import LanguageModel, VisionTower
+from .taps import Taps
 
 
 class Projector(nn.Sequential):
@@ -61,33 +62,34 @@ class LlavaModel(VisionLanguageModule):
     # ---- images → visual tokens ----------------------------------------------------------
 
     def image_features(
-        self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *, method: Method = VANILLA
+        self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *, method: Method = VANILLA,
+        taps: Taps | None = None,
     ) -> list[Tensor]:
         """Visual tokens [N_i, D] per image; all crops of all images in one tower call,
-        after `method`'s image reduction (VisionZip), if it has one."""
+        after `method`'s image reduction (VisionZip), if it has one; `taps` fire at the
+        tower's layers."""
         if not images:
             return []
         crops = [im if im.dim() == 4 else im[None] for im in images]
         pixels = torch.cat(crops).to(self.device, self.dtype)
         counts = [c.shape[0] for c in crops]
         if method.reduces_images:
-            return self._reduced_image_features(pixels, counts, sizes, method)
-        hidden = torch.cat(self.vision(pixels, self.config.vision_hidden_indices).hidden_states, dim=-1)
+            return self._reduced_image_features(pixels, counts, sizes, method, taps)
+        hidden = torch.cat(self.vision(pixels, self.config.vision_hidden_indices, taps=taps).hidden_states,
+                           dim=-1)
         if self.config.vision_select_feature == "patch":
             hidden = hidden[:, 1:]
         features = self.projector(hidden).split(counts)
         return [self._merge_crops(f, size) for f, size in zip(features, sizes, strict=True)]
 
-    def tower_states(self, images: Sequence[Tensor]) -> list[Tensor]:
-        """The output of every vision tower layer, [crops, 1 + patches, width] each (all
-        crops of all images, in order; the class token first), for the hook point
-        `vision.resid_post`. The tower holds the layers up to the one LLaVA reads."""
-        pixels = torch.cat([im if im.dim() == 4 else im[None] for im in images]).to(self.device, self.dtype)
-        depth = len(self.vision.layers)
-        return list(self.vision(pixels, tuple(range(1, depth + 1))).hidden_states)
+    @property
+    def vision_depth(self) -> int:
+        """The tower's layers: those up to the one LLaVA reads."""
+        return len(self.vision.layers)
 
     def _reduced_image_features(self, pixels: Tensor, counts: list[int],
-                                sizes: Sequence[tuple[int, int]], method: Method) -> list[Tensor]:
+                                sizes: Sequence[tuple[int, int]], method: Method,
+                                taps: Taps | None = None) -> list[Tensor]:
         """Visual tokens per image after the method's `reduce_image` (VisionZip), which
         sees each image's crops at the select layer with that layer's class-token
         attention and keys, and returns the image's tokens in their final order: for an
@@ -98,7 +100,7 @@ class LlavaModel(VisionLanguageModule):
         if self.config.vision_select_feature != "patch" or len(self.config.vision_hidden_indices) != 1:
             raise InputError(f"{method.describe()} needs a tower read at one layer without the "
                              "class token (select_feature 'patch')")
-        tower = self.vision(pixels, self.config.vision_hidden_indices, class_attention=True)
+        tower = self.vision(pixels, self.config.vision_hidden_indices, class_attention=True, taps=taps)
         if tower.attention is None or tower.keys is None:
             raise InputError(f"{method.describe()} needs a tower read at a layer's output, not at "
                              "its embeddings (vision_select_layer 0)")

@@ -44,10 +44,11 @@ class VisionTower(Protocol):
     """Pixels → features (an nn.Module; calling it runs its forward pass)."""
 
     def __call__(self, pixels: Tensor, hidden_indices: tuple[int, ...], *,
-                 class_attention: bool = False) -> TowerOutput:
+                 class_attention: bool = False, taps: Taps | None = None) -> TowerOutput:
         """Hidden states at `hidden_indices` (0 = the embeddings, i = the output of layer
         i) for images [N, 3, S, S]. With `class_attention`, also the class-token attention
-        and keys of the layer that outputs the last of them (none for the embeddings)."""
+        and keys of the layer that outputs the last of them (none for the embeddings);
+        `taps` fire at each layer's output (`Taps.vision`)."""
         ...
 
 

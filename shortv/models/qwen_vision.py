@@ -30,6 +30,7 @@ from .clip import ACTIVATIONS as CLIP_ACTIVATIONS
 from .llama import RMSNorm
 from .qwen_config import QWEN2_VL, QwenVisionConfig
 from .rotary import apply_rope, inverse_frequencies
+from .taps import Taps
 
 ACTIVATIONS = {**CLIP_ACTIVATIONS, "silu": F.silu}
 ROPE_THETA = 10000.0
@@ -283,13 +284,15 @@ class QwenVisionTower(nn.Module):
                 hidden_layers: Sequence[int]) -> tuple[Tensor, list[Tensor]]: ...
 
     def forward(self, patches: Tensor, grids: Sequence[Sequence[int]], *,
-                hidden_layers: Sequence[int] | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
+                hidden_layers: Sequence[int] | None = None,
+                taps: Taps | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Visual tokens [N / merge_unit, out_width] of all images, concatenated in their
         order, for their patches [N, patch_dim] (in Qwen2VLImageProcessor's order) and
         grids (t, h, w in patches per image, as image_grid_thw).
 
         With `hidden_layers`, also the hidden states [N, width] at those indices (0 = the
-        patch embeddings, i = the output of block i), each in the patches' order."""
+        patch embeddings, i = the output of block i), each in the patches' order. `taps`
+        fire at each block's output ([1, N, width], in the patches' order)."""
         c = self.config
         grids = _check_grids(patches, grids, c)
         wanted = set(hidden_layers or ())
@@ -302,9 +305,13 @@ class QwenVisionTower(nn.Module):
         rope = rotary_tables(plan.positions, c.head_dim)
         full = set(c.fullatt_block_indexes)
         states = {0: x} if 0 in wanted else {}
+        back = None if rows is None else _inverse(rows)
         for i, block in enumerate(self.blocks):
             windows = plan.windows is not None and i not in full
             x = block(x, rope, plan.windows if windows else plan.frames)
+            if taps is not None:  # hooks see (and write) the patches in the processor's order
+                seen = taps.vision(i, (x if back is None else x[back])[None])[0]
+                x = seen if rows is None else seen[rows]
             if i + 1 in wanted:
                 states[i + 1] = x
         tokens = self.merger(x)
@@ -312,5 +319,4 @@ class QwenVisionTower(nn.Module):
             tokens = tokens[_inverse(plan.order)]
         if hidden_layers is None:
             return tokens
-        back = None if rows is None else _inverse(rows)
         return tokens, [states[i] if back is None else states[i][back] for i in hidden_layers]

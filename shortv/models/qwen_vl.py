@@ -24,6 +24,7 @@ from .llama import Decoder
 from .protocols import LanguageModel
 from .qwen_config import QwenVLConfig
 from .qwen_vision import QwenVisionTower, merged_tokens
+from .taps import Taps
 
 
 class QwenVLModel(VisionLanguageModule):
@@ -40,8 +41,9 @@ class QwenVLModel(VisionLanguageModule):
         self.eval()
 
     def image_features(self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], *,
-                       method: Method = VANILLA) -> list[Tensor]:
-        """Visual tokens [N_i, D] per image, all images in one tower call."""
+                       method: Method = VANILLA, taps: Taps | None = None) -> list[Tensor]:
+        """Visual tokens [N_i, D] per image, all images in one tower call; `taps` fire at
+        the tower's blocks."""
         if not images:
             return []
         if method.reduces_images:
@@ -49,19 +51,14 @@ class QwenVLModel(VisionLanguageModule):
                              "defines for LLaVA's CLIP tower only; use it with a LLaVA model")
         grids = [self._grid(im) for im in images]
         patches = torch.cat([im.flatten(0, 3) for im in images]).to(self.device, self.dtype)
-        tokens = self.vision(patches, grids)
+        tokens = self.vision(patches, grids, taps=taps)
         merge = self.config.vision.spatial_merge_size
         return list(tokens.split([merged_tokens(grid, merge) for grid in grids]))
 
-    def tower_states(self, images: Sequence[Tensor]) -> list[Tensor]:
-        """The output of every vision block, [patches, width] each (all images' patches in
-        the processor's order: merge groups of 2 x 2 patches, row by row), for the hook
-        point `vision.resid_post`."""
-        grids = [self._grid(im) for im in images]
-        patches = torch.cat([im.flatten(0, 3) for im in images]).to(self.device, self.dtype)
-        depth = self.config.vision.depth
-        _, states = self.vision(patches, grids, hidden_layers=range(1, depth + 1))
-        return [state[None] for state in states]
+    @property
+    def vision_depth(self) -> int:
+        """The ViT's blocks."""
+        return len(self.vision.blocks)
 
     def _grid(self, image: Tensor) -> tuple[int, int, int]:
         """(t, h, w) in patches of one preprocessed image."""

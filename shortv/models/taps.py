@@ -23,12 +23,12 @@ The points, per decoder layer (`HookPoint`):
 kernels); a hook may change it, and the layer then attends with what it returned. Rows a
 layer does not compute (frozen) and absent positions are zero.
 
-Two more points are read-only (`run_with_cache` keeps them, hooks cannot change them):
+Two more points are outside the decoder (`Taps.vision`, `Taps.projector`):
 `vision.resid_post` at each vision tower layer (LLaVA's CLIP tower: [crops, 1 + patches,
 width], every crop of every image in order, the class token first; Qwen's ViT: [1,
-patches, width] in the processor's patch order) and `projector_out`
-(layer 0: the visual tokens the projector gives, [B, T, D] in sequence coordinates,
-present at the visual positions).
+patches, width] in the processor's patch order) and `projector_out` (layer 0: the visual
+tokens the projector gives, [B, T, D] in sequence coordinates, present at the visual
+positions; a hook's writes change the visual rows only).
 
 A hook is `fn(x, types) -> Tensor | None`; a returned tensor replaces x (its absent
 positions ignored). Taps cost nothing when no hook is set: the layer then runs its usual
@@ -82,6 +82,45 @@ class Taps:
 
     def __post_init__(self) -> None:
         self._layers = frozenset(layer for _, layer in (*self.hooks, *self.keep))
+
+    @property
+    def touches_images(self) -> bool:
+        """Whether a hook or the cache wants a point of the vision side (the vision-feature
+        cache is then bypassed: the tower must run)."""
+        return any(point in (HookPoint.VISION_RESID_POST, HookPoint.PROJECTOR_OUT)
+                   for point, _ in (*self.hooks, *self.keep))
+
+    def vision(self, layer: int, x: Tensor) -> Tensor:
+        """Fire vision.resid_post of tower layer `layer` on x [crops (or 1), tokens, width];
+        x, or what the hook wrote. Kept when asked."""
+        key = (HookPoint.VISION_RESID_POST, layer)
+        fn = self.hooks.get(key)
+        if fn is not None:
+            new = fn(x, torch.full(x.shape[:-1], int(TokenType.VISUAL), dtype=torch.int8, device=x.device))
+            x = x if new is None else new.to(x.dtype)
+        if key in self.keep:
+            stored = x.detach().to(device=self.device, dtype=self.dtype)
+            self.kept[key] = (stored, torch.ones(x.shape[:-1], dtype=torch.bool, device=stored.device))
+        return x
+
+    def projector(self, embeds: Tensor, types: Tensor) -> Tensor:
+        """Fire projector_out (layer 0) on the visual rows of a prepared batch's embeddings
+        [B, T, D] (types [B, T]); the embeddings, with the visual rows the hook wrote."""
+        key = (HookPoint.PROJECTOR_OUT, 0)
+        fn = self.hooks.get(key)
+        if fn is None and key not in self.keep:
+            return embeds
+        visual = types == int(TokenType.VISUAL)
+        seq = embeds.masked_fill(~visual[..., None], 0)
+        if fn is not None:
+            new = fn(seq, types)
+            if new is not None:
+                embeds = torch.where(visual[..., None], new.to(embeds.dtype), embeds)
+                seq = embeds.masked_fill(~visual[..., None], 0)
+        if key in self.keep:
+            stored = seq.detach().to(device=self.device, dtype=self.dtype)
+            self.kept[key] = (stored, visual.to(stored.device))
+        return embeds
 
     def at(self, layer: int, columns: Tensor | None, types: Tensor) -> LayerTap | None:
         """The tap of `layer` for tokens at hand of `types` [B, N] whose columns in the
