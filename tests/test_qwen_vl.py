@@ -600,3 +600,21 @@ def test_vision_tower_points_equal_transformers(pair):
         torch.testing.assert_close(cache["vision.resid_post", i][0], theirs, **TOL)
     visual = cache.types[0] == int(TokenType.VISUAL)
     torch.testing.assert_close(cache["projector_out", 0][0][visual], out.hidden_states[0][0][visual], **TOL)
+
+
+def test_vision_hooks_on_qwen_patch_another_images_tower(pair):
+    """A hook at a Qwen ViT block sees the patches in the processor's order, and writing
+    another image's (same size) block output there gives that image's logits, through
+    Qwen2.5-VL's window order too."""
+    _, ours = pair
+    model = ours["transformers"]
+    a = model.encode(PROMPT, [random_rgb(120, 90, seed=1)])
+    b = model.encode(PROMPT, [random_rgb(120, 90, seed=2)])
+    last = model.module.vision_depth - 1
+    _, cache_b = model.run_with_cache(b, names=["vision.resid_post"])
+    same = model.run_with_hooks(a, {("vision.resid_post", 1): lambda x, t: x})
+    torch.testing.assert_close(same, model.logits(a), **TOL)
+    patched = model.run_with_hooks(
+        a, {("vision.resid_post", last): lambda x, t: cache_b["vision.resid_post", last]})
+    torch.testing.assert_close(patched, model.logits(b), **TOL)
+    assert not torch.allclose(model.logits(a), model.logits(b), atol=1e-3)
