@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from PIL import Image
@@ -21,6 +22,17 @@ from PIL import Image
 import shortv
 
 NAMES = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
+
+
+def interleaved_ms(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Each case's time in ms, `repeats` rounds, the cases interleaved within a round."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return times
 
 
 def main() -> None:
@@ -44,12 +56,7 @@ def main() -> None:
     }
     for fn in cases.values():  # warm-up round
         fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1000 * (time.perf_counter() - start))
+    times = interleaved_ms(cases, args.repeats)
     base = statistics.median(times["logits"])
     rows = [{"case": name, "ms": statistics.median(runs), "runs_ms": runs,
              "ratio": statistics.median(runs) / base} for name, runs in times.items()]

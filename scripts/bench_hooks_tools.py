@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
 import shortv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hooks import interleaved_ms  # the sibling script's timing loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,12 +78,7 @@ def main() -> None:
         reference = transformers_states()
         agreement = {name: max(float((a - b).abs().max()) for a, b in zip(fn(), reference, strict=True))
                      for name, fn in cases.items()}
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        for _ in range(args.repeats):
-            for name, fn in cases.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(1000 * (time.perf_counter() - start))
+        times = interleaved_ms(cases, args.repeats)
     rows = [{"case": name, "ms": statistics.median(runs), "runs_ms": [round(r, 1) for r in runs],
              "max_abs_diff_vs_transformers": agreement[name]} for name, runs in times.items()]
     report = {"checkpoint": args.checkpoint, "tokens": len(ids), "layers": layers, "rows": rows}
