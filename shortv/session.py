@@ -162,11 +162,13 @@ class VisionLanguageModel:
     @torch.inference_mode()
     def run_with_hooks(self, inputs: Encoded | Sequence[Encoded],
                        hooks: Mapping[tuple[str, int], HookFn]) -> Tensor:
-        """Logits under the current method with `hooks` {(point, layer): fn} at the decoder
-        layers' hook points (resid_pre, attn_out, resid_mid, mlp_out, resid_post; see
-        docs/internals.md). fn(x, types) gets x [B, T, D] over the positions of the
-        prepared batch and the token types [B, T]; a tensor it returns replaces x. One
-        input: logits [T, vocab]; a list: [B, T, vocab], left-padded."""
+        """Logits under the current method with `hooks` {(point, layer): fn} at the hook
+        points (docs/internals.md): at each decoder layer resid_pre, attn_out, resid_mid,
+        mlp_out, resid_post ([B, T, D] over the positions of the prepared batch) and
+        attn_pattern ([B, H, T, T]); at each vision tower layer vision.resid_post; and
+        projector_out (layer 0). fn(x, types) gets x and the token types [B, T]; a tensor
+        it returns replaces x. One input: logits [T, vocab]; a list: [B, T, vocab],
+        left-padded."""
         batch, one = _as_batch(inputs, "run_with_hooks")
         taps = Taps(hooks=self._hook_keys(hooks))
         prepared = self.module.prepare(batch, method=self.method, cache=self.feature_cache, taps=taps)
@@ -182,8 +184,8 @@ class VisionLanguageModel:
                        queries: Sequence[int] | None = None) -> tuple[Tensor, ActivationCache]:
         """(logits, cache): `run_with_hooks` (with `hooks`, if any) that also keeps the
         tensors of the hook points `names` (by default the five residual points; also
-        attn_pattern, and the read-only vision.resid_post, at every tower layer, and
-        projector_out, at layer 0) at the decoder `layers` (all by default), on `device`
+        attn_pattern, vision.resid_post, kept at every tower layer, and projector_out, at
+        layer 0) at the decoder `layers` (all by default), on `device`
         in `dtype` when given (e.g. "cpu", torch.float16). `queries`: the sequence
         positions (negative from the end) whose attn_pattern rows are kept, [B, H, Q, T]
         (all rows by default). Only what is asked is computed and kept. Logits as
