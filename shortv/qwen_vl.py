@@ -5,14 +5,14 @@ model offers is `shortv.session.VisionLanguageModel`'s."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from torch import Tensor
 
 from .conversation import Template
 from .errors import ConfigError
-from .methods import DART, Compose, Method
+from .methods import Method, dart
+from .methods.compose import map_parts
 from .models.batch import Encoded
 from .models.qwen_vl import QwenVLModel
 from .qwen_image import QwenImageProcessor, qwen_token_boxes
@@ -60,7 +60,7 @@ class QwenVL(VisionLanguageModel):
             raise ConfigError(f"{method.describe()} reduces the vision tower's tokens, which shortv "
                               "defines for LLaVA's CLIP tower only; use it with a LLaVA model, or "
                               "a method that works in the decoder (fastv, pdrop, dart, sparsevlm, ...)")
-        return with_qwen_rules(super().check_method(method))
+        return map_parts(super().check_method(method), dart.for_qwen)
 
     def visual_boxes(self, encoded: Encoded) -> list[Tensor]:
         """As `VisionLanguageModel.visual_boxes`: the resized image's merged-patch grid."""
@@ -74,13 +74,3 @@ class QwenVL(VisionLanguageModel):
         self.processor = QwenImageProcessor.for_config(self.config, min_pixels=min_pixels,
                                                        max_pixels=max_pixels)
 
-
-def with_qwen_rules(method: Method) -> Method:
-    """`method` (fitted) with the rules its authors' Qwen2-VL code follows where they differ
-    from their LLaVA code and the user left them unset: DART's per-pivot count from the
-    ratio alone (`budget_rule="floor"`)."""
-    if isinstance(method, Compose):
-        return Compose(tuple(with_qwen_rules(part) for part in method.parts))
-    if isinstance(method, DART) and method.budget_rule is None:
-        return replace(method, budget_rule="floor")
-    return method

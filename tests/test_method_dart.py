@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -311,3 +312,29 @@ def kept_positions(types: torch.Tensor, retained: torch.Tensor) -> torch.Tensor:
     keep = types != V_
     keep[retained] = True
     return torch.nonzero(keep).flatten()
+
+
+def test_llava_next_takes_the_authors_next_budget(hf_llava_next, demo, capsys):
+    """Without a budget, DART on LLaVA-NeXT keeps what the authors' eval scripts set for it
+    (retain_token_num_for_llava_next = 320 tokens); LLaVA-1.5 keeps the ratio's count
+    (128 of 576, their max_num_trunction); a given budget stays; `shortv flops` counts the
+    same."""
+    from shortv.flops import flops_report
+    from shortv.zoo import card
+
+    from .cli_runner import run_main
+
+    next_model = shortv.load(hf_llava_next, device="cpu", dtype=torch.float32)
+    assert next_model.check_method(DART()) == DART(budget=320)
+    assert next_model.check_method(DART(budget=64)) == DART(budget=64)
+    assert next_model.check_method(DART(reduction_ratio=0.0)) == DART(reduction_ratio=0.0)
+    assert next_model.check_method(shortv.compose(shortv.ShortV((1,)), DART())).parts[1] == DART(budget=320)
+    assert demo.check_method(DART()) == DART()
+    assert dart_kept(2880, 64, 320) == 4 + 8 * 40
+    code, out, err = run_main(["flops", "llava-v1.6-vicuna-7b", "--method", "dart", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert "budget=320" in report["method"]
+    config = card("llava-v1.6-vicuna-7b").config
+    assert report["tflops"] == flops_report(config.text, DART(budget=320), report["n_text"],
+                                            report["n_visual"])["tflops"]

@@ -9,6 +9,7 @@ survive a drop are still frozen in ShortV's layers, and FLOPs count both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -104,3 +105,11 @@ def compose(*methods: Method) -> Method:
     """One method that applies all of `methods` (at most one of each kind: layer freezing,
     in-model token dropping, image reduction)."""
     return Compose(tuple(methods))
+
+
+def map_parts(method: Method, fn: Callable[[Method], Method]) -> Method:
+    """`method` with `fn` applied to each of its parts (to itself when not a composition):
+    how a model family fills in the defaults its authors' code uses for it."""
+    if isinstance(method, Compose):
+        return Compose(tuple(fn(part) for part in method.parts))
+    return fn(method)

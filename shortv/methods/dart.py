@@ -35,7 +35,9 @@ sets the count by `budget_rule`, which a model fills in when the method is attac
 (`check_method`):
 
 - "round" (LLaVA; also when unset): max_num_trunction = round(n · (1 − reduction_ratio))
-  for a sequence of n visual tokens, 128 for 576, the LLaVA eval scripts' setting;
+  for a sequence of n visual tokens, 128 for 576, the LLaVA-1.5 eval scripts' setting. On
+  LLaVA-NeXT the model fills in `budget=320`, those scripts' retain_token_num_for_llava_next
+  (`for_llava_next`; 4 + 8 · 40 = 324 tokens kept), unless a ratio is given;
 - "floor" (Qwen2-VL / Qwen2.5-VL): TOKEN_TOPK = int(n · (1 − reduction_ratio) / 8), the
   authors' Qwen2-VL code (`Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py`, which ignores
   max_num_trunction). The two differ where n · (1 − ratio) lies just below a multiple of
@@ -74,7 +76,7 @@ Where ours is defined beyond the code (which handles one image of a batch of one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..token_types import TokenType
 from .base import Capture, Hook, LayerView, Method, check_int
+
+DEFAULT_RATIO = 0.778  # the code's reduction_ratio
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class DART(Method):
     budget: int | None = None
     pivot_image: int = 4
     pivot_text: int = 4
-    reduction_ratio: float = 0.778
+    reduction_ratio: float = DEFAULT_RATIO
     pivot_order: str = "set"
     budget_rule: str | None = None
     name = "dart"
@@ -193,6 +197,26 @@ class DART(Method):
 
 PIVOT_ORDERS = ("set", "norm")
 BUDGET_RULES = ("round", "floor")
+# The authors' eval scripts' retain_token_num_for_llava_next (llava/eval/model_vqa_*.py).
+NEXT_BUDGET = 320
+
+
+def for_llava_next(method: Method) -> Method:
+    """DART as the authors' code runs it on LLaVA-NeXT when neither a budget nor a ratio
+    is given: the eval scripts' retain_token_num_for_llava_next, 320 tokens per sequence
+    (a ratio the user sets, 0 included, is kept)."""
+    if (isinstance(method, DART) and method.budget is None and method.budget_rule is None
+            and method.reduction_ratio == DEFAULT_RATIO):
+        return replace(method, budget=NEXT_BUDGET)
+    return method
+
+
+def for_qwen(method: Method) -> Method:
+    """DART as the authors' Qwen2-VL code runs it when no budget is given: the count from
+    the ratio alone (`budget_rule="floor"`)."""
+    if isinstance(method, DART) and method.budget is None and method.budget_rule is None:
+        return replace(method, budget_rule="floor")
+    return method
 
 
 def set_order(pivots: list[int], indices: list[int]) -> list[int]:
