@@ -7,7 +7,15 @@ import sys
 from dataclasses import replace
 
 from ..errors import ConfigError
-from .options import add_method, add_runtime, int_at_least, method_for, model_config, print_json
+from .options import (
+    add_method,
+    add_runtime,
+    int_at_least,
+    method_for,
+    model_config,
+    print_json,
+    with_family_defaults,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     config, card = model_config(args.model)
     text = config.text if args.layers is None else _slice(config.text, args.layers)
     card = _card_for_slice(card, text.layers, args) if args.layers is not None else card
-    method = method_for(args, text.layers, card, model_name=card.name if card else args.model)
+    method = with_family_defaults(config, method_for(args, text.layers, card,
+                                                     model_name=card.name if card else args.model))
     if method.name == "vanilla":
         raise ConfigError("bench compares vanilla with a method: give --n-frozen, "
                           "--frozen-layers or --method NAME")

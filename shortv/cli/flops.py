@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from ..methods import ShortV, dart
-from ..methods.compose import map_parts
-from ..models.qwen_config import QwenVLConfig
+from ..methods import ShortV
 from .options import (
     add_method,
     int_at_least,
@@ -15,6 +13,7 @@ from .options import (
     method_options,
     model_config,
     print_json,
+    with_family_defaults,
 )
 
 
@@ -49,11 +48,7 @@ def run(args: argparse.Namespace) -> int:
         note = (f"no ranking needed: any {len(stand_in.layers)} frozen layers cost the same "
                 f"(to run ShortV, compute a ranking with `shortv lc {args.model}`)")
     method = method_for(args, layers, card, model_name=card.name if card is not None else args.model)
-    # The family's defaults, as a loaded model fills them in (`check_method`).
-    if isinstance(config, QwenVLConfig):
-        method = map_parts(method, dart.for_qwen)
-    elif getattr(config, "image_aspect_ratio", None) == "anyres":
-        method = map_parts(method, dart.for_llava_next)
+    method = with_family_defaults(config, method)
     n_visual = default_n_visual(config) if args.n_visual is None else args.n_visual
     report = flops_report(config.text, method, args.n_text, n_visual)
     report["model"] = args.model
