@@ -10,8 +10,6 @@ from torch import Tensor
 
 from .conversation import Template, cli_template_name
 from .image import ImageProcessor, llava_token_boxes
-from .methods import Method, dart
-from .methods.compose import map_parts
 from .models.batch import Encoded
 from .models.llava import LlavaModel
 from .session import NO_TOKENIZER, VisionLanguageModel
@@ -43,14 +41,6 @@ class LLaVA(VisionLanguageModel):
         super().__init__(module, processor=ImageProcessor.for_config(module.config), tokenizer=tokenizer,
                          template=template, name=name, checkpoint_dir=checkpoint_dir,
                          missing_tokenizer=missing_tokenizer)
-
-    def check_method(self, method: Method) -> Method:
-        """As `VisionLanguageModel.check_method`, with the defaults the methods' authors use
-        on LLaVA-NeXT filled in (DART's 320-token budget)."""
-        fitted = super().check_method(method)
-        if self.module.config.image_aspect_ratio == "anyres":
-            return map_parts(fitted, dart.for_llava_next)
-        return fitted
 
     def visual_boxes(self, encoded: Encoded) -> list[Tensor]:
         """As `VisionLanguageModel.visual_boxes`: LLaVA's pad / square / anyres geometry."""

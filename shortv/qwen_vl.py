@@ -11,8 +11,7 @@ from torch import Tensor
 
 from .conversation import Template
 from .errors import ConfigError
-from .methods import Method, dart
-from .methods.compose import map_parts
+from .methods import Method
 from .models.batch import Encoded
 from .models.qwen_vl import QwenVLModel
 from .qwen_image import QwenImageProcessor, qwen_token_boxes
@@ -60,7 +59,7 @@ class QwenVL(VisionLanguageModel):
             raise ConfigError(f"{method.describe()} reduces the vision tower's tokens, which shortv "
                               "defines for LLaVA's CLIP tower only; use it with a LLaVA model, or "
                               "a method that works in the decoder (fastv, pdrop, dart, sparsevlm, ...)")
-        return map_parts(super().check_method(method), dart.for_qwen)
+        return super().check_method(method)
 
     def visual_boxes(self, encoded: Encoded) -> list[Tensor]:
         """As `VisionLanguageModel.visual_boxes`: the resized image's merged-patch grid."""

@@ -160,3 +160,18 @@ def entry_method(text: str, card: Any, num_layers: int) -> Method:
     """The method one line of a benchmark's method list asks for
     (`shortv.methods.spec.parse_entry`), fitted to a decoder of `num_layers`."""
     return fitted_method(parse_entry(text, card, num_layers), num_layers, card)
+
+
+def with_family_defaults(config: Any, method: Method) -> Method:
+    """`method` with the defaults its authors use on this config's model family filled in
+    (DART: the Qwen2-VL code's count from the ratio; LLaVA-NeXT's 320-token budget). What a
+    loaded model's `check_method` and the config-only commands (flops, bench) both apply."""
+    from .methods import dart
+    from .methods.compose import map_parts
+    from .models.qwen_config import QwenVLConfig
+
+    if isinstance(config, QwenVLConfig):
+        return map_parts(method, dart.for_qwen)
+    if getattr(config, "image_aspect_ratio", None) == "anyres":
+        return map_parts(method, dart.for_llava_next)
+    return method

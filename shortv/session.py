@@ -36,6 +36,7 @@ from .models.assembly import VisionLanguageModule
 from .models.batch import DecodeState, Encoded, Prepared
 from .models.feature_cache import FeatureCache
 from .models.taps import ActivationCache, HookFn, HookPoint, Taps
+from .ranking import with_family_defaults
 from .tokenizer import Tokenizer
 
 # One image: a PIL image, a file path, an http(s) URL, or an image file's encoded bytes.
@@ -131,7 +132,7 @@ class VisionLanguageModel:
         if not isinstance(method, Method):
             raise InputError(f"expected a shortv method (e.g. shortv.Vanilla(), shortv.ShortV(layers), "
                              f"shortv.FastV()), got {method!r}")
-        return method.for_layers(self.num_layers)
+        return with_family_defaults(self.module.config, method.for_layers(self.num_layers))
 
     def cache_features(self, max_mb: float | None = 512) -> VisionLanguageModel:
         """Keep the visual tokens of the images this model has seen, up to `max_mb` MiB on
@@ -170,9 +171,7 @@ class VisionLanguageModel:
         it returns replaces x. One input: logits [T, vocab]; a list: [B, T, vocab],
         left-padded."""
         batch, one = _as_batch(inputs, "run_with_hooks")
-        taps = Taps(hooks=self._hook_keys(hooks))
-        prepared = self.module.prepare(batch, method=self.method, cache=self.feature_cache, taps=taps)
-        logits = self.module.decoder.head(self.module.hidden_states(prepared, self.method, taps))
+        logits, _ = self._tapped(batch, Taps(hooks=self._hook_keys(hooks)))
         return logits[0] if one else logits
 
     @torch.inference_mode()
@@ -201,15 +200,21 @@ class VisionLanguageModel:
         if HookPoint.PROJECTOR_OUT in points:
             keep.add((HookPoint.PROJECTOR_OUT, 0))
         taps = Taps(hooks=self._hook_keys(hooks or {}), keep=frozenset(keep), device=device, dtype=dtype)
-        prepared = self.module.prepare(batch, method=self.method, cache=self.feature_cache, taps=taps)
-        if queries is not None:
-            taps.queries = _query_rows(queries, prepared.types.shape[1])
-        logits = self.module.decoder.head(self.module.hidden_states(prepared, self.method, taps))
+        logits, prepared = self._tapped(batch, taps, queries)
         kept = taps.kept
         cache = ActivationCache({k: v[0] for k, v in kept.items()}, {k: v[1] for k, v in kept.items()},
                                 prepared.types.cpu() if device is None else prepared.types.to(device),
                                 prepared.positions)
         return (logits[0] if one else logits), cache
+
+    def _tapped(self, batch: list[Encoded], taps: Taps,
+                queries: Sequence[int] | None = None) -> tuple[Tensor, Prepared]:
+        """Logits [B, T, vocab] of `batch` under the current method with `taps` at the hook
+        points (vision side included), and the prepared batch."""
+        prepared = self.module.prepare(batch, method=self.method, cache=self.feature_cache, taps=taps)
+        if queries is not None:
+            taps.queries = _query_rows(queries, prepared.types.shape[1])
+        return self.module.decoder.head(self.module.hidden_states(prepared, self.method, taps)), prepared
 
     def _hook_keys(self, hooks: Mapping[tuple[str, int], HookFn]) -> dict[tuple[HookPoint, int], HookFn]:
         out = {}

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 
 from ..errors import ConfigError
+from ..ranking import with_family_defaults
 from .options import (
     add_method,
     add_runtime,
@@ -14,7 +15,6 @@ from .options import (
     method_for,
     model_config,
     print_json,
-    with_family_defaults,
 )
 
 

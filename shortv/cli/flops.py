@@ -6,6 +6,7 @@ import argparse
 
 from ..errors import ConfigError
 from ..methods import ShortV
+from ..ranking import with_family_defaults
 from .options import (
     add_method,
     int_at_least,
@@ -13,7 +14,6 @@ from .options import (
     method_options,
     model_config,
     print_json,
-    with_family_defaults,
 )
 
 

@@ -150,20 +150,6 @@ def method_for(args: argparse.Namespace, num_layers: int, card: Any = None,
     return fitted_method(spec_of(args), num_layers, card, model_name=model_name)
 
 
-def with_family_defaults(config: Any, method: Any) -> Any:
-    """`method` with the defaults its authors use on this model family filled in, as a
-    loaded model fills them in (`check_method`), for commands that read only the config."""
-    from ..methods import dart
-    from ..methods.compose import map_parts
-    from ..models.qwen_config import QwenVLConfig
-
-    if isinstance(config, QwenVLConfig):
-        return map_parts(method, dart.for_qwen)
-    if getattr(config, "image_aspect_ratio", None) == "anyres":
-        return map_parts(method, dart.for_llava_next)
-    return method
-
-
 def model_config(source: str) -> tuple[Any, Any]:
     """(LlavaConfig, card or None): a zoo card's config, or a local checkpoint's (read
     without loading weights)."""

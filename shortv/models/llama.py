@@ -354,13 +354,13 @@ class DecoderLayer(nn.Module):
         else:
             update = self.attn.attend(q, k, v, rows)
         if tap is not None:
-            update = tap.rows(HookPoint.ATTN_OUT, update, subset, torch.zeros_like(x))
+            update = tap.rows(HookPoint.ATTN_OUT, update, subset, x, update=True)
         out = x_rows + update
         if tap is not None:
-            out = tap.rows(HookPoint.RESID_MID, out, subset, x)
+            out = tap.rows(HookPoint.RESID_MID, out, subset, x, update=False)
         update = self.mlp(self.mlp_norm(out))
         if tap is not None:
-            update = tap.rows(HookPoint.MLP_OUT, update, subset, torch.zeros_like(x))
+            update = tap.rows(HookPoint.MLP_OUT, update, subset, x, update=True)
         out = out + update
         captured = self._capture(capture, h, k_new, k, seg) if capture is not None else None
         out = out if subset is None else subset.put_back(x, out)

@@ -147,6 +147,7 @@ class LayerTap:
     valid: Tensor  # [B, N]: a token with a sequence position (not padding, filler, inserted)
     identity: bool = False  # the tokens at hand are the sequence positions, in order
     _present: Tensor | None = None
+    _flat_index: Tensor | None = None
 
     def full(self, point: HookPoint, x: Tensor) -> Tensor:
         """Fire `point` on x [B, N, D] (every token at hand); x, or what the hook wrote.
@@ -169,12 +170,14 @@ class LayerTap:
             self.taps.kept[key] = (stored, self.present().to(stored.device))
         return x
 
-    def rows(self, point: HookPoint, y: Tensor, subset, base: Tensor) -> Tensor:
+    def rows(self, point: HookPoint, y: Tensor, subset, x: Tensor, *, update: bool) -> Tensor:
         """Fire `point` on y, the rows [B, R, D] a layer computed (`subset`, a
-        `llama.Subset`, or None for every token), the other tokens taking `base` [B, N, D]."""
+        `llama.Subset`, or None for every token); the other tokens of x [B, N, D] take zero
+        for an `update` point, else their row of x."""
         key = (point, self.layer)
         if key not in self.taps.hooks and key not in self.taps.keep:
             return y
+        base = torch.zeros_like(x) if update else x
         whole = y if subset is None else subset.put_back(base, y)
         whole = self.full(point, whole)
         return whole if subset is None else subset.take(whole)
@@ -222,8 +225,11 @@ class LayerTap:
         return probs
 
     def _flat(self, t0: int) -> Tensor:
-        rows = torch.arange(self.columns.shape[0], device=self.columns.device)[:, None]
-        return (self.columns.clamp(min=0) + rows * t0)[self.valid]
+        """The flat [B · T0] index of each valid token at hand (the same at every point)."""
+        if self._flat_index is None:
+            rows = torch.arange(self.columns.shape[0], device=self.columns.device)[:, None]
+            self._flat_index = (self.columns.clamp(min=0) + rows * t0)[self.valid]
+        return self._flat_index
 
     def _to_sequence(self, x: Tensor) -> Tensor:
         if self.identity:
