@@ -383,7 +383,8 @@ class VisionLanguageModel:
         Generation settings come from `options` and/or keyword arguments with the same
         names (`max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`; see
         `shortv.GenerationOptions`); greedy by default. `hooks`: as `run_with_hooks`,
-        firing at the prefill and at every decode step (on the new token, [B, 1, ...]).
+        firing at the prefill and at every decode step (on the new token, [B, 1, ...];
+        attn_pattern: [B, H, 1, T] over the sequence so far, with its types [B, T]).
         """
         settings = GenerationOptions.of(options, **sampling)
         encoded = self.encode(prompt, images, history=history)
@@ -421,9 +422,6 @@ class VisionLanguageModel:
         if not hooks:
             return self
         taps = Taps(hooks=self._hook_keys(hooks))
-        if any(point == HookPoint.ATTN_PATTERN for point, _ in taps.hooks):
-            raise ConfigError("attn_pattern hooks run in run_with_hooks / run_with_cache (one forward "
-                              "pass), not during generation")
         if self.module.compiled:
             warnings.warn("generation with hooks runs the decode step eager, not the compiled one",
                           stacklevel=3)

@@ -812,3 +812,25 @@ def authors_dart_retained(last_layer_state: torch.Tensor, any_states: torch.Tens
         valid_indices_list = list(valid_indices)
     indices_set.difference_update(query_indices)
     return sorted(indices_set)
+
+
+def recomputed_with_hooks(model, enc, hooks, n: int) -> list[int]:
+    """Greedy tokens by recomputing the whole grown sequence with the hooks at every step."""
+    out: list[int] = []
+    for _ in range(n):
+        logits = model.run_with_hooks(grown(enc, out), hooks)[-1]
+        top = logits.topk(2).values
+        assert top[0] - top[1] > 1e-6, "near tie: choose other test data"
+        out.append(int(logits.argmax()))
+    return out
+
+
+def reweighting(record: list, visual_scale: float):
+    """An attn_pattern hook that records each call's last query row and scales every row's
+    attention to visual keys by `visual_scale`, renormalised (row by row, so the same rule
+    at a prefill and at a decode step)."""
+    def fn(p, types):
+        record.append(p[:, :, -1:].clone())
+        scaled = p * torch.where(types == V_, visual_scale, 1.0).to(p.dtype)[:, None, None, :]
+        return scaled / scaled.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return fn

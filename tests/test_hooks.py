@@ -17,11 +17,12 @@ from .reference import (
     V_,
     batch_prompts,
     fastv_dropped,
-    grown,
     hf_input_ids,
     hf_tokens_per_image,
     prepared_and_types,
     random_rgb,
+    recomputed_with_hooks,
+    reweighting,
 )
 
 POINTS = [p.value for p in HookPoint]
@@ -240,17 +241,6 @@ def steering(layer: int, scale: float, width: int):
     return {("resid_post", layer): add}
 
 
-def recomputed_with_hooks(model, enc, hooks, n: int) -> list[int]:
-    """Greedy tokens by recomputing the whole grown sequence with the hooks at every step."""
-    out: list[int] = []
-    for _ in range(n):
-        logits = model.run_with_hooks(grown(enc, out), hooks)[-1]
-        top = logits.topk(2).values
-        assert top[0] - top[1] > 1e-6, "near tie: choose other test data"
-        out.append(int(logits.argmax()))
-    return out
-
-
 @pytest.mark.parametrize("method", [Vanilla(), ShortV((2, 5))], ids=["vanilla", "shortv"])
 def test_generation_with_hooks_equals_recomputation(demo, images, method):
     """Hooks fire at the prefill and at every decode step with the KV cache: the greedy
@@ -288,8 +278,73 @@ def test_generation_with_hooks_on_a_compiled_model_says_it_runs_eager(demo, imag
         demo.module._compiled_step = None
     assert text == demo.chat("What is this?", [images[0]], max_new_tokens=3,
                              hooks=steering(2, 1.0, demo.config.text.hidden_size))
-    with pytest.raises(ConfigError, match="attn_pattern"):
-        demo.chat("What is this?", [images[0]], hooks={("attn_pattern", 1): lambda p, t: p})
+
+
+@pytest.mark.parametrize("method", [Vanilla(), ShortV((2, 5))], ids=["vanilla", "shortv"])
+def test_decode_attention_pattern_is_the_recomputed_last_row(demo, images, method):
+    """At every decode step an attn_pattern hook sees [B, H, 1, T] over the whole sequence
+    so far, in the padded batch's coordinates: each row, without its padding, is the last
+    row of the pattern that recomputing that sequence alone with the same hook gives, and
+    what the hook returns steers the answer as it steers the recomputation."""
+    demo.set_method(method)
+    layers = (2, 4)  # ShortV((2, 5)) freezes layer 2's visual rows, not the new token's
+    seen: dict[int, list] = {layer: [] for layer in layers}
+    hooks = {("attn_pattern", layer): reweighting(seen[layer], 0.05) for layer in layers}
+    prompts = ["What is this?", "Describe both pictures."]
+    pictures = [[images[0]], images[1:3]]
+    n = 4
+    got = demo.generate(prompts, pictures, max_new_tokens=n, hooks=hooks)
+    plain = demo.generate(prompts, pictures, max_new_tokens=n)
+    assert [r.token_ids for r in got] != [r.token_ids for r in plain]
+    assert [call.shape[-1] for call in seen[2]] == [seen[2][0].shape[-1] + k for k in range(n)]
+    _, types = prepared_and_types(demo, [demo.encode(p, im) for p, im in zip(prompts, pictures, strict=True)])
+    for row, (prompt, pics, result) in enumerate(zip(prompts, pictures, got, strict=True)):
+        enc = demo.encode(prompt, pics)
+        alone_seen: dict[int, list] = {layer: [] for layer in layers}
+        alone = {("attn_pattern", layer): reweighting(alone_seen[layer], 0.05) for layer in layers}
+        expected = recomputed_with_hooks(demo, enc, alone, len(result.token_ids))
+        assert result.token_ids == expected[: len(result.token_ids)]
+        pad = int((types[row] == P_).sum())
+        for layer in layers:
+            calls = seen[layer][: len(result.token_ids)]
+            # recomputation's k-th pass records its prefix's last row
+            for k, call in enumerate(calls):
+                assert bool((call[row, :, :, :pad] == 0).all())
+                torch.testing.assert_close(call[row, :, :, pad:], alone_seen[layer][k][0],
+                                           atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_pattern_under_fastv_hides_the_dropped_keys(demo, images):
+    """Under FastV a decode step's pattern is zero exactly at the prompt positions the
+    prefill's layer does not hold (from layer k on: the dropped visual tokens; everywhere:
+    padding), sums to 1, and gives every generated token weight."""
+    k = 2
+    prompts = ["What is this?", "Describe both pictures in detail, left then right, with colors.",
+               "hello there, what color is the sky today?"]
+    pictures = [[images[0]], images[1:3], []]
+    demo.set_method(FastV(k=k, r=0.5))
+    _, cache = demo.run_with_cache([demo.encode(p, im) for p, im in zip(prompts, pictures, strict=True)],
+                                   names=["resid_pre"], layers=[1, 3])
+    seen: dict[int, list] = {1: [], 3: []}
+
+    def recorder(record):
+        return lambda p, types: record.append((p.clone(), types.clone()))
+
+    hooks = {("attn_pattern", i): recorder(seen[i]) for i in seen}
+    demo.generate(prompts, pictures, max_new_tokens=3, hooks=hooks)
+    dropped = ~cache.present["resid_pre", 3] & (cache.types != P_)
+    assert bool(dropped.any())
+    for layer in seen:
+        held = cache.present["resid_pre", layer]
+        t0 = held.shape[1]
+        decode_calls = [(p, t) for p, t in seen[layer] if p.shape[2] == 1]
+        assert len(decode_calls) == 2
+        for p, types in decode_calls:
+            assert torch.equal(types[:, :t0], cache.types) and bool((types[:, t0:] == T_).all())
+            assert torch.equal(p[:, :, 0, :t0] != 0, held[:, None, :].expand(-1, p.shape[1], -1))
+            assert bool((p[:, :, 0, t0:] > 0).all())
+            torch.testing.assert_close(p.sum(dim=-1), torch.ones_like(p.sum(dim=-1)))
+
 
 
 def test_a_composition_freezes_the_kept_and_hides_the_dropped(demo, images):

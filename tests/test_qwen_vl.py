@@ -32,7 +32,7 @@ from shortv.tokenizer import IMAGE_TOKEN
 
 from .cli_runner import run_main
 from .qwen_checkpoints import VARIANTS, build_model, save_original, save_transformers
-from .reference import KeepRecorder, authors_dart_retained, random_rgb
+from .reference import KeepRecorder, authors_dart_retained, random_rgb, recomputed_with_hooks, reweighting
 
 LAYOUTS = ("transformers", "original")
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -540,6 +540,23 @@ def test_hook_points_equal_transformers_hidden_states(pair):
             post = lm.norm(post)
         torch.testing.assert_close(post, out.hidden_states[i + 1][0], **TOL)
     torch.testing.assert_close(logits, out.logits[0], **TOL)
+
+
+def test_decode_attention_pattern_is_the_recomputed_last_row_on_qwen(pair):
+    """With M-RoPE decode positions: an attn_pattern hook at each decode step sees the new
+    token's row over the sequence so far, the last row that recomputing the grown sequence
+    with the same hook gives, and its change steers the tokens as in the recomputation."""
+    _, ours = pair
+    model = ours["transformers"]
+    encoded = model.encode(PROMPT, images_of("two-sizes"))
+    seen: list = []
+    tokens = model.generate([PROMPT], [images_of("two-sizes")], max_new_tokens=4,
+                            hooks={("attn_pattern", 1): reweighting(seen, 0.05)})[0].token_ids
+    alone: list = []
+    assert tokens == recomputed_with_hooks(model, encoded, {("attn_pattern", 1): reweighting(alone, 0.05)}, 4)
+    assert len(seen) == 4 and [s.shape[-1] for s in seen] == [a.shape[-1] for a in alone]
+    for got, expected in zip(seen, alone, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_visual_boxes_are_where_the_processor_puts_the_merged_patches(pair):

@@ -349,7 +349,11 @@ class DecoderLayer(nn.Module):
         q = self.attn.queries(h_rows, rows.cos, rows.sin)
         if tap is not None and tap.asks(HookPoint.ATTN_PATTERN):
             # Asked for: this layer's attention explicitly, so a hook can read or change it.
-            probs = tap.pattern(self.attn.pattern(q, k, rows), subset, k.shape[2] - x.shape[1])
+            probs = self.attn.pattern(q, k, rows)
+            if isinstance(cache, SlotLayer):
+                probs = tap.step_pattern(probs, cache.ends)
+            else:
+                probs = tap.pattern(probs, subset, k.shape[2] - x.shape[1])
             update = self.attn.mix(probs, v)
         else:
             update = self.attn.attend(q, k, v, rows)
@@ -476,7 +480,7 @@ class Decoder(nn.Module):
         past = cache.layers[ids[0]] if cache is not None else None
         seg = self.segment(types, positions, x.dtype, past, kinds)
         if taps is not None:
-            taps.types = types
+            taps.begin(types, decoding=seg.decoding)
         run = _Pass(self, method, x, seg, cache, ids[-1] if last_only else None, taps)
         walk_plan(steps if layers is None else [steps[i] for i in ids], run)
         return run.output()

@@ -23,6 +23,12 @@ The points, per decoder layer (`HookPoint`):
 kernels); a hook may change it, and the layer then attends with what it returned. Rows a
 layer does not compute (frozen) and absent positions are zero.
 
+At a decode step (generation with the KV cache) the hooks see the new token, [B, 1, ...],
+with types [B, 1]; `attn_pattern` is then [B, H, 1, T] over the whole sequence so far
+(the prefill's T0 positions, then the generated tokens, the last column the new token
+itself) with types [B, T], as the last row of a prefill of the grown sequence has it. Keys
+a layer's cache does not hold (padding, dropped) are zero.
+
 Two more points are outside the decoder (`Taps.vision`, `Taps.projector`):
 `vision.resid_post` at each vision tower layer (LLaVA's CLIP tower: [crops, 1 + patches,
 width], every crop of every image in order, the class token first; Qwen's ViT: [1,
@@ -78,10 +84,24 @@ class Taps:
     queries: Tensor | None = None  # [Q] sequence positions whose attn_pattern rows are kept
     types: Tensor | None = None
     kept: dict[tuple[HookPoint, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    decoding: bool = False
+    # The last prefill's token types [B, T0] and, per layer with an attn_pattern hook, the
+    # sequence column of each key its cache took, in order, per row (-1: an inserted token):
+    # what a decode step's keys are, before the generated tokens.
+    prompt_types: Tensor | None = None
+    _prompt_keys: dict[int, list[Tensor]] = field(default_factory=dict)
     _layers: frozenset[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self._layers = frozenset(layer for _, layer in (*self.hooks, *self.keep))
+
+    def begin(self, types: Tensor, *, decoding: bool) -> None:
+        """A pass starts on tokens of `types` [B, T]: a prefill (its input defines the
+        sequence coordinates) or a decode step (one new token per row after what the last
+        prefill and the steps since cached)."""
+        self.types, self.decoding = types, decoding
+        if not decoding:
+            self.prompt_types, self._prompt_keys = types, {}
 
     @property
     def touches_images(self) -> bool:
@@ -130,11 +150,36 @@ class Taps:
             return None
         assert self.types is not None
         valid = types != int(TokenType.PAD)
+        if not self.decoding and (HookPoint.ATTN_PATTERN, layer) in self.hooks:
+            cached = columns
+            if cached is None:
+                cached = torch.arange(types.shape[1], device=types.device).expand_as(types)
+            self._prompt_keys[layer] = [c[v] for c, v in zip(cached, valid, strict=True)]
         if columns is None:
             columns = torch.arange(types.shape[1], device=types.device).expand_as(types)
             # The pass's own tokens, none of them padding: already in sequence coordinates.
             return LayerTap(self, layer, columns, valid, identity=bool(valid.all()))
         return LayerTap(self, layer, columns, valid & (columns >= 0))
+
+    def step_keys(self, layer: int, ends: Tensor, window: int) -> tuple[Tensor, Tensor]:
+        """At a decode step: the sequence column [B, W] of each key in the `window` a row
+        of `layer` attends over (-1: none), when row b's cache holds ends[b] keys before
+        the new token; and the sequence's token types [B, T] (the prefill's T0 positions,
+        then the generated tokens, the new one last)."""
+        if self.prompt_types is None or layer not in self._prompt_keys:
+            raise RuntimeError("an attn_pattern hook at a decode step needs the prefill to have run with it")
+        prompt = self._prompt_keys[layer]
+        t0 = self.prompt_types.shape[1]
+        columns = torch.full((len(prompt), window), -1, dtype=torch.long, device=ends.device)
+        steps = 0
+        for row, (keys, end) in enumerate(zip(prompt, ends.tolist(), strict=True)):
+            held = keys.shape[0]
+            columns[row, :held] = keys
+            columns[row, held: end + 1] = t0 + torch.arange(end + 1 - held, device=ends.device)
+            steps = max(steps, end + 1 - held)
+        text = torch.full((len(prompt), steps), int(TokenType.TEXT), dtype=self.prompt_types.dtype,
+                          device=self.prompt_types.device)
+        return columns, torch.cat((self.prompt_types, text), dim=1)
 
 
 @dataclass
@@ -223,6 +268,24 @@ class LayerTap:
             present = self.present().to(stored.device)
             self.taps.kept[key] = (stored, present)
         return probs
+
+    def step_pattern(self, probs: Tensor, ends: Tensor) -> Tensor:
+        """Fire attn_pattern at a decode step on probs [B, H, 1, W], each row's new token
+        over its slot's window (row b holds ends[b] keys before it): the hook sees
+        [B, H, 1, T] in sequence coordinates (module docstring); what it returns is used."""
+        fn = self.taps.hooks.get((HookPoint.ATTN_PATTERN, self.layer))
+        if fn is None:
+            return probs
+        columns, types = self.taps.step_keys(self.layer, ends, probs.shape[-1])
+        b, h, _, w = probs.shape
+        t = types.shape[1]
+        spare = torch.where(columns >= 0, columns, t)[:, None, None, :].expand(b, h, 1, w)
+        seq = probs.new_zeros(b, h, 1, t + 1).scatter_(-1, spare, probs)[..., :t]
+        new = fn(seq, types)
+        if new is None:
+            return probs
+        taken = torch.cat((new.to(probs.dtype), probs.new_zeros(b, h, 1, 1)), dim=-1).gather(-1, spare)
+        return torch.where((columns >= 0)[:, None, None, :], taken, probs)
 
     def _flat(self, t0: int) -> Tensor:
         """The flat [B · T0] index of each valid token at hand (the same at every point)."""
