@@ -302,6 +302,10 @@ class Filler:
     device: torch.device
     dtype: torch.dtype
     ignore: Callable[[str], bool] = lambda name: False
+    # Parameters whose tensor a loader takes instead of a new parameter (a quantized
+    # layer's weight: `QuantizedLinear.load_weight(tensor, dtype, device)`).
+    load_into: Mapping[str, Callable[[torch.Tensor, torch.dtype, torch.device], None]] = field(
+        default_factory=dict)
     filled: set[str] = field(default_factory=set)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
@@ -330,6 +334,10 @@ class Filler:
             return
         if name in self.filled:
             self.duplicated.append(key)
+            return
+        if name in self.load_into:
+            self.load_into[name](tensor, self.dtype, self.device)
+            self.filled.add(name)
             return
         value = torch.empty(param.shape, dtype=self.dtype, device=self.device)
         value.copy_(tensor)

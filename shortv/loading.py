@@ -13,12 +13,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import families, store, zoo
+from . import families, quantized_checkpoint, store, zoo
 from .checkpoint import Filler, checkpoint_shapes, weight_files
 from .conversation import get_template
 from .errors import ConfigError, ShortVError, require_model_name
 from .family import Checkpoint, Family, read_config
 from .methods import Method
+from .models.quant import Quantization, quantize_module
+from .ops import Linear
 from .ranking import RankingLike, choose_method
 from .session import VisionLanguageModel
 
@@ -35,6 +37,8 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     template: str | None = None,
+    quantize: str | Quantization | None = None,
+    group_size: int | None = None,
 ) -> VisionLanguageModel:
     """Load a model: LLaVA-1.5 / LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL.
 
@@ -48,6 +52,10 @@ def load(
     template: the conversation template's name (`shortv.conversation.TEMPLATES`); default
         the zoo card's, else the model family's (`vicuna_v1` for LLaVA: LLaVA-1.5's
         training and evaluation template).
+    quantize: "int8" or "int4": the language model's Linear layers keep their weights
+        quantized (int8 per output channel; int4 in groups of `group_size` inputs, default
+        128), quantized while the checkpoint is read; the embeddings, norms, vision tower
+        and projector stay in dtype, which defaults to bfloat16. CPU only (docs/quantization.md).
     """
     if not isinstance(source, (str, Path)):
         raise ConfigError(f"source must be a zoo name, a directory or a repo id, got {source!r}")
@@ -70,8 +78,9 @@ def load(
     # A zoo card knows the depth: a method that cannot work is refused before the weights
     # are looked for (or downloaded).
     fitted = chosen(card.config.text.layers) if card is not None else None
+    quantization = Quantization.of(quantize, group_size)
     model = load_directory(store.locate(source), device=device, dtype=dtype,
-                           family=card.family if card is not None else None)
+                           family=card.family if card is not None else None, quantize=quantization)
     model.name = card.name if card is not None else source
     if conversation is not None:
         model.template = conversation
@@ -97,9 +106,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "float64": torch.float64, "fp64": torch.float64}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *, quantized: bool = False
+                  ) -> torch.dtype:
+    """The dtype asked for, or the default: bfloat16 on CUDA and for a quantized model
+    (torch's weight-only CPU kernels are fast in bfloat16 only), else float32."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or quantized else torch.float32
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ConfigError(f"dtype {dtype} is not a floating-point type")
@@ -115,38 +127,88 @@ def load_directory(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     family: str | None = None,
+    quantize: Quantization | None = None,
 ) -> VisionLanguageModel:
     """Build a model from a checkpoint directory of any registered family, in any layout
     its family reads (docs/design.md §4). The family comes from config.json's model_type.
 
     family: the family the caller expects (a zoo card's); a checkpoint of another family
         is refused with a ConfigError before its weights are read.
+    quantize: quantize the language model's Linear layers while loading (`shortv.load`).
     """
     directory = Path(directory)
     target = resolve_device(device)
-    target_dtype = resolve_dtype(dtype, target)
+    if quantized_checkpoint.is_quantized(directory):
+        return _load_quantized(directory, target, dtype, family, quantize)
+    if quantize is not None and target.type != "cpu":
+        raise ConfigError(f"quantize={quantize.scheme!r} runs on the CPU only (torch's weight-only kernels "
+                          f"used here are its CPU ones); load with device='cpu' or without quantize")
+    target_dtype = resolve_dtype(dtype, target, quantized=quantize is not None)
     raw = read_config(directory)
     files = weight_files(directory)
     shapes = checkpoint_shapes(files)
-    found = families.of_config_json(raw, f"{directory}/config.json")
-    if family is not None and found.name != family:
-        raise ConfigError(
-            f"{directory}/config.json describes a {found.title} model (model_type "
-            f"{raw.get('model_type')!r}, family {found.name!r}), but its zoo card says family "
-            f"{family!r}; fix the card's family or point it at the right weights")
+    found = _family(directory, raw, family)
     checkpoint = found.read_checkpoint(directory, raw, shapes, _locate)
     module = build_empty(checkpoint.config, found.build)
-    _fill(module, checkpoint, files, directory, target, target_dtype)
+    load_into = _quantize_language_model(module, quantize, checkpoint) if quantize is not None else {}
+    _fill(module, checkpoint, files, directory, target, target_dtype, load_into)
     tokenizer, missing = _tokenizer(found, directory)
     return found.session(module, tokenizer=tokenizer, template=get_template(found.default_template),
                          name=directory.name, checkpoint_dir=directory, missing_tokenizer=missing)
 
 
+def _family(directory: Path, raw: dict[str, Any], expected: str | None) -> Family:
+    """The family of a config.json, or ConfigError when it is not the `expected` one."""
+    found = families.of_config_json(raw, f"{directory}/config.json")
+    if expected is not None and found.name != expected:
+        raise ConfigError(
+            f"{directory}/config.json describes a {found.title} model (model_type "
+            f"{raw.get('model_type')!r}, family {found.name!r}), but its zoo card says family "
+            f"{expected!r}; fix the card's family or point it at the right weights")
+    return found
+
+
+def _load_quantized(directory: Path, target: torch.device, dtype: str | torch.dtype | None,
+                    family: str | None, quantize: Quantization | None) -> VisionLanguageModel:
+    """A quantized checkpoint (`VisionLanguageModel.save_quantized`): built with its saved
+    scheme, filled from its one file; `quantize`, when given, must be that scheme."""
+    saved, saved_dtype = quantized_checkpoint.saved_quantization(directory)
+    if quantize is not None and quantize != saved:
+        raise ConfigError(f"{directory} is a quantized checkpoint, {saved.describe()}; load it with quantize="
+                          f"{saved.scheme!r}" + (f", group_size={saved.group_size}" if saved.scheme == "int4"
+                                                   else "") + " or without quantize")
+    if target.type != "cpu":
+        raise ConfigError(f"{directory} is a quantized checkpoint, which runs on the CPU only; "
+                          "load it with device='cpu'")
+    raw = read_config(directory)
+    found = _family(directory, raw, family)
+    checkpoint = found.read_checkpoint(directory, raw, None, _locate)
+    module = build_empty(checkpoint.config, found.build)
+    _quantize_language_model(module, saved, checkpoint)
+    target_dtype = saved_dtype if dtype is None else resolve_dtype(dtype, target, quantized=True)
+    quantized_checkpoint.fill(module, directory, target_dtype, checkpoint.tied, checkpoint.skip)
+    tokenizer, missing = _tokenizer(found, directory)
+    return found.session(module, tokenizer=tokenizer, template=get_template(found.default_template),
+                         name=directory.name, checkpoint_dir=directory, missing_tokenizer=missing)
+
+
+def _quantize_language_model(module: nn.Module, quantization: Quantization,
+                             checkpoint: Checkpoint) -> dict[str, Any]:
+    """Swap the language model's Linear layers (all but an output head tied to the
+    embeddings) for quantized ones; {weight name: the layer's `load_weight`}."""
+    tied = {name for name, _ in checkpoint.tied}
+    names = [f"decoder.{name}" for name, m in module.decoder.named_modules() if isinstance(m, Linear)]
+    names = [name for name in names if f"{name}.weight" not in tied]
+    layers = quantize_module(module, quantization, names)
+    return {f"{name}.weight": layer.load_weight for name, layer in zip(names, layers, strict=True)}
+
+
 def _fill(model: nn.Module, checkpoint: Checkpoint, files: list[Path], directory: Path,
-          device: torch.device, dtype: torch.dtype) -> None:
+          device: torch.device, dtype: torch.dtype, load_into: dict[str, Any] | None = None) -> None:
     """Fill the model's parameters from the directory's own files and the checkpoint's
-    extra sources; tied parameters are not loaded but share the one they are tied to."""
-    filler = Filler(model, device, dtype, ignore=checkpoint.skip)
+    extra sources; tied parameters are not loaded but share the one they are tied to;
+    `load_into`: parameters a quantized layer takes (`Filler.load_into`)."""
+    filler = Filler(model, device, dtype, ignore=checkpoint.skip, load_into=load_into or {})
     for name, _ in checkpoint.tied:
         filler.params.pop(name, None)
     filler.fill_from(files, checkpoint.key_map)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from . import quantized_checkpoint
 from .conversation import Template, Turn, get_template, place_images
 from .errors import ConfigError, InputError
 from .generate import GenerationOptions, GenerationResult, generate, stream
@@ -35,6 +36,7 @@ from .methods import VANILLA, Method, ShortV
 from .models.assembly import VisionLanguageModule
 from .models.batch import DecodeState, Encoded, Prepared
 from .models.feature_cache import FeatureCache
+from .models.quant import Quantization, quantization_of
 from .models.taps import ActivationCache, HookFn, HookPoint, Taps
 from .ranking import with_family_defaults
 from .tokenizer import Tokenizer
@@ -108,6 +110,17 @@ class VisionLanguageModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.module.dtype
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """The weight-only scheme of the language model's Linear layers (None: dense)."""
+        return quantization_of(self.module)
+
+    def save_quantized(self, directory: str | Path) -> Path:
+        """Save this quantized model (loaded with `quantize=`) as a checkpoint directory that
+        `shortv.load` reads back without quantizing again: the source's config and tokenizer
+        files and one safetensors file of the quantized tensors (docs/quantization.md)."""
+        return quantized_checkpoint.save(self, directory)
 
     # ---- methods ---------------------------------------------------------------------
 

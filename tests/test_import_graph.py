@@ -49,7 +49,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("session", ("shortv.session", "shortv.llava", "shortv.qwen_vl", "shortv.qwen_family",
                  "shortv.loading", "shortv.checkpoint", "shortv.store", "shortv.hub",
                  "shortv.zoo", "shortv.ranking", "shortv.family", "shortv.families",
-                 "shortv.llava_family")),
+                 "shortv.llava_family", "shortv.quantized_checkpoint")),
     ("generation", ("shortv.generate.*",)),
     ("models and methods", ("shortv.models.*", "shortv.image", "shortv.qwen_image", "shortv.qwen_tokenizer",
                             "shortv.tokenizer", "shortv.sentencepiece", "shortv.conversation",

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 
 from ..errors import ConfigError
+from ..models.quant import Quantization, quantize_decoder
 from ..ranking import with_family_defaults
 from .options import (
     add_method,
@@ -15,6 +16,7 @@ from .options import (
     method_for,
     model_config,
     print_json,
+    quantize_options,
 )
 
 
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.random_weights and (args.layers is not None or args.share_layers):
         raise ConfigError("--layers and --share-layers need --random-weights")
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    quantization = Quantization.of(**quantize_options(args))
+    dtype = resolve_dtype(args.dtype, device, quantized=quantization is not None)
     config, card = model_config(args.model)
     text = config.text if args.layers is None else _slice(config.text, args.layers)
     card = _card_for_slice(card, text.layers, args) if args.layers is not None else card
@@ -64,15 +67,20 @@ def run(args: argparse.Namespace) -> int:
     if args.random_weights:
         say(f"building {text.layers} random decoder layers ({device}, {dtype}) ...")
         decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
+        if quantization is not None:
+            if device.type != "cpu":
+                raise ConfigError("--quantize runs on the CPU only")
+            quantize_decoder(decoder, quantization)
     else:
         say(f"loading {args.model} ...")
-        decoder = load(args.model, device=device, dtype=dtype).module.decoder
+        decoder = load(args.model, device=device, dtype=dtype, **quantize_options(args)).module.decoder
     say(f"timing vanilla and {method.describe()}: {args.warmup} warm-up + {args.repeats} rounds ...")
     result = bench.bench_prefill(decoder, method, types, repeats=args.repeats, warmup=args.warmup)
     report = {
         "model": args.model, "method": method.describe(), "layers": text.layers,
         "n_text": args.n_text, "n_visual": n_visual, "device": str(device),
         "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats,
+        "quantize": None if quantization is None else quantization.describe(),
         "random_weights": bool(args.random_weights), "share_layers": bool(args.share_layers),
         "vanilla_ms": round(result.vanilla_ms, 3), "method_ms": round(result.method_ms, 3),
         "speedup": round(result.speedup, 4), "flops_speedup": round(result.flops_speedup, 4),

@@ -11,7 +11,15 @@ import sys
 import time
 import warnings
 
-from .options import add_compile, add_method, add_runtime, add_sampling, generation_options, method_options
+from .options import (
+    add_compile,
+    add_method,
+    add_runtime,
+    add_sampling,
+    generation_options,
+    load_options,
+    method_options,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     method = method_options(args, card)  # fail on bad options before loading
     template = get_template(args.template).name if args.template is not None else None  # fails early
     images = [to_pil(source) for source in args.image]  # and on bad files or URLs
-    model = load(args.model, device=args.device, dtype=args.dtype, template=template, **method)
+    model = load(args.model, template=template, **load_options(args), **method)
     if template is None and card is None:
         # No card: the template the family's own CLI picks for this path (LLaVA's reads the
         # model's name).

@@ -17,6 +17,7 @@ from .options import (
     add_sampling,
     generation_options,
     int_at_least,
+    load_options,
     method_for,
     method_options,
     print_json,
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         known = _known_before_loading(args, card, options, device)
         parallel.on_main(ranks, lambda: AnswerFile(args.answers_out, questions, known,
                                                    limit=args.limit, overwrite=args.overwrite))
-        model = load(args.model, device=device, dtype=args.dtype, **method)
+        model = load(args.model, **{**load_options(args), "device": device}, **method)
         if args.compile:
             model.compile()
         summary = evaluate(model, questions, args.answers_out, options=options,
@@ -91,14 +92,16 @@ def _known_before_loading(args: argparse.Namespace, card: Any, options: Any,
     from ..conversation import get_template
     from ..eval import provenance
     from ..loading import resolve_device, resolve_dtype
+    from ..models.quant import Quantization
 
-    dtype = resolve_dtype(args.dtype, resolve_device(device))
+    quantization = Quantization.of(args.quantize, args.group_size)
+    dtype = resolve_dtype(args.dtype, resolve_device(device), quantized=quantization is not None)
     if card is None:
-        return provenance.build(model=args.model, options=options, dtype=dtype)
+        return provenance.build(model=args.model, options=options, dtype=dtype, quantization=quantization)
     # What shortv.load fits the method to, from the same card.
     fitted = method_for(args, card.config.text.layers, card, model_name=card.name)
     return provenance.build(model=card.name, method=fitted, template=get_template(card.template).name,
-                            options=options, dtype=dtype)
+                            options=options, dtype=dtype, quantization=quantization)
 
 
 def _nothing_to_do(s: dict[str, Any], limit: int | None) -> str:

@@ -9,11 +9,13 @@ from ..methods import ShortV
 from ..ranking import with_family_defaults
 from .options import (
     add_method,
+    add_quantize,
     int_at_least,
     method_for,
     method_options,
     model_config,
     print_json,
+    quantize_options,
 )
 
 
@@ -25,12 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="default: 576 (LLaVA-1.5) / 2880 (LLaVA-NeXT)")
     p.add_argument("--json", action="store_true")
     add_method(p)
+    add_quantize(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..flops import default_n_visual, flops_report, format_flops
+    from ..models.quant import Quantization, decoder_weight_bytes
 
+    quantization = Quantization.of(**quantize_options(args))
     config, card = model_config(args.model)
     layers = config.text.layers
     note = stand_in = None
@@ -52,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
     n_visual = default_n_visual(config) if args.n_visual is None else args.n_visual
     report = flops_report(config.text, method, args.n_text, n_visual)
     report["model"] = args.model
+    # What decode reads per token: the decoder's weights, dense bfloat16 and as quantized.
+    report["decoder_weight_gb"] = round(decoder_weight_bytes(config.text, None) / 1e9, 3)
+    if quantization is not None:
+        report["quantize"] = quantization.describe()
+        quantized = decoder_weight_bytes(config.text, quantization)
+        report["quantized_decoder_weight_gb"] = round(quantized / 1e9, 3)
     if stand_in is not None:
         report["method"] = report["method"].replace(stand_in.describe(),
                                                     f"shortv(n_frozen={len(stand_in.layers)})")
@@ -62,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model}, {report['method']}, {args.n_text} text + {n_visual} visual tokens: "
               f"{format_flops(report['tflops'])} ({report['percent']}% of vanilla "
               f"{format_flops(report['vanilla_tflops'])}{_paper_percent(report)})"
+              + f"; decoder weights {report['decoder_weight_gb']:g} GB in bfloat16"
+              + (f", {report['quantized_decoder_weight_gb']:g} GB {report.get('quantize')}" if quantization
+                 else "")
               + (f"; {note}" if note else ""))
     return 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from .options import add_runtime, print_json
+from .options import add_runtime, load_options, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ConfigError(f"--top-k {args.top_k}: use a positive number")
     image = to_pil(args.image)
-    model = load(args.model, device=args.device, dtype=args.dtype)
+    model = load(args.model, **load_options(args))
     method = _method(model, args.kept) if args.kept is not None else None
     enc = model.encode(args.prompt, image)
     if args.logit_lens:

@@ -7,7 +7,7 @@ import sys
 
 from ..errors import ConfigError
 from ..paths import output_path
-from .options import add_runtime, int_at_least, print_json
+from .options import add_runtime, int_at_least, load_options, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         lc.require_matplotlib()
     ranks = parallel.start(args.device)  # one process, or one of a torchrun group
     try:
-        model = load(args.model, device=ranks.device or args.device, dtype=args.dtype)
+        model = load(args.model, **{**load_options(args), "device": ranks.device or args.device})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the noise case is reported below, on one line
             report = lc.layer_contribution(model, samples, batch_size=args.batch_size,

@@ -13,6 +13,7 @@ from ..errors import ConfigError, require_model_name
 from ..loading import DTYPES
 from ..methods import METHODS, Method, parse_layer_list
 from ..methods.spec import MethodSpec, build, parse_names, parse_params
+from ..models.quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, Quantization
 from ..ranking import fitted_method
 
 EXIT_USAGE = 2
@@ -72,7 +73,27 @@ def print_json(obj: Any) -> None:
 def add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+                   help="default: bfloat16 on CUDA and for a quantized model, float32 on CPU")
+    add_quantize(p)
+
+
+def add_quantize(p: argparse.ArgumentParser) -> None:
+    """--quantize and --group-size (`shortv.load`'s quantize and group_size)."""
+    p.add_argument("--quantize", choices=SCHEMES,
+                   help="weight-only quantization of the language model's Linear layers (CPU)")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                   help=f"int4: inputs per scale (default {DEFAULT_GROUP_SIZE})")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`shortv.load`'s device, dtype, quantize and group_size from the runtime options."""
+    return {"device": args.device, "dtype": args.dtype, **quantize_options(args)}
+
+
+def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
+    """quantize and group_size from --quantize / --group-size (checked together)."""
+    Quantization.of(args.quantize, args.group_size)  # ConfigError for a bad combination, early
+    return {"quantize": args.quantize, "group_size": args.group_size}
 
 
 def add_sampling(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:

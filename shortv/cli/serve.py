@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .options import add_method, add_runtime, float_in, int_at_least, method_options
+from .options import add_method, add_runtime, float_in, int_at_least, load_options, method_options
 
 MIB = 2**20
 
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        model = load(args.model, device=args.device, dtype=args.dtype, template=args.template, **method)
+        model = load(args.model, template=args.template, **load_options(args), **method)
         model.require_tokenizer()
         from ..serve.app import create_app, run_server
         from ..serve.engine import Engine

@@ -43,6 +43,7 @@ from ..loading import DTYPES, load
 from ..methods import parse_layer_list
 from ..methods.spec import MethodSpec, build, parse_names
 from ..models.batch import Encoded
+from ..models.quant import SCHEMES, Quantization
 from ..parallel import Ranks, leave_at_exit
 from ..paths import output_path
 from ..session import VisionLanguageModel, to_pil
@@ -88,6 +89,8 @@ class ShortVLMM(lmms):
     - dtype: float32 | float16 | bfloat16 | float64 (and fp32, fp16, bf16, fp64); default
       bfloat16 on CUDA, float32 on CPU. device: cpu, cuda, cuda:1, ...; default the GPU of
       this process (LOCAL_RANK) when CUDA is available, else cpu.
+    - quantize: int8 | int4, weight-only quantization of the language model (CPU; default
+      dtype then bfloat16); group_size: int4's inputs per scale (default 128).
     - conv_template: any shortv conversation template name (`shortv.get_template`, e.g.
       `vicuna_v1`, `plain`); default the model card's, the one `shortv.load` picks (not
       lmms-eval's llava default).
@@ -127,6 +130,8 @@ class ShortVLMM(lmms):
         budget: int | str | None = None,
         dtype: str | None = None,
         device: str | None = None,
+        quantize: str | None = None,
+        group_size: int | str | None = None,
         conv_template: str | None = None,
         batch_size: int | str = 1,
         cal_lc: str | None = None,
@@ -138,7 +143,7 @@ class ShortVLMM(lmms):
             raise ConfigError(
                 f"unknown model_args {', '.join(sorted(unknown))} for --model {MODEL_ID}; use "
                 "pretrained, method, n_frozen, frozen_layers, ranking, k, r, budget, dtype, device, "
-                "conv_template, batch_size, cal_lc")
+                "quantize, group_size, conv_template, batch_size, cal_lc")
         if pretrained is None or not str(pretrained).strip():
             raise ConfigError(f"--model {MODEL_ID} needs model_args pretrained=NAME (a zoo name, "
                               "checkpoint directory or Hub repo id)")
@@ -154,6 +159,12 @@ class ShortVLMM(lmms):
             budget=_integer("budget", budget, low=1),
         )
         dtype = _choice("dtype", dtype, tuple(DTYPES))
+        quantize = _choice("quantize", quantize, SCHEMES)
+        group_size = _integer("group_size", group_size, low=2)
+        try:
+            Quantization.of(quantize, group_size)
+        except ConfigError as e:
+            raise ConfigError(f"model_args: {e}") from None
         template = None
         if conv_template is not None:
             try:
@@ -175,7 +186,7 @@ class ShortVLMM(lmms):
         if self._world_size > 1:
             leave_at_exit()
         model = load(pretrained, device=_device(device, local_rank, self._world_size), dtype=dtype,
-                     **method_kwargs)
+                     quantize=quantize, group_size=group_size, **method_kwargs)
         if template is not None:
             model.template = template
         self._model = model
@@ -186,7 +197,8 @@ class ShortVLMM(lmms):
         self._lc_seen: set[tuple] = set()
         self._lc_skipped = 0
         if self._rank == 0:
-            logger.info(f"shortv: {model.name} on {model.device} ({model.dtype}), "
+            quantized = f", {model.quantization.describe()}" if model.quantization else ""
+            logger.info(f"shortv: {model.name} on {model.device} ({model.dtype}{quantized}), "
                         f"{model.method.describe()}, {self._world_size} process(es)")
 
     @classmethod

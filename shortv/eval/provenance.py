@@ -11,6 +11,8 @@ The record (a JSON object):
      "generation": {"max_new_tokens": 128, "temperature": 0.0, "top_p": null,
                     "seed": null, "stop": []},
      "dtype": "bfloat16",
+     "quantization": {"quantization": "int4",       only for a quantized model (`shortv.load(
+                      "group_size": "128"},          quantize=...)`); absent means dense
      "version": "0.1.0"}                             shortv's
 
 Every field is compared on resume: each can change the answers (dtype too: bfloat16 and
@@ -32,10 +34,14 @@ import torch
 
 from ..generate import GenerationOptions
 from ..methods import Method
+from ..models.quant import Quantization
 from ..version import __version__
 
 # Compared in this order; the first that differs is the one an error names.
-FIELDS = ("model", "method", "template", "generation", "dtype", "version")
+FIELDS = ("model", "method", "template", "generation", "dtype", "quantization", "version")
+# Fields a record leaves out for their usual value (so that older records still compare):
+# a dense model has no quantization.
+OPTIONAL = frozenset({"quantization"})
 
 
 def method_record(method: Method) -> dict[str, Any]:
@@ -67,6 +73,7 @@ def build(
     template: str | None = None,
     options: GenerationOptions | None = None,
     dtype: torch.dtype | None = None,
+    quantization: Quantization | None = None,
 ) -> dict[str, Any]:
     """The record of a run (the version is always known). A field left None is left out:
     what a command knows before loading the model, checked early and again in full
@@ -83,6 +90,8 @@ def build(
                                 for f in dataclasses.fields(options)}
     if dtype is not None:
         record["dtype"] = dtype_name(dtype)
+    if quantization is not None:
+        record["quantization"] = quantization.metadata()
     record["version"] = __version__
     # As it reads back from a file (tuples become lists), so that records compare equal.
     return json.loads(json.dumps(record))
@@ -91,7 +100,7 @@ def build(
 def of_model(model: Any, options: GenerationOptions) -> dict[str, Any]:
     """The full record of a run of a loaded LLaVA with these generation options."""
     return build(model=model.name, method=model.method, template=model.template.name,
-                 options=options, dtype=model.dtype)
+                 options=options, dtype=model.dtype, quantization=model.quantization)
 
 
 def difference(recorded: Any, expected: dict[str, Any]) -> str | None:
@@ -100,6 +109,12 @@ def difference(recorded: Any, expected: dict[str, Any]) -> str | None:
     if not isinstance(recorded, dict):
         return "no record of its run"
     for name in FIELDS:
+        if name in OPTIONAL:
+            old, new = recorded.get(name), expected.get(name)
+            if old != new:
+                return (f"{name}={_show(name, old or 'none')}, "
+                        f"this run has {name}={_show(name, new or 'none')}")
+            continue
         if name not in expected or recorded.get(name) == expected[name]:
             continue
         if name not in recorded:

@@ -1,0 +1,316 @@
+"""shortv's decoder against llama.cpp on the CPU, at equal bits: bf16 / F16, int8 / Q8_0,
+int4 / Q4_0. Decode ms per token and prefill time, the two engines interleaved in one
+process (several rounds, medians).
+
+    pip install -e '.[bench-llamacpp]'   # llama-cpp-python (built from source) and gguf
+    python scripts/bench_llamacpp.py [--layers 8] [--prompts 640,64] [--new-tokens 32]
+                                     [--precisions bf16,int8,int4] [--repeats 3] [--json]
+
+The decoder has LLaVA-1.5-7B's shape (Llama-2-7B: hidden 4096, MLP 11008, 32 heads,
+vocabulary 32000) with random weights; `--layers` keeps the first N of its 32 layers
+(default 8, so that both engines' weights fit in memory at once; per-token times grow
+linearly with the layers, and both engines run the same ones). The prompt is text tokens
+only: 640 = LLaVA-1.5's 576 visual + 64 text positions, and a short 64-token one.
+
+shortv: `shortv.bench.random_decoder` (bfloat16), quantized in place with
+`shortv.models.quant.quantize_decoder` for int8 / int4; prefill into a `KVCache`, then
+greedy decode steps on a `SlotCache`, as `shortv.generate` does. llama.cpp: the same
+weights written as an F16 GGUF (`gguf`), quantized by llama.cpp itself to Q8_0 / Q4_0
+(`llama_model_quantize`), run through llama-cpp-python's `Llama.eval` with as many
+threads as torch has. Each engine feeds the same token ids. Q8_0 / Q4_0 quantize in
+blocks of 32 (one fp16 scale each; Q4_0 symmetric), shortv's int8 per output channel and
+int4 in groups of 128 with an offset: the bits per weight differ slightly (reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from shortv.bench import random_decoder
+from shortv.methods import VANILLA
+from shortv.models.config import TextConfig
+from shortv.models.kv_cache import CachePlan, KVCache, SlotCache
+from shortv.models.llama import Decoder
+from shortv.models.quant import Quantization, quantize_decoder
+from shortv.token_types import TYPE_DTYPE, TokenType
+
+LLAMA_7B = TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, layers=32, heads=32,
+                      kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096)
+# shortv scheme and llama.cpp file type per precision.
+PRECISIONS = {"bf16": (None, "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0")}
+
+
+# ---- shortv ----------------------------------------------------------------------------------
+
+
+class ShortvRunner:
+    """Prefill and greedy decode of a shortv decoder on token ids (batch 1)."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], room: int) -> tuple[torch.Tensor, SlotCache, int]:
+        d, c = self.decoder, self.decoder.config
+        t = len(ids)
+        x = d.embed_tokens(torch.tensor([ids]))
+        types = torch.full((1, t), int(TokenType.TEXT), dtype=TYPE_DTYPE)
+        positions = torch.arange(t)[None]
+        kv = KVCache(c.layers, capacity=t)
+        hidden = d(x, types, positions, cache=kv, method=VANILLA, last_only=True)
+        logits = d.head(hidden[:, -1])
+        plan = CachePlan(c.layers, 1, t + room, c.kv_heads, c.head_dim, x.dtype)
+        cache = SlotCache(plan, "cpu", lazy=True)
+        cache.write([0], kv)
+        return logits, cache, t
+
+    @torch.inference_mode()
+    def decode(self, ids: list[int], n: int) -> list[int]:
+        logits, cache, position = self.prefill(ids, n)
+        out = []
+        for _ in range(n):
+            token = logits.argmax(dim=-1)
+            out.append(int(token))
+            logits = self.decoder.step(token, torch.tensor([[position]]), cache.view(1), VANILLA)
+            cache.advance(1)
+            position += 1
+        return out
+
+
+# ---- llama.cpp -------------------------------------------------------------------------------
+
+
+def write_gguf(decoder: Decoder, path: Path) -> None:
+    """The decoder's weights as a llama-architecture F16 GGUF (norms in F32), with a
+    stand-in vocabulary (llama.cpp needs one; the benchmark feeds ids)."""
+    import gguf
+    import numpy as np
+
+    c = decoder.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.heads)
+    w.add_head_count_kv(c.kv_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tokens += [f"\u2581t{i}" for i in range(c.vocab_size - len(tokens))]
+    kinds = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    kinds += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (c.vocab_size - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * c.vocab_size)
+    w.add_token_types(kinds)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def half(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(torch.float16).numpy()
+
+    def single(t: torch.Tensor) -> np.ndarray:
+        return t.detach().float().numpy()
+
+    w.add_tensor("token_embd.weight", half(decoder.embed_tokens.weight))
+    for i, layer in enumerate(decoder.layers):
+        a, m = layer.attn, layer.mlp
+        for name, t in [("attn_norm", layer.attn_norm.weight), ("ffn_norm", layer.mlp_norm.weight)]:
+            w.add_tensor(f"blk.{i}.{name}.weight", single(t))
+        for name, lin in [("attn_q", a.q_proj), ("attn_k", a.k_proj), ("attn_v", a.v_proj),
+                          ("attn_output", a.o_proj), ("ffn_gate", m.gate_proj), ("ffn_up", m.up_proj),
+                          ("ffn_down", m.down_proj)]:
+            w.add_tensor(f"blk.{i}.{name}.weight", half(lin.weight))
+    w.add_tensor("output_norm.weight", single(decoder.norm.weight))
+    w.add_tensor("output.weight", half(decoder.lm_head.weight))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize_gguf(source: Path, out: Path, kind: str) -> None:
+    """llama.cpp's own quantization of an F16 GGUF to Q8_0 / Q4_0."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    types = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
+    params.ftype = types[kind]
+    params.nthread = torch.get_num_threads()
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+
+
+class LlamaRunner:
+    """Prefill and greedy decode of a GGUF through llama-cpp-python (batch 1).
+    `extra_buffers=False` turns off llama.cpp's extra CPU buffer types (AMX, repacked
+    weights), for a build whose AMX kernels crash on the machine."""
+
+    def __init__(self, path: Path, context: int, extra_buffers: bool = True) -> None:
+        import llama_cpp
+        import llama_cpp.llama as high_level
+
+        threads = torch.get_num_threads()
+        defaults = llama_cpp.llama_model_default_params
+
+        def params() -> object:
+            p = defaults()
+            p.use_extra_bufts = extra_buffers
+            return p
+
+        # Llama() takes its model parameters from this function and offers no argument for it.
+        high_level.llama_cpp.llama_model_default_params = params
+        try:
+            self.llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                                       n_batch=512, n_ubatch=512, verbose=False)
+        finally:
+            high_level.llama_cpp.llama_model_default_params = defaults
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def decode(self, ids: list[int], n: int) -> list[int]:
+        self.prefill(ids)
+        out = []
+        for _ in range(n):
+            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+            out.append(token)
+            self.llm.eval([token])
+        return out
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    prefill_s: dict[str, list[float]] = field(default_factory=dict)
+    decode_ms: dict[str, list[float]] = field(default_factory=dict)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_precision(precision: str, decoder: Decoder, f16_gguf: Path, work: Path, prompts: list[int],
+                  new_tokens: int, repeats: int, say: Callable[[str], None], extra_buffers: bool = True
+                  ) -> dict[int, Timings]:
+    scheme, kind = PRECISIONS[precision]
+    if scheme is not None:
+        say(f"  quantizing shortv's decoder to {scheme} ...")
+        quantize_decoder(decoder, Quantization(scheme))
+    gguf_path = f16_gguf
+    if kind != "F16":
+        gguf_path = work / f"model-{kind}.gguf"
+        if not gguf_path.exists():
+            say(f"  llama.cpp quantizing to {kind} ...")
+            quantize_gguf(f16_gguf, gguf_path, kind)
+    llama = LlamaRunner(gguf_path, context=max(prompts) + new_tokens + 8, extra_buffers=extra_buffers)
+    ours = ShortvRunner(decoder)
+    engines: dict[str, Callable[[list[int], int], object]] = {
+        "shortv": ours.decode, "llama.cpp": llama.decode}
+    prefills: dict[str, Callable[[list[int]], object]] = {
+        "shortv": lambda ids: ours.prefill(ids, 1), "llama.cpp": llama.prefill}
+    generator = torch.Generator().manual_seed(0)
+    results = {}
+    for t in prompts:
+        ids = [1, *torch.randint(3, decoder.config.vocab_size, (t - 1,), generator=generator).tolist()]
+        timings = Timings({e: [] for e in engines}, {e: [] for e in engines})
+        for name in engines:  # warm-up: first-touch of the weights, kernel selection
+            engines[name](ids, 2)
+        for round_ in range(repeats):
+            for name in engines if round_ % 2 == 0 else reversed(list(engines)):
+                timings.prefill_s[name].append(timed(lambda name=name, ids=ids: prefills[name](ids)))
+                total = timed(lambda name=name, ids=ids: engines[name](ids, new_tokens))
+                timings.decode_ms[name].append((total - timings.prefill_s[name][-1]) / new_tokens * 1e3)
+            say(f"  {precision} prompt {t}, round {round_ + 1}/{repeats}: " + ", ".join(
+                f"{e} prefill {timings.prefill_s[e][-1]:.2f} s, "
+                f"decode {timings.decode_ms[e][-1]:.0f} ms/token" for e in engines))
+        results[t] = timings
+    del llama
+    gc.collect()
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=8, help="decoder layers of 32 (default 8)")
+    p.add_argument("--prompts", default="640,64", help="prompt lengths in tokens, comma-separated")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--precisions", default="bf16,int8,int4")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-extra-buffers", action="store_true",
+                   help="llama.cpp without its AMX / repacked weight buffers (where they crash)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    prompts = [int(x) for x in args.prompts.split(",")]
+    precisions = args.precisions.split(",")
+    if unknown := [x for x in precisions if x not in PRECISIONS]:
+        p.error(f"unknown precision(s) {unknown}; use {', '.join(PRECISIONS)}")
+    say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    import llama_cpp
+
+    config = replace(LLAMA_7B, layers=args.layers)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
+        work = Path(tmp)
+        say(f"building {args.layers} random layers at Llama-2-7B width ...")
+        f16 = work / "model-F16.gguf"
+        write_gguf(random_decoder(config, torch.device("cpu"), torch.bfloat16, seed=0), f16)
+        for precision in precisions:
+            decoder = random_decoder(config, torch.device("cpu"), torch.bfloat16, seed=0)
+            say(f"{precision}:")
+            results = run_precision(precision, decoder, f16, work, prompts, args.new_tokens, args.repeats,
+                                    say, extra_buffers=not args.no_extra_buffers)
+            del decoder
+            gc.collect()
+            for t, timing in results.items():
+                med = {e: (statistics.median(timing.prefill_s[e]), statistics.median(timing.decode_ms[e]))
+                       for e in timing.prefill_s}
+                rows.append({"precision": precision, "llama_cpp": PRECISIONS[precision][1], "prompt": t,
+                             "shortv_prefill_s": round(med["shortv"][0], 3),
+                             "llama_prefill_s": round(med["llama.cpp"][0], 3),
+                             "prefill_ratio": round(med["shortv"][0] / med["llama.cpp"][0], 3),
+                             "shortv_decode_ms": round(med["shortv"][1], 1),
+                             "llama_decode_ms": round(med["llama.cpp"][1], 1),
+                             "decode_ratio": round(med["shortv"][1] / med["llama.cpp"][1], 3)})
+    meta = {"torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
+            "threads": torch.get_num_threads(), "layers": args.layers, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "llama_extra_buffers": not args.no_extra_buffers,
+            "system": llama_cpp.llama_print_system_info().decode().strip(),
+            "command": "python " + " ".join(sys.argv)}
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        return
+    print(f"{meta['command']}  (torch {meta['torch']}, llama-cpp-python {meta['llama_cpp_python']}, "
+          f"{meta['threads']} threads, {args.layers}/32 layers of Llama-2-7B, {args.new_tokens} new tokens, "
+          f"median of {args.repeats})")
+    print(f"llama.cpp: {meta['system']}" + ("" if meta["llama_extra_buffers"] else " (extra buffers off)"))
+    print("| shortv / llama.cpp | prompt | prefill s shortv | llama.cpp | ratio | decode ms/token shortv "
+          "| llama.cpp | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['precision']} / {r['llama_cpp']} | {r['prompt']} | {r['shortv_prefill_s']} | "
+              f"{r['llama_prefill_s']} | {r['prefill_ratio']} | {r['shortv_decode_ms']} | "
+              f"{r['llama_decode_ms']} | {r['decode_ratio']} |")
+
+
+if __name__ == "__main__":
+    main()
