@@ -3,7 +3,7 @@ engine — accuracy, analytic prefill FLOPs ratio and measured prefill speedup s
 
     python scripts/make_demo_eval.py --out /tmp/demo-eval
     python scripts/eval_methods.py llava-tiny-demo --questions /tmp/demo-eval/questions.jsonl \
-        --out /tmp/demo-eval-answers [--batch-size 16] [--json]
+        --out /tmp/demo-eval-answers [--batch-size 16] [--dtype bfloat16] [--quantize int8] [--json]
 
 The model is loaded once; each method writes its own answer file (`<out>/<label>.jsonl`).
 A rerun resumes them (each only if written with the same method and options, see `shortv
@@ -42,10 +42,14 @@ def main() -> int:
     parser.add_argument("--methods", help='";"-separated method entries (see above)')
     parser.add_argument("--overwrite", action="store_true",
                         help="start every answer file afresh (re-measure) instead of resuming")
+    parser.add_argument("--dtype", help="default: float32, bfloat16 with --quantize")
+    parser.add_argument("--quantize", choices=("int8", "int4"))
+    parser.add_argument("--group-size", type=int)
     args = parser.parse_args()
     try:
         questions = read_questions(args.questions)
-        model = shortv.load(args.model, device="cpu")
+        model = shortv.load(args.model, device="cpu", dtype=args.dtype, quantize=args.quantize,
+                            group_size=args.group_size)
         card = shortv.zoo.get_card(args.model)
         entries = [e.strip() for e in (args.methods or "shortv; fastv; vtw").split(";") if e.strip()]
         layers = model.num_layers
