@@ -185,10 +185,15 @@ class LlamaRunner:
         self.llm.eval(ids)
 
     def decode(self, ids: list[int], n: int) -> list[int]:
+        import numpy as np
+
         self.prefill(ids)
         out = []
         for _ in range(n):
-            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+            # The last evaluated position's logits (llama-cpp-python keeps them only with
+            # logits_all, which would compute every position's).
+            logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+            token = int(logits.argmax())
             out.append(token)
             self.llm.eval([token])
         return out

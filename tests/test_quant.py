@@ -8,6 +8,7 @@ to the checkpoint's own weights, and transformers' Llava run on the weights so r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ from shortv.ops import Linear
 from . import checkpoints
 from .cli_runner import run_main
 from .reference import hf_input_ids, hf_tokens_per_image
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "weights" / "llava-tiny-demo" / "example.png"
 
 
 def int8_rule(w: torch.Tensor) -> torch.Tensor:
@@ -277,3 +280,15 @@ def test_a_quantized_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path
         shortv.load(out)
     with pytest.raises(ConfigError, match="save_quantized saves a quantized model"):
         shortv.load(hf64, device="cpu").save_quantized(tmp_path / "dense")
+
+
+def test_bench_and_chat_commands_take_quantize(capsys):
+    code, out, err = run_main(["bench", "llava-tiny-demo", "--random-weights", "--n-frozen", "2",
+                               "--quantize", "int4", "--group-size", "32", "--repeats", "1", "--warmup", "0",
+                               "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["quantize"] == "int4 (groups of 32)" and report["dtype"] == "bfloat16"
+    code, out, err = run_main(["chat", "--model", "llava-tiny-demo", "--image", str(EXAMPLE), "--prompt",
+                               "What is in this picture?", "--no-stream", "--quantize", "int8"], capsys)
+    assert code == 0 and out.strip(), err
