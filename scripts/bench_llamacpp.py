@@ -55,35 +55,36 @@ PRECISIONS = {"bf16": (None, "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4", 
 
 
 class ShortvRunner:
-    """Prefill and greedy decode of a shortv decoder on token ids (batch 1)."""
+    """Prefill and greedy decode of a shortv decoder on token ids: B prompts of one length,
+    prefilled together, then decoded in a `SlotCache` of B slots."""
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], room: int) -> tuple[torch.Tensor, SlotCache, int]:
+    def prefill(self, prompts: list[list[int]], room: int = 1) -> tuple[torch.Tensor, SlotCache, int]:
         d, c = self.decoder, self.decoder.config
-        t = len(ids)
-        x = d.embed_tokens(torch.tensor([ids]))
-        types = torch.full((1, t), int(TokenType.TEXT), dtype=TYPE_DTYPE)
-        positions = torch.arange(t)[None]
+        b, t = len(prompts), len(prompts[0])
+        x = d.embed_tokens(torch.tensor(prompts))
+        types = torch.full((b, t), int(TokenType.TEXT), dtype=TYPE_DTYPE)
+        positions = torch.arange(t).expand(b, t)
         kv = KVCache(c.layers, capacity=t)
         hidden = d(x, types, positions, cache=kv, method=VANILLA, last_only=True)
         logits = d.head(hidden[:, -1])
-        plan = CachePlan(c.layers, 1, t + room, c.kv_heads, c.head_dim, x.dtype)
-        cache = SlotCache(plan, "cpu", lazy=True)
-        cache.write([0], kv)
+        cache = SlotCache(CachePlan(c.layers, b, t + room, c.kv_heads, c.head_dim, x.dtype), "cpu", lazy=True)
+        cache.write(list(range(b)), kv)
         return logits, cache, t
 
     @torch.inference_mode()
-    def decode(self, ids: list[int], n: int) -> list[int]:
-        logits, cache, position = self.prefill(ids, n)
+    def decode(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        logits, cache, position = self.prefill(prompts, n)
+        b = len(prompts)
         out = []
         for _ in range(n):
-            token = logits.argmax(dim=-1)
-            out.append(int(token))
-            logits = self.decoder.step(token, torch.tensor([[position]]), cache.view(1), VANILLA)
-            cache.advance(1)
+            tokens = logits.argmax(dim=-1)
+            out.append(tokens.tolist())
+            logits = self.decoder.step(tokens, torch.full((b, 1), position), cache.view(b), VANILLA)
+            cache.advance(b)
             position += 1
         return out
 
@@ -156,46 +157,68 @@ def quantize_gguf(source: Path, out: Path, kind: str) -> None:
 
 
 class LlamaRunner:
-    """Prefill and greedy decode of a GGUF through llama-cpp-python (batch 1).
-    `extra_buffers=False` turns off llama.cpp's extra CPU buffer types (AMX, repacked
-    weights), for a build whose AMX kernels crash on the machine."""
+    """Prefill and greedy decode of a GGUF with llama.cpp's C API (through llama-cpp-python):
+    B prompts as B sequences of one context, prefilled in batches of 512 tokens, then one
+    token per sequence per `llama_decode`. `extra_buffers=False` turns off llama.cpp's
+    extra CPU buffer types (AMX, repacked weights), for a build whose kernels crash."""
 
-    def __init__(self, path: Path, context: int, extra_buffers: bool = True) -> None:
+    def __init__(self, path: Path, sequences: int, context: int, extra_buffers: bool = True) -> None:
         import llama_cpp
-        import llama_cpp.llama as high_level
 
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = extra_buffers
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
         threads = torch.get_num_threads()
-        defaults = llama_cpp.llama_model_default_params
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = sequences * context
+        ctx_params.n_batch = ctx_params.n_ubatch = 512
+        ctx_params.n_seq_max = sequences
+        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
+        self.batch = llama_cpp.llama_batch_init(512, 0, 1)
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.api = llama_cpp
 
-        def params() -> object:
-            p = defaults()
-            p.use_extra_bufts = extra_buffers
-            return p
+    def close(self) -> None:
+        self.api.llama_batch_free(self.batch)
+        self.api.llama_free(self.ctx)
+        self.api.llama_model_free(self.model)
 
-        # Llama() takes its model parameters from this function and offers no argument for it.
-        high_level.llama_cpp.llama_model_default_params = params
-        try:
-            self.llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                                       n_batch=512, n_ubatch=512, verbose=False)
-        finally:
-            high_level.llama_cpp.llama_model_default_params = defaults
+    def _run(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """(token, position, sequence, wants logits) entries, 512 per llama_decode."""
+        for start in range(0, len(entries), 512):
+            chunk = entries[start: start + 512]
+            for i, (token, position, sequence, logits) in enumerate(chunk):
+                self.batch.token[i] = token
+                self.batch.pos[i] = position
+                self.batch.n_seq_id[i] = 1
+                self.batch.seq_id[i][0] = sequence
+                self.batch.logits[i] = logits
+            self.batch.n_tokens = len(chunk)
+            if self.api.llama_decode(self.ctx, self.batch) != 0:
+                raise RuntimeError("llama_decode failed")
 
-    def prefill(self, ids: list[int]) -> None:
-        self.llm.reset()
-        self.llm.eval(ids)
+    def prefill(self, prompts: list[list[int]]) -> None:
+        self.api.llama_memory_clear(self.api.llama_get_memory(self.ctx), True)
+        self._run([(token, position, s, position == len(p) - 1)
+                   for s, p in enumerate(prompts) for position, token in enumerate(p)])
 
-    def decode(self, ids: list[int], n: int) -> list[int]:
+    def decode(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         import numpy as np
 
-        self.prefill(ids)
+        self.prefill(prompts)
+        t = len(prompts[0])
+        tokens = [1] * len(prompts)  # the first new token's value does not change the timing
         out = []
-        for _ in range(n):
-            # The last evaluated position's logits (llama-cpp-python keeps them only with
-            # logits_all, which would compute every position's).
-            logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
-            token = int(logits.argmax())
-            out.append(token)
-            self.llm.eval([token])
+        for step in range(n):
+            self._run([(token, t + step, s, True) for s, token in enumerate(tokens)])
+            tokens = []
+            for s in range(len(prompts)):
+                row = self.api.llama_get_logits_ith(self.ctx, s)
+                tokens.append(int(np.ctypeslib.as_array(row, shape=(self.vocab,)).argmax()))
+            out.append(tokens)
         return out
 
 
@@ -214,9 +237,10 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def run_precision(precision: str, decoder: Decoder, f16_gguf: Path, work: Path, prompts: list[int],
-                  new_tokens: int, repeats: int, say: Callable[[str], None], extra_buffers: bool = True
-                  ) -> dict[int, Timings]:
+def run_precision(precision: str, decoder: Decoder, f16_gguf: Path, work: Path,
+                  cases: list[tuple[int, int]], new_tokens: int, repeats: int, say: Callable[[str], None],
+                  extra_buffers: bool = True) -> dict[tuple[int, int], Timings]:
+    """Both engines on each (prompt length, batch) case, interleaved rounds."""
     scheme, kind = PRECISIONS[precision]
     if scheme is not None:
         say(f"  quantizing shortv's decoder to {scheme} ...")
@@ -227,29 +251,31 @@ def run_precision(precision: str, decoder: Decoder, f16_gguf: Path, work: Path, 
         if not gguf_path.exists():
             say(f"  llama.cpp quantizing to {kind} ...")
             quantize_gguf(f16_gguf, gguf_path, kind)
-    llama = LlamaRunner(gguf_path, context=max(prompts) + new_tokens + 8, extra_buffers=extra_buffers)
     ours = ShortvRunner(decoder)
-    engines: dict[str, Callable[[list[int], int], object]] = {
-        "shortv": ours.decode, "llama.cpp": llama.decode}
-    prefills: dict[str, Callable[[list[int]], object]] = {
-        "shortv": lambda ids: ours.prefill(ids, 1), "llama.cpp": llama.prefill}
     generator = torch.Generator().manual_seed(0)
     results = {}
-    for t in prompts:
-        ids = [1, *torch.randint(3, decoder.config.vocab_size, (t - 1,), generator=generator).tolist()]
+    for t, batch in cases:
+        llama = LlamaRunner(gguf_path, batch, context=t + new_tokens + 8, extra_buffers=extra_buffers)
+        engines: dict[str, Callable[[list[list[int]], int], object]] = {
+            "shortv": ours.decode, "llama.cpp": llama.decode}
+        prefills: dict[str, Callable[[list[list[int]]], object]] = {
+            "shortv": ours.prefill, "llama.cpp": llama.prefill}
+        prompts = [[1, *torch.randint(3, decoder.config.vocab_size, (t - 1,), generator=generator).tolist()]
+                   for _ in range(batch)]
         timings = Timings({e: [] for e in engines}, {e: [] for e in engines})
         for name in engines:  # warm-up: first-touch of the weights, kernel selection
-            engines[name](ids, 2)
+            engines[name](prompts, 2)
         for round_ in range(repeats):
             for name in engines if round_ % 2 == 0 else reversed(list(engines)):
-                timings.prefill_s[name].append(timed(lambda name=name, ids=ids: prefills[name](ids)))
-                total = timed(lambda name=name, ids=ids: engines[name](ids, new_tokens))
+                prefill, run = prefills[name], engines[name]
+                timings.prefill_s[name].append(timed(lambda f=prefill, p=prompts: f(p)))
+                total = timed(lambda f=run, p=prompts: f(p, new_tokens))
                 timings.decode_ms[name].append((total - timings.prefill_s[name][-1]) / new_tokens * 1e3)
-            say(f"  {precision} prompt {t}, round {round_ + 1}/{repeats}: " + ", ".join(
+            say(f"  {precision} prompt {t} x {batch}, round {round_ + 1}/{repeats}: " + ", ".join(
                 f"{e} prefill {timings.prefill_s[e][-1]:.2f} s, "
-                f"decode {timings.decode_ms[e][-1]:.0f} ms/token" for e in engines))
-        results[t] = timings
-    del llama
+                f"decode {timings.decode_ms[e][-1]:.0f} ms/step" for e in engines))
+        results[t, batch] = timings
+        llama.close()
     gc.collect()
     return results
 
@@ -260,12 +286,15 @@ def main() -> None:
     p.add_argument("--prompts", default="640,64", help="prompt lengths in tokens, comma-separated")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--precisions", default="bf16,int8,int4")
+    p.add_argument("--batch", type=int, default=8,
+                   help="also decode this many sequences at once, at the shortest prompt (1: no)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-extra-buffers", action="store_true",
                    help="llama.cpp without its AMX / repacked weight buffers (where they crash)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     prompts = [int(x) for x in args.prompts.split(",")]
+    cases = [(t, 1) for t in prompts] + ([(min(prompts), args.batch)] if args.batch > 1 else [])
     precisions = args.precisions.split(",")
     if unknown := [x for x in precisions if x not in PRECISIONS]:
         p.error(f"unknown precision(s) {unknown}; use {', '.join(PRECISIONS)}")
@@ -282,14 +311,15 @@ def main() -> None:
         for precision in precisions:
             decoder = random_decoder(config, torch.device("cpu"), torch.bfloat16, seed=0)
             say(f"{precision}:")
-            results = run_precision(precision, decoder, f16, work, prompts, args.new_tokens, args.repeats,
+            results = run_precision(precision, decoder, f16, work, cases, args.new_tokens, args.repeats,
                                     say, extra_buffers=not args.no_extra_buffers)
             del decoder
             gc.collect()
-            for t, timing in results.items():
+            for (t, batch), timing in results.items():
                 med = {e: (statistics.median(timing.prefill_s[e]), statistics.median(timing.decode_ms[e]))
                        for e in timing.prefill_s}
                 rows.append({"precision": precision, "llama_cpp": PRECISIONS[precision][1], "prompt": t,
+                             "batch": batch,
                              "shortv_prefill_s": round(med["shortv"][0], 3),
                              "llama_prefill_s": round(med["llama.cpp"][0], 3),
                              "prefill_ratio": round(med["shortv"][0] / med["llama.cpp"][0], 3),
@@ -308,11 +338,12 @@ def main() -> None:
           f"{meta['threads']} threads, {args.layers}/32 layers of Llama-2-7B, {args.new_tokens} new tokens, "
           f"median of {args.repeats})")
     print(f"llama.cpp: {meta['system']}" + ("" if meta["llama_extra_buffers"] else " (extra buffers off)"))
-    print("| shortv / llama.cpp | prompt | prefill s shortv | llama.cpp | ratio | decode ms/token shortv "
-          "| llama.cpp | ratio |")
+    print("| shortv / llama.cpp | prompt x batch | prefill s shortv | llama.cpp | ratio "
+          "| decode ms/step shortv | llama.cpp | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['precision']} / {r['llama_cpp']} | {r['prompt']} | {r['shortv_prefill_s']} | "
+        print(f"| {r['precision']} / {r['llama_cpp']} | {r['prompt']} x {r['batch']} | "
+              f"{r['shortv_prefill_s']} | "
               f"{r['llama_prefill_s']} | {r['prefill_ratio']} | {r['shortv_decode_ms']} | "
               f"{r['llama_decode_ms']} | {r['decode_ratio']} |")
 
