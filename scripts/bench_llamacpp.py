@@ -1,6 +1,6 @@
 """shortv's decoder against llama.cpp on the CPU, at equal bits: bf16 / F16, int8 / Q8_0,
-int4 / Q4_0. Decode ms per token and prefill time, the two engines interleaved in one
-process (several rounds, medians).
+int4 / Q4_0 (and shortv's w8a8 / Q8_0). Decode ms per token and prefill time, the two
+engines interleaved in one process (several rounds, medians).
 
     pip install -e '.[bench-llamacpp]'   # llama-cpp-python (built from source) and gguf
     python scripts/bench_llamacpp.py [--layers 8] [--prompts 640,64] [--new-tokens 32]
@@ -48,7 +48,8 @@ from shortv.token_types import TYPE_DTYPE, TokenType
 LLAMA_7B = TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, layers=32, heads=32,
                       kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096)
 # shortv scheme and llama.cpp file type per precision.
-PRECISIONS = {"bf16": (None, "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0")}
+PRECISIONS = {"bf16": (None, "F16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0"),
+              "w8a8": ("w8a8", "Q8_0")}
 
 
 # ---- shortv ----------------------------------------------------------------------------------
@@ -285,7 +286,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8, help="decoder layers of 32 (default 8)")
     p.add_argument("--prompts", default="640,64", help="prompt lengths in tokens, comma-separated")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--precisions", default="bf16,int8,int4")
+    p.add_argument("--precisions", default="bf16,int8,int4",
+                   help="of bf16, int8, int4, w8a8 (int8 weights and activations, against Q8_0)")
     p.add_argument("--batch", type=int, default=8,
                    help="also decode this many sequences at once, at the shortest prompt (1: no)")
     p.add_argument("--repeats", type=int, default=3)

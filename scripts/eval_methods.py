@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="start every answer file afresh (re-measure) instead of resuming")
     parser.add_argument("--dtype", help="default: float32, bfloat16 with --quantize")
-    parser.add_argument("--quantize", choices=("int8", "int4"))
+    parser.add_argument("--quantize", choices=("int8", "int4", "w8a8"))
     parser.add_argument("--group-size", type=int)
     args = parser.parse_args()
     try:

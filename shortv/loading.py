@@ -52,10 +52,11 @@ def load(
     template: the conversation template's name (`shortv.conversation.TEMPLATES`); default
         the zoo card's, else the model family's (`vicuna_v1` for LLaVA: LLaVA-1.5's
         training and evaluation template).
-    quantize: "int8" or "int4": the language model's Linear layers keep their weights
-        quantized (int8 per output channel; int4 in groups of `group_size` inputs, default
-        128), quantized while the checkpoint is read; the embeddings, norms, vision tower
-        and projector stay in dtype, which defaults to bfloat16. CPU only (docs/quantization.md).
+    quantize: "int8", "int4" or "w8a8": the language model's Linear layers keep their
+        weights quantized (int8 per output channel; int4 in groups of `group_size` inputs,
+        default 128; w8a8: int8's weights, and activations rounded to int8 per row),
+        quantized while the checkpoint is read; the embeddings, norms, vision tower and
+        projector stay in dtype, which defaults to bfloat16. CPU only (docs/quantization.md).
     """
     if not isinstance(source, (str, Path)):
         raise ConfigError(f"source must be a zoo name, a directory or a repo id, got {source!r}")

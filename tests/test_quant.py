@@ -74,6 +74,33 @@ def test_a_layer_computes_with_the_rounded_weight(scheme: str, group: int, out: 
     assert not torch.allclose(got, dense(x), atol=1e-3)  # it is quantized
 
 
+@pytest.mark.parametrize("out", [96, 401])
+@pytest.mark.parametrize("rows", [1, 7, 120])
+def test_a_w8a8_layer_rounds_each_activation_row_to_int8(out: int, rows: int):
+    """w8a8: each row of x rounded to int8 against its own max (s = max|row| / 127), times
+    int8's rounded weight; int32 accumulation, so exact up to the final float scaling."""
+    torch.manual_seed(out + rows)
+    dense = Linear(256, out, bias=True)
+    layer = QuantizedLinear.from_linear(dense, Quantization("w8a8"))
+    x = torch.randn(rows, 256) * torch.linspace(0.1, 3.0, 256)
+    s = x.abs().amax(dim=1, keepdim=True) / 127
+    expected = ((x / s).round() * s) @ int8_rule(dense.weight.detach()).T + dense.bias.detach()
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    weight_only = QuantizedLinear.from_linear(dense, Quantization("int8"))
+    assert not torch.allclose(layer(x), weight_only(x), atol=1e-4)  # the activations are rounded too
+
+
+def test_w8a8_answers_do_not_depend_on_the_batch(hf64, images):
+    """Rows are rounded each against its own max, so a padded batch answers as each prompt
+    alone does."""
+    model = shortv.load(hf64, device="cpu", dtype=torch.float32, quantize="w8a8")
+    prompts, pictures = ["What is this?", "Describe both pictures."], [[images[0]], images[1:3]]
+    together = [r.token_ids for r in model.generate(prompts, pictures, max_new_tokens=6)]
+    alone = [model.generate([p], [im], max_new_tokens=6)[0].token_ids for p, im in zip(prompts, pictures,
+                                                                                         strict=True)]
+    assert together == alone
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_bfloat16_kernels_agree_with_the_dense_path(scheme: str):
     """In bfloat16 (scales rounded to bfloat16) the kernel path (a few rows: decode) and
@@ -232,7 +259,7 @@ def test_state_dict_holds_the_quantized_tensors(tmp_path, hf64):
     assert saved["qweight"].dtype == torch.int8 and torch.equal(saved["qweight"], layer.qweight)
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("w8a8", None)])
 @pytest.mark.parametrize("source", ["hf64", "original64"])
 def test_a_saved_quantized_checkpoint_loads_back_the_same_model(request, tmp_path, images, scheme, group,
                                                                 source):
@@ -253,7 +280,7 @@ def test_a_saved_quantized_checkpoint_loads_back_the_same_model(request, tmp_pat
     assert torch.equal(again.logits(enc), model.logits(enc))
     assert again.chat("What is this?", [images[0]], max_new_tokens=5) == \
         model.chat("What is this?", [images[0]], max_new_tokens=5)
-    other = "int4" if scheme == "int8" else "int8"
+    other = "int4" if scheme != "int4" else "int8"
     with pytest.raises(ConfigError, match="quantized checkpoint"):
         shortv.load(out, quantize=other)
     with pytest.raises(ConfigError, match="already holds a checkpoint"):

@@ -89,7 +89,7 @@ class ShortVLMM(lmms):
     - dtype: float32 | float16 | bfloat16 | float64 (and fp32, fp16, bf16, fp64); default
       bfloat16 on CUDA, float32 on CPU. device: cpu, cuda, cuda:1, ...; default the GPU of
       this process (LOCAL_RANK) when CUDA is available, else cpu.
-    - quantize: int8 | int4, weight-only quantization of the language model (CPU; default
+    - quantize: int8 | int4 | w8a8, quantization of the language model (CPU; default
       dtype then bfloat16); group_size: int4's inputs per scale (default 128).
     - conv_template: any shortv conversation template name (`shortv.get_template`, e.g.
       `vicuna_v1`, `plain`); default the model card's, the one `shortv.load` picks (not

@@ -31,7 +31,9 @@ from ..errors import ConfigError
 from ..ops import Linear
 from .config import TextConfig
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "w8a8")
+# The schemes whose weights are int8 per output channel (w8a8 also rounds its activations).
+INT8_WEIGHTS = frozenset({"int8", "w8a8"})
 DEFAULT_GROUP_SIZE = 128
 # The group sizes torch's int4 CPU kernel takes.
 GROUP_SIZES = (32, 64, 128, 256)
@@ -50,8 +52,9 @@ _CHUNK_ROWS = 1024
 
 @dataclass(frozen=True)
 class Quantization:
-    """A weight-only scheme: "int8" (per output channel) or "int4" (per group of
-    `group_size` inputs; ignored by int8)."""
+    """A scheme: "int8" (weights per output channel), "int4" (weights per group of
+    `group_size` inputs; ignored by the others) or "w8a8" (int8's weights, and each
+    row of activations rounded to int8 on the fly, for an int8 x int8 matmul)."""
 
     scheme: str
     group_size: int = DEFAULT_GROUP_SIZE
@@ -78,7 +81,8 @@ class Quantization:
         return cls(quantize, DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
     def describe(self) -> str:
-        return "int8 (per channel)" if self.scheme == "int8" else f"int4 (groups of {self.group_size})"
+        return {"int8": "int8 (per channel)", "int4": f"int4 (groups of {self.group_size})",
+                "w8a8": "w8a8 (int8 weights per channel, int8 activations per row)"}[self.scheme]
 
     def check_width(self, in_features: int, where: str) -> None:
         """ConfigError when int4's groups do not divide a layer's input width."""
@@ -140,7 +144,7 @@ class QuantizedLinear(nn.Module):
                               f"CPU ones); load with device='cpu', or without quantize on {device.type}")
         quant = self.quantization
         quant.check_width(self.in_features, "a Linear layer")
-        if quant.scheme == "int8":
+        if quant.scheme in INT8_WEIGHTS:
             self.set_quantized(*_quantize_int8(weight, dtype))
         else:
             self.set_quantized(*_quantize_int4(weight, quant.group_size, dtype))
@@ -150,6 +154,8 @@ class QuantizedLinear(nn.Module):
         `stored_shapes` says)."""
         if self.quantization.scheme == "int4":
             _check_int4_packing()
+        if self.quantization.scheme == "w8a8":
+            _check_int_mm()
         self.qweight, self.scales = qweight, scales
         self._parameters.pop("weight", None)
         self.weight = None
@@ -157,7 +163,7 @@ class QuantizedLinear(nn.Module):
     def stored_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shapes of `qweight` and `scales`."""
         out, width = self.out_features, self.in_features
-        if self.quantization.scheme == "int8":
+        if self.quantization.scheme in INT8_WEIGHTS:
             return {"qweight": (out, width), "scales": (out,)}
         padded = -(-out // _INT4_BLOCK) * _INT4_BLOCK
         return {"qweight": (padded, width // 2), "scales": (width // self.quantization.group_size, padded, 2)}
@@ -165,7 +171,7 @@ class QuantizedLinear(nn.Module):
     def dequantized(self) -> Tensor:
         """The dense weight [out, in] this layer computes with, in its dtype (a new tensor)."""
         assert self.qweight is not None and self.scales is not None
-        if self.quantization.scheme == "int8":
+        if self.quantization.scheme in INT8_WEIGHTS:
             return self.qweight.to(self.scales.dtype) * self.scales[:, None]
         out = torch.empty(self.qweight.shape[0], self.in_features, dtype=self.scales.dtype)
         group = self.quantization.group_size
@@ -177,7 +183,9 @@ class QuantizedLinear(nn.Module):
         scheme = self.quantization.scheme
         if flat.dtype != self.scales.dtype:
             flat = flat.to(self.scales.dtype)
-        if flat.shape[0] <= KERNEL_MAX_ROWS[scheme]:
+        if scheme == "w8a8":
+            y = _w8a8(flat, self.qweight, self.scales)
+        elif flat.shape[0] <= KERNEL_MAX_ROWS[scheme]:
             if scheme == "int8":
                 y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
             else:
@@ -210,6 +218,37 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {self.quantization.describe()}")
 
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row of x [R, K] as int8 values and a float32 scale [R, 1]: x ≈ q · s with
+    s = max|row| / 127 (w8a8's activations)."""
+    scale = (x.abs().amax(dim=1, keepdim=True).float() / 127).clamp_(min=1e-12)
+    rounded = torch.div(x.float(), scale).round_().clamp_(-127, 127)  # a new tensor: x stays
+    return rounded.to(torch.int8), scale
+
+
+def _w8a8(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [R, K] @ (qweight · scales)ᵀ with x's rows rounded to int8: one int8 x int8 -> int32
+    matmul (`torch._int_mm`), then both scales (in place: the product is the big tensor)."""
+    q, row_scale = quantize_rows(x)
+    acc = torch._int_mm(q, qweight.t())
+    return acc.float().mul_(row_scale).mul_(scales).to(x.dtype)
+
+
+_INT_MM_CHECKED = False
+
+
+def _check_int_mm() -> None:
+    """Once per process: this torch has an int8 matmul on the CPU (w8a8 needs it)."""
+    global _INT_MM_CHECKED
+    if not _INT_MM_CHECKED:
+        try:
+            torch._int_mm(torch.ones(1, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8))
+        except (RuntimeError, AttributeError) as e:
+            raise ConfigError(f"w8a8 needs torch._int_mm on the CPU, which this torch ({torch.__version__}) "
+                              f"lacks ({e}); use int8") from None
+        _INT_MM_CHECKED = True
 
 
 def _rows(weight: Tensor, step: int = _CHUNK_ROWS) -> Iterator[tuple[int, Tensor]]:
@@ -358,7 +397,7 @@ def linear_bytes(out: int, width: int, quantization: Quantization | None, dtype:
     item = torch.empty((), dtype=dtype).element_size()
     if quantization is None:
         return out * width * item
-    if quantization.scheme == "int8":
+    if quantization.scheme in INT8_WEIGHTS:
         return out * width + out * item
     padded = -(-out // _INT4_BLOCK) * _INT4_BLOCK
     return padded * width // 2 + (width // quantization.group_size) * padded * 2 * item
