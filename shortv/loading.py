@@ -80,6 +80,11 @@ def load(
     # are looked for (or downloaded).
     fitted = chosen(card.config.text.layers) if card is not None else None
     quantization = Quantization.of(quantize, group_size)
+    if quantization is not None:
+        # Checked before the weights are looked for (or downloaded); the default device of a
+        # quantized model is the CPU, GPU or not.
+        device = "cpu" if device is None else device
+        _require_cpu(resolve_device(device), f"quantize={quantization.scheme!r}")
     model = load_directory(store.locate(source), device=device, dtype=dtype,
                            family=card.family if card is not None else None, quantize=quantization)
     model.name = card.name if card is not None else source
@@ -138,12 +143,12 @@ def load_directory(
     quantize: quantize the language model's Linear layers while loading (`shortv.load`).
     """
     directory = Path(directory)
-    target = resolve_device(device)
     if quantized_checkpoint.is_quantized(directory):
-        return _load_quantized(directory, target, dtype, family, quantize)
-    if quantize is not None and target.type != "cpu":
-        raise ConfigError(f"quantize={quantize.scheme!r} runs on the CPU only (torch's weight-only kernels "
-                          f"used here are its CPU ones); load with device='cpu' or without quantize")
+        return _load_quantized(directory, resolve_device("cpu" if device is None else device), dtype, family,
+                               quantize)
+    target = resolve_device("cpu" if device is None and quantize is not None else device)
+    if quantize is not None:
+        _require_cpu(target, f"quantize={quantize.scheme!r}")
     target_dtype = resolve_dtype(dtype, target, quantized=quantize is not None)
     raw = read_config(directory)
     files = weight_files(directory)
@@ -156,6 +161,21 @@ def load_directory(
     tokenizer, missing = _tokenizer(found, directory)
     return found.session(module, tokenizer=tokenizer, template=get_template(found.default_template),
                          name=directory.name, checkpoint_dir=directory, missing_tokenizer=missing)
+
+
+def _require_cpu(device: torch.device, what: str) -> None:
+    if device.type != "cpu":
+        raise ConfigError(f"{what} runs on the CPU only (torch's quantized kernels used here are its CPU "
+                          f"ones), not on {device.type}; load with device='cpu' or without quantize")
+
+
+def saved_precision(source: str | Path) -> tuple[Quantization, torch.dtype] | None:
+    """The scheme and dtype of a quantized checkpoint directory (`save_quantized`), or None
+    for anything else (a dense checkpoint, a zoo name, a repo id)."""
+    directory = Path(source)
+    if directory.is_dir() and quantized_checkpoint.is_quantized(directory):
+        return quantized_checkpoint.saved_quantization(directory)
+    return None
 
 
 def _family(directory: Path, raw: dict[str, Any], expected: str | None) -> Family:
@@ -178,9 +198,7 @@ def _load_quantized(directory: Path, target: torch.device, dtype: str | torch.dt
         raise ConfigError(f"{directory} is a quantized checkpoint, {saved.describe()}; load it with quantize="
                           f"{saved.scheme!r}" + (f", group_size={saved.group_size}" if saved.scheme == "int4"
                                                    else "") + " or without quantize")
-    if target.type != "cpu":
-        raise ConfigError(f"{directory} is a quantized checkpoint, which runs on the CPU only; "
-                          "load it with device='cpu'")
+    _require_cpu(target, f"{directory}, a quantized checkpoint,")
     raw = read_config(directory)
     found = _family(directory, raw, family)
     checkpoint = found.read_checkpoint(directory, raw, None, _locate)

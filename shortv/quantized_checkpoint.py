@@ -27,6 +27,9 @@ from .models.quant import Quantization, QuantizedLinear
 from .version import __version__
 
 QUANTIZED_FILE = "shortv-quantized.safetensors"
+# The dtypes a quantized model computes in (its scales and dense parameters).
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "float64": torch.float64}
 FORMAT = "shortv-quantized-1"
 # Files of a checkpoint directory that hold weights (not copied into a quantized one).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -49,9 +52,9 @@ def saved_quantization(directory: Path) -> tuple[Quantization, torch.dtype]:
         raise CheckpointError(f"{path} is not a shortv quantized checkpoint (format "
                               f"{meta.get('format')!r}, expected {FORMAT!r})")
     try:
-        dtype = getattr(torch, meta["dtype"])
+        dtype = _DTYPES[meta["dtype"]]
         return Quantization.from_metadata(meta), dtype
-    except (KeyError, ValueError, AttributeError, ConfigError) as e:
+    except (KeyError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{path} has malformed quantization metadata ({e!r})") from None
 
 
@@ -90,10 +93,16 @@ def _copy_tower_config(source: Path, out: Path) -> None:
         tower = json.loads((source / "config.json").read_text()).get("mm_vision_tower")
     except (OSError, ValueError, AttributeError):
         return
-    if (isinstance(tower, str) and not Path(tower).is_absolute()
-            and (source / tower / "config.json").is_file()):
-        (out / tower).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / tower / "config.json", out / tower / "config.json")
+    if (not isinstance(tower, str) or Path(tower).is_absolute()
+            or not (source / tower / "config.json").is_file()):
+        return
+    target = out / tower
+    if not target.resolve().is_relative_to(out.resolve()):
+        # A tower outside the checkpoint ("../clip") is not copied: the saved checkpoint
+        # finds it the same way only where such a tower sits beside it too.
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / tower / "config.json", target / "config.json")
 
 
 def _unique_state(module: nn.Module) -> dict[str, torch.Tensor]:

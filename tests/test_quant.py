@@ -8,6 +8,7 @@ to the checkpoint's own weights, and transformers' Llava run on the weights so r
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ from shortv.models.quant import (
 from shortv.ops import Linear
 
 from . import checkpoints
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from .cli_runner import run_main
 from .reference import hf_input_ids, hf_tokens_per_image
 
@@ -158,7 +161,7 @@ def rounded_reference(hf, scheme: str, group: int):
     return ref
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", 128), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4", 64)])
 def test_a_quantized_model_equals_transformers_on_the_rounded_weights(hf64, hf_reference, images,
                                                                       scheme: str, group: int):
     """shortv.load(quantize=) in float32: the logits are transformers' on the rule's
@@ -173,7 +176,7 @@ def test_a_quantized_model_equals_transformers_on_the_rounded_weights(hf64, hf_r
     quantized = [n for n, m in model.module.named_modules() if isinstance(m, QuantizedLinear)]
     layers = model.num_layers
     assert len(quantized) == 7 * layers + 1 and all(n.startswith("decoder.") for n in quantized)
-    assert model.quantization == Quantization(scheme, group)
+    assert model.quantization == Quantization.of(scheme, group)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -221,6 +224,8 @@ def test_weight_bytes_closed_form_equals_what_a_loaded_model_holds(hf64):
     (dict(quantize="int4", group_size=48), "group size must be one of 32, 64, 128, 256"),
     (dict(quantize="int4", group_size=128), "does not divide the input width 64"),
     (dict(group_size=32), "needs quantize='int4'"),
+    (dict(quantize="int8", group_size=64), "applies to int4 only"),
+    (dict(quantize="int4", group_size=32.0), "group size must be one of"),
     (dict(quantize="int8", device="meta"), "CPU only"),
 ])
 def test_bad_quantization_is_one_clear_error(hf64, kwargs, match):
@@ -319,3 +324,55 @@ def test_bench_and_chat_commands_take_quantize(capsys):
     code, out, err = run_main(["chat", "--model", "llava-tiny-demo", "--image", str(EXAMPLE), "--prompt",
                                "What is in this picture?", "--no-stream", "--quantize", "int8"], capsys)
     assert code == 0 and out.strip(), err
+
+
+def test_the_dense_path_is_safe_across_threads_and_modes():
+    """The dequantize buffer is per thread (two threads' prefills at once give each its own
+    product), usable after inference mode, and float16 does not overflow on int8's
+    unscaled product."""
+    import threading
+
+    torch.manual_seed(0)
+    dense = Linear(256, 192, bias=False)
+    layers = {scheme: QuantizedLinear.from_linear(dense, Quantization(scheme, 64))
+              for scheme in ("int8", "int4")}
+    inputs = [torch.randn(150, 256) for _ in range(2)]
+    expected = {s: [x @ layer.dequantized().T for x in inputs] for s, layer in layers.items()}
+    wrong: list[str] = []
+
+    def work(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(30):
+                for scheme, layer in layers.items():
+                    if not torch.allclose(layer(inputs[i]), expected[scheme][i], atol=1e-4):
+                        wrong.append(scheme)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+    with torch.no_grad():  # after inference mode made the buffer
+        torch.testing.assert_close(layers["int8"](inputs[0]), expected["int8"][0], atol=1e-4, rtol=1e-4)
+    half = QuantizedLinear.from_linear(Linear(256, 64, bias=False).half(), Quantization("int8"))
+    x = torch.full((40, 256), 300.0, dtype=torch.float16)
+    with torch.inference_mode():
+        assert torch.isfinite(half(x)).all()
+
+
+def test_eval_resumes_on_a_saved_quantized_checkpoint(tmp_path, capsys):
+    """The record `shortv eval` checks before loading takes a quantized checkpoint's own
+    scheme and dtype, so a second run resumes the first's answers."""
+    import make_demo_eval
+
+    questions = make_demo_eval.write(tmp_path / "set", 3, seed=5)
+    saved = shortv.load("llava-tiny-demo", quantize="int8").save_quantized(tmp_path / "q")
+    answers = tmp_path / "answers.jsonl"
+    for limit in ("2", "3"):
+        code, _, err = run_main(["eval", str(saved), "--questions", str(questions), "--answers-out",
+                                 str(answers), "--limit", limit, "--quiet", "--max-new-tokens", "4"], capsys)
+        assert code == 0, err
+    assert len(answers.read_text().splitlines()) == 3
+    record = json.loads(answers.read_text().splitlines()[0])["metadata"]["shortv"]
+    assert record["quantization"] == {"quantization": "int8"} and record["dtype"] == "bfloat16"

@@ -91,11 +91,14 @@ def _known_before_loading(args: argparse.Namespace, card: Any, options: Any,
     a zoo model (its card knows the depth and template), else all but method and template."""
     from ..conversation import get_template
     from ..eval import provenance
-    from ..loading import resolve_device, resolve_dtype
+    from ..loading import resolve_device, resolve_dtype, saved_precision
     from ..models.quant import Quantization
 
     quantization = Quantization.of(args.quantize, args.group_size)
     dtype = resolve_dtype(args.dtype, resolve_device(device), quantized=quantization is not None)
+    saved = saved_precision(args.model) if quantization is None else None
+    if saved is not None:  # a quantized checkpoint: its own scheme, and its dtype by default
+        quantization, dtype = saved[0], dtype if args.dtype is not None else saved[1]
     if card is None:
         return provenance.build(model=args.model, options=options, dtype=dtype, quantization=quantization)
     # What shortv.load fits the method to, from the same card.

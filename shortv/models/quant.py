@@ -20,7 +20,9 @@ kernels are torch's CPU ones: quantization is refused on other devices.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +64,7 @@ class Quantization:
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown quantization {self.scheme!r}; use one of {', '.join(SCHEMES)}")
-        if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+        if type(self.group_size) is not int or self.group_size not in GROUP_SIZES:
             raise ConfigError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))} (what torch's "
                               f"int4 kernel takes), got {self.group_size!r}")
 
@@ -78,6 +80,8 @@ class Quantization:
             return quantize if group_size is None else cls(quantize.scheme, group_size)
         if not isinstance(quantize, str):
             raise ConfigError(f"quantize must be one of {', '.join(SCHEMES)} or None, got {quantize!r}")
+        if group_size is not None and quantize != "int4":
+            raise ConfigError(f"a group size applies to int4 only, not to {quantize}; leave it out")
         return cls(quantize, DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
     def describe(self) -> str:
@@ -103,19 +107,20 @@ class Quantization:
 
 
 class QuantizedLinear(nn.Module):
-    """A Linear layer with a quantized weight (module docstring). Built on the meta device
-    with a placeholder `weight` that `load_weight` replaces, or from a loaded layer
-    (`from_linear`). forward(x, contiguous=...) as `ops.Linear`'s."""
+    """A Linear layer with a quantized weight (module docstring). Built with placeholder
+    parameters on the meta device that loading replaces (`load_weight` for the weight), or
+    from a loaded layer (`from_linear`). forward(x, contiguous=...) as `ops.Linear`'s."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quantization: Quantization,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quantization = quantization
-        # A placeholder with the dense shape, for the checkpoint filler to match.
+        # Placeholders with the dense shapes, on the meta device (no memory), for the
+        # checkpoint filler to match; the filler replaces the bias, `load_weight` the weight.
         self.weight: nn.Parameter | None = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            torch.empty(out_features, in_features, dtype=dtype, device="meta"), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False)
                      if bias else None)
         # int8: qweight [out, in] int8, scales [out]; int4: qweight [out_padded, in / 2]
         # uint8, scales [in / group, out_padded, 2] (scale, offset); both in the state dict.
@@ -193,16 +198,16 @@ class QuantizedLinear(nn.Module):
                     flat.contiguous(), self.qweight, self.quantization.group_size, self.scales)
                 y = y[:, : self.out_features]
         else:
-            # Into a reused buffer: allocating a fresh 100 MB weight each call costs more
-            # than converting it (page faults).
-            weight = _workspace(self.qweight.shape[0] * self.in_features, self.scales.dtype)
-            weight = weight.view(self.qweight.shape[0], self.in_features)
-            if scheme == "int8":
-                # The per-channel scale factors out of the product: scale the output rows.
-                y = F.linear(flat, weight.copy_(self.qweight)).mul_(self.scales)
-            else:
-                weight = _dequantize_int4(self.qweight, self.scales, self.quantization.group_size, weight)
-                y = F.linear(flat, weight[: self.out_features])
+            with _workspace(self.qweight.shape[0] * self.in_features, self.scales.dtype) as weight:
+                weight = weight.view(self.qweight.shape[0], self.in_features)
+                if scheme == "int8" and flat.dtype != torch.float16:
+                    # The per-channel scale factors out of the product: scale the output rows.
+                    y = F.linear(flat, weight.copy_(self.qweight)).mul_(self.scales)
+                elif scheme == "int8":  # float16 would overflow on the unscaled product
+                    y = F.linear(flat, weight.copy_(self.qweight).mul_(self.scales[:, None]))
+                else:
+                    weight = _dequantize_int4(self.qweight, self.scales, self.quantization.group_size, weight)
+                    y = F.linear(flat, weight[: self.out_features])
         if self.bias is not None:
             y = y + self.bias
         y = y.contiguous() if contiguous else y
@@ -314,7 +319,11 @@ def _check_int4_packing() -> None:
         return
     generator = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 16, (2 * _INT4_BLOCK, 64), generator=generator, dtype=torch.int32)
-    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    try:
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    except (AttributeError, RuntimeError) as e:
+        raise ConfigError(f"int4 needs torch's CPU int4 kernel, which this torch ({torch.__version__}) "
+                          f"lacks ({e}); use int8, or torch 2.6 or newer") from None
     if not torch.equal(_pack_int4(probe.to(torch.uint8)), theirs):
         raise ConfigError(f"this torch ({torch.__version__}) packs int4 weights in a layout shortv does not "
                           "know; use int8, or a torch release from 2.6 to 2.14")
@@ -336,16 +345,30 @@ def _dequantize_int4(packed: Tensor, params: Tensor, group: int, out: Tensor) ->
     return out
 
 
-_WORKSPACE: dict[torch.dtype, Tensor] = {}
+# Per thread (two threads may run a model at once): {dtype: flat buffer}.
+_WORKSPACES = threading.local()
+# A buffer larger than this is not kept after its call (a big output head's, e.g. Qwen's
+# 152k-row head, 1.1 GB in bfloat16, used only when every position's logits are asked).
+_KEEP_BYTES = 512 << 20
 
 
-def _workspace(numel: int, dtype: torch.dtype) -> Tensor:
-    """A flat buffer of at least `numel` elements, reused by every quantized layer's dense
-    path (one forward at a time: the layers run one after another)."""
-    buffer = _WORKSPACE.get(dtype)
+@contextmanager
+def _workspace(numel: int, dtype: torch.dtype) -> Iterator[Tensor]:
+    """A flat buffer of `numel` elements for one dense-path call, reused by the quantized
+    layers of this thread. With autograd recording, a fresh tensor each call (autograd
+    keeps the weight of every layer for the backward pass)."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        yield torch.empty(numel, dtype=dtype)
+        return
+    buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < numel:
-        buffer = _WORKSPACE[dtype] = torch.empty(numel, dtype=dtype)
-    return buffer[:numel]
+        buffers.pop(dtype, None)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buffer = torch.empty(numel, dtype=dtype)
+        if numel * buffer.element_size() <= _KEEP_BYTES:
+            buffers[dtype] = buffer
+    yield buffer[:numel]
 
 
 def quantize_module(module: nn.Module, quantization: Quantization, names: list[str]) -> list[QuantizedLinear]:
