@@ -360,6 +360,14 @@ class Filler:
             )
 
 
+def tie(model: nn.Module, tied: Iterable[tuple[str, str]]) -> None:
+    """Make each (parameter, the one it shares) pair one tensor (tied input and output
+    embeddings), after the shared one is filled."""
+    for name, shared in tied:
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(shared))
+
+
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model

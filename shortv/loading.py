@@ -14,7 +14,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import families, quantized_checkpoint, store, zoo
-from .checkpoint import Filler, checkpoint_shapes, weight_files
+from .checkpoint import Filler, checkpoint_shapes, tie, weight_files
 from .conversation import get_template
 from .errors import ConfigError, ShortVError, require_model_name
 from .family import Checkpoint, Family, read_config
@@ -234,9 +234,7 @@ def _fill(model: nn.Module, checkpoint: Checkpoint, files: list[Path], directory
     for source in checkpoint.extra:
         filler.fill_from(list(source.files), source.key_map)
     filler.finish(" + ".join([str(directory), *(source.label for source in checkpoint.extra)]))
-    for name, shared in checkpoint.tied:
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, model.get_parameter(shared))
+    tie(model, checkpoint.tied)
 
 
 def _tokenizer(family: Family, directory: Path) -> tuple[Any, str]:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import Filler, read_tensors
+from .checkpoint import Filler, read_tensors, tie
 from .errors import CheckpointError, ConfigError
 from .models.quant import Quantization, QuantizedLinear
 from .version import __version__
@@ -151,6 +151,4 @@ def fill(module: nn.Module, directory: Path, dtype: torch.dtype, tied: tuple[tup
     if problems:
         shown = ", ".join(problems[:4]) + (f", ... ({len(problems)} in all)" if len(problems) > 4 else "")
         raise CheckpointError(f"{path} does not match its config ({shown})")
-    for name, shared in tied:
-        owner, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(owner), attr, module.get_parameter(shared))
+    tie(module, tied)

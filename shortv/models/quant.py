@@ -20,6 +20,7 @@ kernels are torch's CPU ones: quantization is refused on other devices.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,20 +136,16 @@ class QuantizedLinear(nn.Module):
         q.weight = None
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        q._quantize(linear.weight.detach(), linear.weight.dtype, linear.weight.device)
+        q.load_weight(linear.weight.detach(), linear.weight.dtype, linear.weight.device)
         return q
 
     def load_weight(self, weight: Tensor, dtype: torch.dtype, device: torch.device) -> None:
-        """Quantize a checkpoint's dense weight [out, in] (any float dtype; a view of the
-        file is fine) into this layer, whose activations and scales are in `dtype`."""
-        self._quantize(weight, dtype, device)
-
-    def _quantize(self, weight: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        """Quantize a dense weight [out, in] (any float dtype; a view of a checkpoint file is
+        fine) into this layer, whose activations and scales are in `dtype`."""
         if device.type != "cpu":
-            raise ConfigError(f"quantize runs on the CPU only (torch's weight-only kernels used here are its "
-                              f"CPU ones); load with device='cpu', or without quantize on {device.type}")
+            raise ConfigError(f"quantize runs on the CPU only (torch's kernels used here are its CPU ones); "
+                              f"load with device='cpu', or without quantize on {device.type}")
         quant = self.quantization
-        quant.check_width(self.in_features, "a Linear layer")
         if quant.scheme in INT8_WEIGHTS:
             self.set_quantized(*_quantize_int8(weight, dtype))
         else:
@@ -213,12 +210,6 @@ class QuantizedLinear(nn.Module):
         y = y.contiguous() if contiguous else y
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored weight (quantized values and scales, bias included)."""
-        tensors = [t for t in (self.qweight, self.scales, self.bias) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {self.quantization.describe()}")
@@ -241,19 +232,14 @@ def _w8a8(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return acc.float().mul_(row_scale).mul_(scales).to(x.dtype)
 
 
-_INT_MM_CHECKED = False
-
-
+@functools.cache  # once per process (a failure raises, so it is asked again)
 def _check_int_mm() -> None:
-    """Once per process: this torch has an int8 matmul on the CPU (w8a8 needs it)."""
-    global _INT_MM_CHECKED
-    if not _INT_MM_CHECKED:
-        try:
-            torch._int_mm(torch.ones(1, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8))
-        except (RuntimeError, AttributeError) as e:
-            raise ConfigError(f"w8a8 needs torch._int_mm on the CPU, which this torch ({torch.__version__}) "
-                              f"lacks ({e}); use int8") from None
-        _INT_MM_CHECKED = True
+    """This torch has an int8 matmul on the CPU (w8a8 needs it)."""
+    try:
+        torch._int_mm(torch.ones(1, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8))
+    except (RuntimeError, AttributeError) as e:
+        raise ConfigError(f"w8a8 needs torch._int_mm on the CPU, which this torch ({torch.__version__}) "
+                          f"lacks ({e}); use int8") from None
 
 
 def _rows(weight: Tensor, step: int = _CHUNK_ROWS) -> Iterator[tuple[int, Tensor]]:
@@ -308,15 +294,10 @@ def _pack_int4(q: Tensor) -> Tensor:
     return (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous().view(n, k // 2)
 
 
-_PACKING_CHECKED = False
-
-
+@functools.cache  # once per process (a failure raises, so it is asked again)
 def _check_int4_packing() -> None:
-    """Once per process: our packing is torch's (its CPU kernel would otherwise read other
-    values than the ones we wrote)."""
-    global _PACKING_CHECKED
-    if _PACKING_CHECKED:
-        return
+    """Our packing is torch's (its CPU kernel would otherwise read other values than the
+    ones we wrote)."""
     generator = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 16, (2 * _INT4_BLOCK, 64), generator=generator, dtype=torch.int32)
     try:
@@ -327,7 +308,6 @@ def _check_int4_packing() -> None:
     if not torch.equal(_pack_int4(probe.to(torch.uint8)), theirs):
         raise ConfigError(f"this torch ({torch.__version__}) packs int4 weights in a layout shortv does not "
                           "know; use int8, or a torch release from 2.6 to 2.14")
-    _PACKING_CHECKED = True
 
 
 def _dequantize_int4(packed: Tensor, params: Tensor, group: int, out: Tensor) -> Tensor:
