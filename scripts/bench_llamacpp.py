@@ -8,18 +8,20 @@ engines interleaved in one process (several rounds, medians).
 
 The decoder has LLaVA-1.5-7B's shape (Llama-2-7B: hidden 4096, MLP 11008, 32 heads,
 vocabulary 32000) with random weights; `--layers` keeps the first N of its 32 layers
-(default 8, so that both engines' weights fit in memory at once; per-token times grow
-linearly with the layers, and both engines run the same ones). The prompt is text tokens
-only: 640 = LLaVA-1.5's 576 visual + 64 text positions, and a short 64-token one.
+(default 8; per-token times grow linearly with the layers, and both engines run the same
+ones). All 32 fit beside llama.cpp's in int8 / int4 on a 23 GB machine, not in bf16. The
+prompt is text tokens only: 640 = LLaVA-1.5's 576 visual + 64 text positions, and a short
+64-token one.
 
-shortv: `shortv.bench.random_decoder` (bfloat16), quantized in place with
-`shortv.models.quant.quantize_decoder` for int8 / int4; prefill into a `KVCache`, then
-greedy decode steps on a `SlotCache`, as `shortv.generate` does. llama.cpp: the same
-weights written as an F16 GGUF (`gguf`), quantized by llama.cpp itself to Q8_0 / Q4_0
-(`llama_model_quantize`), run through llama-cpp-python's `Llama.eval` with as many
-threads as torch has. Each engine feeds the same token ids. Q8_0 / Q4_0 quantize in
-blocks of 32 (one fp16 scale each; Q4_0 symmetric), shortv's int8 per output channel and
-int4 in groups of 128 with an offset: the bits per weight differ slightly (reported).
+shortv: `shortv.bench.random_decoder` (bfloat16; int8 / int4 quantized layer by layer, so
+that only one layer is ever dense); prefill into a `KVCache`, then greedy decode steps on
+a `SlotCache`, as `shortv.generate` does. llama.cpp: random weights of the same shapes
+written as an F16 GGUF (`gguf`; its layers repeat the first layer's values, so that it is
+written from one layer's memory), quantized by llama.cpp itself to Q8_0 / Q4_0
+(`llama_model_quantize`), run through its C API (`llama_decode`, by llama-cpp-python)
+with as many threads as torch has. Each engine feeds the same token ids. Q8_0 / Q4_0
+quantize in blocks of 32 (one fp16 scale each; Q4_0 symmetric), shortv's int8 per output
+channel and int4 in groups of 128 with an offset: the bits per weight differ slightly.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from shortv.methods import VANILLA
 from shortv.models.config import TextConfig
 from shortv.models.kv_cache import CachePlan, KVCache, SlotCache
 from shortv.models.llama import Decoder
-from shortv.models.quant import Quantization, quantize_decoder
+from shortv.models.quant import Quantization
 from shortv.token_types import TYPE_DTYPE, TokenType
 
 LLAMA_7B = TextConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, layers=32, heads=32,
@@ -77,17 +79,20 @@ class ShortvRunner:
         return logits, cache, t
 
     @torch.inference_mode()
-    def decode(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+    def run(self, prompts: list[list[int]], n: int) -> tuple[float, float]:
+        """Prefill, then n greedy decode steps: (prefill s, decode ms per step), each timed
+        on its own."""
+        start = time.perf_counter()
         logits, cache, position = self.prefill(prompts, n)
+        prefilled = time.perf_counter()
         b = len(prompts)
-        out = []
         for _ in range(n):
             tokens = logits.argmax(dim=-1)
-            out.append(tokens.tolist())
+            tokens.tolist()  # the host reads each token, as a generation loop does
             logits = self.decoder.step(tokens, torch.full((b, 1), position), cache.view(b), VANILLA)
             cache.advance(b)
             position += 1
-        return out
+        return prefilled - start, (time.perf_counter() - prefilled) / n * 1e3
 
 
 # ---- llama.cpp -------------------------------------------------------------------------------
@@ -122,11 +127,19 @@ def write_gguf(decoder: Decoder, path: Path) -> None:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
 
+    converted: dict[tuple[int, torch.dtype], np.ndarray] = {}  # layers sharing a tensor share its array
+
+    def as_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+        key = (id(t), dtype)
+        if key not in converted:
+            converted[key] = t.detach().to(dtype).numpy()
+        return converted[key]
+
     def half(t: torch.Tensor) -> np.ndarray:
-        return t.detach().to(torch.float16).numpy()
+        return as_numpy(t, torch.float16)
 
     def single(t: torch.Tensor) -> np.ndarray:
-        return t.detach().float().numpy()
+        return as_numpy(t, torch.float32)
 
     w.add_tensor("token_embd.weight", half(decoder.embed_tokens.weight))
     for i, layer in enumerate(decoder.layers):
@@ -206,21 +219,23 @@ class LlamaRunner:
         self._run([(token, position, s, position == len(p) - 1)
                    for s, p in enumerate(prompts) for position, token in enumerate(p)])
 
-    def decode(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+    def run(self, prompts: list[list[int]], n: int) -> tuple[float, float]:
+        """Prefill, then n greedy decode steps: (prefill s, decode ms per step), each timed
+        on its own."""
         import numpy as np
 
+        start = time.perf_counter()
         self.prefill(prompts)
+        prefilled = time.perf_counter()
         t = len(prompts[0])
         tokens = [1] * len(prompts)  # the first new token's value does not change the timing
-        out = []
         for step in range(n):
             self._run([(token, t + step, s, True) for s, token in enumerate(tokens)])
             tokens = []
             for s in range(len(prompts)):
                 row = self.api.llama_get_logits_ith(self.ctx, s)
                 tokens.append(int(np.ctypeslib.as_array(row, shape=(self.vocab,)).argmax()))
-            out.append(tokens)
-        return out
+        return prefilled - start, (time.perf_counter() - prefilled) / n * 1e3
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -232,20 +247,11 @@ class Timings:
     decode_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def run_precision(precision: str, decoder: Decoder, f16_gguf: Path, work: Path,
                   cases: list[tuple[int, int]], new_tokens: int, repeats: int, say: Callable[[str], None],
                   extra_buffers: bool = True) -> dict[tuple[int, int], Timings]:
     """Both engines on each (prompt length, batch) case, interleaved rounds."""
-    scheme, kind = PRECISIONS[precision]
-    if scheme is not None:
-        say(f"  quantizing shortv's decoder to {scheme} ...")
-        quantize_decoder(decoder, Quantization(scheme))
+    kind = PRECISIONS[precision][1]
     gguf_path = f16_gguf
     if kind != "F16":
         gguf_path = work / f"model-{kind}.gguf"
@@ -257,10 +263,8 @@ def run_precision(precision: str, decoder: Decoder, f16_gguf: Path, work: Path,
     results = {}
     for t, batch in cases:
         llama = LlamaRunner(gguf_path, batch, context=t + new_tokens + 8, extra_buffers=extra_buffers)
-        engines: dict[str, Callable[[list[list[int]], int], object]] = {
-            "shortv": ours.decode, "llama.cpp": llama.decode}
-        prefills: dict[str, Callable[[list[list[int]]], object]] = {
-            "shortv": ours.prefill, "llama.cpp": llama.prefill}
+        engines: dict[str, Callable[[list[list[int]], int], tuple[float, float]]] = {
+            "shortv": ours.run, "llama.cpp": llama.run}
         prompts = [[1, *torch.randint(3, decoder.config.vocab_size, (t - 1,), generator=generator).tolist()]
                    for _ in range(batch)]
         timings = Timings({e: [] for e in engines}, {e: [] for e in engines})
@@ -268,10 +272,9 @@ def run_precision(precision: str, decoder: Decoder, f16_gguf: Path, work: Path,
             engines[name](prompts, 2)
         for round_ in range(repeats):
             for name in engines if round_ % 2 == 0 else reversed(list(engines)):
-                prefill, run = prefills[name], engines[name]
-                timings.prefill_s[name].append(timed(lambda f=prefill, p=prompts: f(p)))
-                total = timed(lambda f=run, p=prompts: f(p, new_tokens))
-                timings.decode_ms[name].append((total - timings.prefill_s[name][-1]) / new_tokens * 1e3)
+                prefill_s, decode_ms = engines[name](prompts, new_tokens)
+                timings.prefill_s[name].append(prefill_s)
+                timings.decode_ms[name].append(decode_ms)
             say(f"  {precision} prompt {t} x {batch}, round {round_ + 1}/{repeats}: " + ", ".join(
                 f"{e} prefill {timings.prefill_s[e][-1]:.2f} s, "
                 f"decode {timings.decode_ms[e][-1]:.0f} ms/step" for e in engines))
@@ -309,9 +312,15 @@ def main() -> None:
         work = Path(tmp)
         say(f"building {args.layers} random layers at Llama-2-7B width ...")
         f16 = work / "model-F16.gguf"
-        write_gguf(random_decoder(config, torch.device("cpu"), torch.bfloat16, seed=0), f16)
+        # The GGUF's layers repeat the first one's values, so that it is written from one layer's
+        # memory; llama.cpp still loads and reads every layer as its own tensors.
+        source = random_decoder(config, torch.device("cpu"), torch.bfloat16, seed=0, share_layers=True)
+        write_gguf(source, f16)
+        del source
         for precision in precisions:
-            decoder = random_decoder(config, torch.device("cpu"), torch.bfloat16, seed=0)
+            scheme = PRECISIONS[precision][0]
+            decoder = random_decoder(config, torch.device("cpu"), torch.bfloat16, seed=0,
+                                     quantization=None if scheme is None else Quantization(scheme))
             say(f"{precision}:")
             results = run_precision(precision, decoder, f16, work, cases, args.new_tokens, args.repeats,
                                     say, extra_buffers=not args.no_extra_buffers)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,16 +61,12 @@ def main() -> int:
         prefill: dict[str, list[float]] = {name: [] for name in runners}
         decode: dict[str, list[float]] = {name: [] for name in runners}
         for runner in runners.values():
-            runner.decode(ids, 2)  # warm-up
+            runner.run(ids, 2)  # warm-up
         for round_ in range(args.repeats):
             for name in runners if round_ % 2 == 0 else reversed(list(runners)):
-                start = time.perf_counter()
-                runners[name].prefill(ids)
-                prefill[name].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                runners[name].decode(ids, args.new_tokens)
-                total = time.perf_counter() - start
-                decode[name].append((total - prefill[name][-1]) / args.new_tokens * 1e3)
+                prefill_s, decode_ms = runners[name].run(ids, args.new_tokens)
+                prefill[name].append(prefill_s)
+                decode[name].append(decode_ms)
         (pa, pb), (da, db) = ([statistics.median(v[n]) for n in runners] for v in (prefill, decode))
         print(f"| {t} x {batch} | {pa:.2f} | {pb:.2f} | {pa / pb:.2f} | {da:.1f} | {db:.1f} | "
               f"{da / db:.2f} |", flush=True)

@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import ConfigError
 from .flops import sequence_flops
 from .methods import VANILLA, Method
 from .models.config import TextConfig
-from .models.llama import Decoder
+from .models.llama import Decoder, DecoderLayer
+from .models.quant import Quantization, QuantizedLinear, quantize_decoder
 from .token_types import TYPE_DTYPE, TokenType
 
 # Text tokens before the image in LLaVA's vicuna_v1 prompt (system prompt + "USER: ") with
@@ -29,13 +30,19 @@ PREFIX_TEXT = 35
 
 
 def random_decoder(config: TextConfig, device: torch.device, dtype: torch.dtype,
-                   seed: int = 0, share_layers: bool = False) -> Decoder:
+                   seed: int = 0, share_layers: bool = False,
+                   quantization: Quantization | None = None) -> Decoder:
     """A decoder with the given shapes and random weights, built directly on `device`.
 
     share_layers: every layer uses the first layer's weight tensors. The compute is that
     of the full model and the memory that of one layer, so full 7B/13B depths fit on a
     small machine (a layer's weights are far larger than any cache, so reuse does not
     flatter the timings).
+
+    quantization: quantize the Linear layers (`quantize_decoder`), each layer as soon as it
+    is filled, so that only one layer is ever dense: a full-depth 7B / 13B decoder in int8
+    or int4 needs its quantized size, not its bfloat16 one. The weights are the ones
+    `random_decoder` without `quantization` draws for the same seed.
     """
     from .loading import meta_device
 
@@ -43,23 +50,42 @@ def random_decoder(config: TextConfig, device: torch.device, dtype: torch.dtype,
     with meta_device():
         decoder = Decoder(config)
     first = decoder.layers[0]
-    owned = [decoder.embed_tokens, decoder.norm, decoder.lm_head, first] if share_layers else [decoder]
-    for module in owned:
-        module.to_empty(device=device).to(dtype)
+    # In registration order, so that the values drawn do not depend on share_layers or
+    # quantization: the embeddings, each layer, the final norm, the head.
     with torch.no_grad():
-        for name, p in decoder.named_parameters():
-            if p.is_meta:  # a layer that will share the first one's weights
-                continue
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    if share_layers:
+        for prefix, part in _parts(decoder):
+            if share_layers and isinstance(part, DecoderLayer) and part is not first:
+                continue  # takes the first layer's weights below
+            if not any(p.is_meta for p in part.parameters()):
+                continue  # a head tied to the embeddings: filled with them
+            part.to_empty(device=device).to(dtype)
+            for name, p in part.named_parameters(prefix):
+                p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+            if quantization is not None and isinstance(part, DecoderLayer):
+                quantize_decoder(part, quantization)
+    if share_layers:  # the other layers take the first one's weights (its quantized layers)
         for layer in decoder.layers[1:]:
-            for name, p in first.named_parameters():
-                owner, _, attr = name.rpartition(".")
-                setattr(layer.get_submodule(owner), attr, p)
+            for name, m in first.named_modules():
+                if isinstance(m, QuantizedLinear):
+                    owner, _, attr = name.rpartition(".")
+                    setattr(layer.get_submodule(owner), attr, m)
+                else:
+                    for attr, p in m.named_parameters(recurse=False):
+                        setattr(layer.get_submodule(name), attr, p)
+    if quantization is not None:
+        quantize_decoder(decoder, quantization)  # the output head (the layers are done)
     return decoder.eval().requires_grad_(False)
+
+
+def _parts(decoder: Decoder) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the decoder's children in registration order, each layer apart."""
+    parts: list[tuple[str, nn.Module]] = []
+    for name, child in decoder.named_children():
+        if isinstance(child, nn.ModuleList):
+            parts += [(f"{name}.{i}", layer) for i, layer in enumerate(child)]
+        else:
+            parts.append((name, child))
+    return parts
 
 
 def layout(n_text: int, n_visual: int, device: torch.device) -> Tensor:

@@ -326,6 +326,35 @@ def test_bench_and_chat_commands_take_quantize(capsys):
     assert code == 0 and out.strip(), err
 
 
+@pytest.mark.parametrize("share_layers", [False, True])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_random_decoder_quantized_as_it_is_built(scheme: str, share_layers: bool):
+    """`random_decoder(quantization=)` (which quantizes each layer as soon as it is filled)
+    holds the rounded weights of the dense decoder the same seed draws: no Linear stays
+    dense, and shared layers share their quantized layers."""
+    from dataclasses import replace
+
+    from shortv.bench import random_decoder
+    from shortv.models.config import TextConfig
+
+    config = TextConfig(vocab_size=320, hidden_size=128, intermediate_size=192, layers=3, heads=4,
+                        kv_heads=2, head_dim=32, rms_norm_eps=1e-5, max_position_embeddings=256)
+    for tie in (False, True):
+        config = replace(config, tie_word_embeddings=tie)
+        dense = random_decoder(config, torch.device("cpu"), torch.float32, seed=5, share_layers=share_layers)
+        quant = random_decoder(config, torch.device("cpu"), torch.float32, seed=5, share_layers=share_layers,
+                               quantization=Quantization(scheme, 64))
+        linears = [name for name, m in dense.named_modules(remove_duplicate=False) if isinstance(m, Linear)]
+        assert len(linears) == 7 * 3 + 1
+        for name in linears:
+            layer = quant.get_submodule(name)
+            assert isinstance(layer, QuantizedLinear), name
+            expected = rule(scheme, dense.get_submodule(name).weight, 64)
+            torch.testing.assert_close(layer.dequantized(), expected, rtol=0, atol=1e-6)
+        assert torch.equal(quant.embed_tokens.weight, dense.embed_tokens.weight)
+        assert (quant.layers[2].mlp.up_proj is quant.layers[0].mlp.up_proj) == share_layers
+
+
 def test_the_dense_path_is_safe_across_threads_and_modes():
     """The dequantize buffer is per thread (two threads' prefills at once give each its own
     product), usable after inference mode, and float16 does not overflow on int8's

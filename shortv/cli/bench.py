@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 
 from ..errors import ConfigError
-from ..models.quant import Quantization, quantize_decoder
+from ..models.quant import Quantization
 from ..ranking import with_family_defaults
 from .options import (
     add_method,
@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.random_weights:
         say(f"building {text.layers} random decoder layers ({device}, {dtype}) ...")
-        decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers)
-        if quantization is not None:
-            quantize_decoder(decoder, quantization)  # ConfigError on a device other than the CPU
+        # Quantized layer by layer (a ConfigError on a device other than the CPU).
+        decoder = bench.random_decoder(text, device, dtype, share_layers=args.share_layers,
+                                       quantization=quantization)
     else:
         say(f"loading {args.model} ...")
         decoder = load(args.model, device=device, dtype=dtype, **quantize_options(args)).module.decoder
