@@ -79,9 +79,11 @@ class ShortvRunner:
         return logits, cache, t
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], n: int) -> tuple[float, float]:
+    def run(self, prompts: list[list[int]], n: int, step: Callable[..., torch.Tensor] | None = None
+            ) -> tuple[float, float]:
         """Prefill, then n greedy decode steps: (prefill s, decode ms per step), each timed
-        on its own."""
+        on its own. `step`: the decode step to run (default `Decoder.step`; a compiled one)."""
+        step = self.decoder.step if step is None else step
         start = time.perf_counter()
         logits, cache, position = self.prefill(prompts, n)
         prefilled = time.perf_counter()
@@ -89,7 +91,7 @@ class ShortvRunner:
         for _ in range(n):
             tokens = logits.argmax(dim=-1)
             tokens.tolist()  # the host reads each token, as a generation loop does
-            logits = self.decoder.step(tokens, torch.full((b, 1), position), cache.view(b), VANILLA)
+            logits = step(tokens, torch.full((b, 1), position), cache.view(b), VANILLA)
             cache.advance(b)
             position += 1
         return prefilled - start, (time.perf_counter() - prefilled) / n * 1e3

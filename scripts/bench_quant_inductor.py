@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llamacpp import LLAMA_7B, ShortvRunner
 
 from shortv.bench import random_decoder
-from shortv.methods import VANILLA
 from shortv.models.quant import Quantization
 
 
@@ -40,20 +39,6 @@ def resident_gb() -> float:
     """This process's resident memory now (not its peak), GB."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * 4096 / 1e9
-
-
-@torch.inference_mode()
-def decode_ms(runner: ShortvRunner, step, prompts: list[list[int]], n: int) -> float:
-    """Greedy decode of n tokens after the prompts' prefill with `step`; ms per step."""
-    logits, cache, position = runner.prefill(prompts, n)
-    b = len(prompts)
-    start = time.perf_counter()
-    for _ in range(n):
-        tokens = logits.argmax(dim=-1)
-        logits = step(tokens, torch.full((b, 1), position), cache.view(b), VANILLA)
-        cache.advance(b)
-        position += 1
-    return (time.perf_counter() - start) / n * 1e3
 
 
 def main() -> int:
@@ -78,15 +63,15 @@ def main() -> int:
     inductor.freezing, inductor.max_autotune, inductor.max_autotune_gemm_backends = True, True, "CPP,ATEN"
     compiled = torch.compile(decoder.step, fullgraph=True, dynamic=True)
     start = time.perf_counter()
-    decode_ms(runner, compiled, prompts, 2)
+    runner.run(prompts, 2, step=compiled)
     compile_s = time.perf_counter() - start
     after = resident_gb()
-    decode_ms(runner, decoder.step, prompts, 2)
+    runner.run(prompts, 2)
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     steps = {"eager": decoder.step, "compiled": compiled}
     for round_ in range(args.repeats):
         for name in steps if round_ % 2 == 0 else reversed(list(steps)):
-            times[name].append(decode_ms(runner, steps[name], prompts, args.new_tokens))
+            times[name].append(runner.run(prompts, args.new_tokens, step=steps[name])[1])
     eager, fast = (statistics.median(times[n]) for n in ("eager", "compiled"))
     print(f"| {args.scheme} | {args.batch} | {compile_s:.0f} | {before:.1f} | {after:.1f} | {eager:.1f} | "
           f"{fast:.1f} | {fast / eager:.2f} |")

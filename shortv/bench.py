@@ -21,7 +21,7 @@ from .flops import sequence_flops
 from .methods import VANILLA, Method
 from .models.config import TextConfig
 from .models.llama import Decoder, DecoderLayer
-from .models.quant import Quantization, QuantizedLinear, quantize_decoder
+from .models.quant import Quantization, quantize_decoder
 from .token_types import TYPE_DTYPE, TokenType
 
 # Text tokens before the image in LLaVA's vicuna_v1 prompt (system prompt + "USER: ") with
@@ -40,8 +40,9 @@ def random_decoder(config: TextConfig, device: torch.device, dtype: torch.dtype,
     flatter the timings).
 
     quantization: quantize the Linear layers (`quantize_decoder`), each layer as soon as it
-    is filled, so that only one layer is ever dense: a full-depth 7B / 13B decoder in int8
-    or int4 needs its quantized size, not its bfloat16 one. The weights are the ones
+    is filled (the one shared layer, with share_layers, at the end), so that only one layer
+    is ever dense: a full-depth 7B / 13B decoder in int8 or int4 needs its quantized size,
+    not its bfloat16 one. The weights are the ones
     `random_decoder` without `quantization` draws for the same seed.
     """
     from .loading import meta_device
@@ -61,19 +62,17 @@ def random_decoder(config: TextConfig, device: torch.device, dtype: torch.dtype,
             part.to_empty(device=device).to(dtype)
             for name, p in part.named_parameters(prefix):
                 p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
-            if quantization is not None and isinstance(part, DecoderLayer):
+            if quantization is not None and not share_layers and isinstance(part, DecoderLayer):
                 quantize_decoder(part, quantization)
-    if share_layers:  # the other layers take the first one's weights (its quantized layers)
+    if share_layers:
         for layer in decoder.layers[1:]:
-            for name, m in first.named_modules():
-                if isinstance(m, QuantizedLinear):
-                    owner, _, attr = name.rpartition(".")
-                    setattr(layer.get_submodule(owner), attr, m)
-                else:
-                    for attr, p in m.named_parameters(recurse=False):
-                        setattr(layer.get_submodule(name), attr, p)
+            for name, p in first.named_parameters():
+                owner, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(owner), attr, p)
     if quantization is not None:
-        quantize_decoder(decoder, quantization)  # the output head (the layers are done)
+        # The output head; with share_layers also the layers, one quantized layer per shared
+        # weight (`quantize_decoder`).
+        quantize_decoder(decoder, quantization)
     return decoder.eval().requires_grad_(False)
 
 
